@@ -1,0 +1,41 @@
+"""taskrun: call a function, get a handle back at once; the work runs in a process, a thread or inline."""
+
+from ._lifecycle import shutdown
+from ._run import Attempt, BaseTaskRun, Status, stop_requested
+from ._task import Task, task
+from .errors import (
+    LedgerError,
+    SerializationError,
+    TaskrunError,
+    TaskStillRunning,
+    TaskStopped,
+    TaskTimeout,
+    UpstreamFailed,
+    WorkerDied,
+)
+from .runners import SequentialTaskRun, ThreadTaskRun
+
+TaskRun = BaseTaskRun
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "task",
+    "Task",
+    "TaskRun",
+    "BaseTaskRun",
+    "Attempt",
+    "Status",
+    "SequentialTaskRun",
+    "ThreadTaskRun",
+    "stop_requested",
+    "shutdown",
+    "TaskrunError",
+    "TaskStopped",
+    "TaskTimeout",
+    "TaskStillRunning",
+    "WorkerDied",
+    "SerializationError",
+    "UpstreamFailed",
+    "LedgerError",
+]

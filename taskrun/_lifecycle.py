@@ -1,0 +1,78 @@
+"""Pools that must end with the interpreter, and must be forgotten in a forked child.
+
+At a normal exit every pool finishes the runs already started (fire-and-forget calls
+complete); after an unhandled exception or Ctrl-C it stops them at once instead.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import sys
+import threading
+from typing import Protocol
+
+from ._timer import timer
+
+logger = logging.getLogger("taskrun")
+
+
+class Pool(Protocol):
+    def shutdown(self, wait: bool = True) -> None: ...
+
+
+_pools: dict[type, Pool] = {}
+_lock = threading.Lock()
+
+
+def get_pool(runner: type, factory) -> Pool:  # type: ignore[no-untyped-def]
+    """The pool of ``runner`` (one per configured runner class), made on first use."""
+    pool = _pools.get(runner)
+    if pool is None:
+        with _lock:
+            pool = _pools.get(runner)
+            if pool is None:
+                pool = _pools[runner] = factory()
+    return pool
+
+
+def drop_pool(runner: type) -> Pool | None:
+    with _lock:
+        return _pools.pop(runner, None)
+
+
+def shutdown(wait: bool = True) -> None:
+    """Shut down every pool taskrun started and its timer thread.
+
+    ``wait=True`` lets started runs finish; ``wait=False`` stops them. Pools start again on
+    the next call.
+    """
+    with _lock:
+        pools = list(_pools.values())
+        _pools.clear()
+    try:
+        for pool in pools:
+            pool.shutdown(wait=wait)
+    finally:
+        timer.shutdown()
+
+
+def _at_exit() -> None:
+    crashed = getattr(sys, "last_value", None) is not None or getattr(sys, "last_exc", None) is not None
+    try:
+        shutdown(wait=not crashed)
+    except KeyboardInterrupt:
+        shutdown(wait=False)
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()
+    _pools.clear()
+    timer._reset_after_fork()
+
+
+atexit.register(_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

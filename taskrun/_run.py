@@ -1,0 +1,434 @@
+"""The run handle every runner shares: one state machine, waiting, callbacks and the retry loop.
+
+A runner is a :class:`BaseTaskRun` subclass that says *where* an attempt executes by
+implementing the runner hooks (``start_attempt`` and, optionally, ``stop_attempt``,
+``prepare`` and ``shutdown``). Everything else -- retries, timeouts, the ledger,
+callbacks, waiting -- lives here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Generator
+from enum import Enum
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from ._timer import TimerHandle, timer
+from .errors import TaskStillRunning, TaskStopped, TaskTimeout, attach_traceback
+
+if TYPE_CHECKING:
+    from ._task import Task
+
+logger = logging.getLogger("taskrun")
+
+R = TypeVar("R")
+RunT = TypeVar("RunT", bound="BaseTaskRun[Any]")
+
+
+class Status(str, Enum):
+    """Where a run is in its life. PENDING and RUNNING are unfinished; the rest are final."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    SKIPPED = "skipped"  # finished from the ledger: the result was stored, nothing ran
+
+    def __str__(self) -> str:
+        return self.value
+
+
+FINISHED = frozenset({Status.SUCCEEDED, Status.FAILED, Status.STOPPED, Status.SKIPPED})
+
+_local = threading.local()
+_run_numbers = itertools.count(1)
+
+
+def stop_requested() -> bool:
+    """True inside a task whose run was asked to stop (or timed out); poll it to end early."""
+    attempt = getattr(_local, "attempt", None)
+    return attempt is not None and attempt.stop_requested
+
+
+class Attempt:
+    """One try at running a call. A runner executes it and reports its outcome exactly once.
+
+    ``fn``, ``args`` and ``kwargs`` are the call; ``number`` counts from 1. Runners call
+    :meth:`mark_started` when it really begins (timeouts count from there), then
+    :meth:`set_result` or :meth:`set_exception`; only the first report counts.
+    ``runner_state`` is free for the runner's own bookkeeping.
+    """
+
+    __slots__ = ("run", "number", "stop_requested", "runner_state", "_reported", "_timeout_timer", "_started_at")
+
+    def __init__(self, run: BaseTaskRun[Any], number: int) -> None:
+        self.run = run
+        self.number = number
+        self.stop_requested = False
+        self.runner_state: Any = None
+        self._reported = False
+        self._timeout_timer: TimerHandle | None = None
+        self._started_at: float | None = None
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        return self.run.task.fn
+
+    @property
+    def args(self) -> tuple[Any, ...]:
+        return self.run.args
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return self.run.kwargs
+
+    @property
+    def timeout(self) -> float | None:
+        return self.run.task.timeout
+
+    @property
+    def reported(self) -> bool:
+        return self._reported
+
+    def mark_started(self) -> None:
+        """Say the attempt has begun executing: the run turns RUNNING and its timeout starts."""
+        self.run._attempt_started(self)
+
+    def set_result(self, value: Any) -> None:
+        self.run._attempt_finished(self, True, value)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.run._attempt_finished(self, False, exc)
+
+    def execute(self) -> None:
+        """Run the call in the current thread and report its outcome (the in-process runners' way)."""
+        self.mark_started()
+        previous = getattr(_local, "attempt", None)
+        _local.attempt = self
+        try:
+            value = self.fn(*self.args, **self.kwargs)
+        except BaseException as exc:
+            self.set_exception(attach_traceback(exc))
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+        else:
+            self.set_result(value)
+        finally:
+            _local.attempt = previous
+
+    def __repr__(self) -> str:
+        return f"<Attempt {self.number} of {self.run.id}>"
+
+
+class BaseTaskRun(Generic[R]):
+    """A handle on one call of a task: poll it, wait for it, await it, stop it, read its result.
+
+    Subclass it to write a runner: implement :meth:`start_attempt` (and :meth:`stop_attempt`
+    if a running attempt can be ended); set configurable settings in ``settings``.
+    """
+
+    #: Settings ``configure()`` accepts, with their defaults. Subclasses extend it.
+    settings: ClassVar[dict[str, Any]] = {}
+    #: True: a timed-out attempt is ended with ``stop_attempt`` when its timeout passes.
+    #: False: the runner cannot interrupt it, so an overrun attempt fails when it returns.
+    preemptive_timeout: ClassVar[bool] = True
+
+    def __init__(self, task: Task[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.task = task
+        self.args = args
+        self.kwargs = kwargs
+        self.name: str = task.name
+        self.id: str = f"{task.name}#{next(_run_numbers)}"
+        self.cached = False
+        self.key: str | None = None
+        self._cond = threading.Condition(threading.Lock())
+        self._status = Status.PENDING
+        self._finishing = False  # the outcome is decided; publishing may still be under way
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._attempts = 0
+        self._current: Attempt | None = None
+        self._retry_timer: TimerHandle | None = None
+        self._callbacks: list[Callable[[BaseTaskRun[R]], Any]] | None = []
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+
+    # ---- runner hooks ------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Runner hook, called once in the caller before the first attempt.
+
+        Raise to reject the call (for example arguments that cannot be sent to a worker).
+        """
+
+    def start_attempt(self, attempt: Attempt) -> None:
+        """Runner hook: begin executing ``attempt`` somewhere and report its outcome on it.
+
+        Return promptly unless the runner is inline by design; call ``attempt.mark_started()``
+        when it begins and ``attempt.set_result(v)`` / ``attempt.set_exception(e)`` once.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement start_attempt(attempt)")
+
+    def stop_attempt(self, attempt: Attempt) -> None:
+        """Runner hook: end a started attempt (on ``stop()`` or a timeout). May block until it is gone.
+
+        ``attempt.stop_requested`` is already True when this is called. The default does no
+        more, which suits runners whose functions poll :func:`taskrun.stop_requested`.
+        """
+
+    @classmethod
+    def shutdown(cls, wait: bool = True) -> None:
+        """Runner hook: release what the runner holds (pools, workers). Called at exit too."""
+
+    @classmethod
+    def configure(cls: type[RunT], **settings: Any) -> type[RunT]:
+        """A subclass with these settings as class attributes; the same settings give the same class."""
+        from ._config import configure
+
+        return configure(cls, settings)
+
+    # ---- the public handle ------------------------------------------------------------
+
+    @property
+    def status(self) -> Status:
+        return self._status
+
+    @property
+    def attempts(self) -> int:
+        return self._attempts
+
+    @property
+    def duration(self) -> float | None:
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return self.finished_at - self.started_at
+
+    def done(self) -> bool:
+        return self._status in FINISHED
+
+    def is_running(self) -> bool:
+        return self._status not in FINISHED
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the run has finished or ``timeout`` seconds pass; True if it finished."""
+        if self._status in FINISHED:
+            return True
+        with self._cond:
+            return self._cond.wait_for(self.done, timeout)
+
+    def get_result(self, timeout: float | None = None, *, wait: bool = True, raise_exceptions: bool = True) -> R:
+        """The run's value, waiting for it first.
+
+        A failed run raises the task's exception (the traceback where it ran is its
+        ``__cause__``), a stopped one :class:`TaskStopped`; with ``raise_exceptions=False``
+        that exception is returned instead. ``wait=False`` on an unfinished run raises
+        :class:`TaskStillRunning`; a ``timeout`` that passes first raises ``TimeoutError``
+        and leaves the run going.
+        """
+        if self._status not in FINISHED:
+            if not wait:
+                raise TaskStillRunning(f"{self!r} has not finished; use wait=True, wait() or done() first")
+            if not self.wait(timeout):
+                raise TimeoutError(f"{self.id} did not finish within {timeout} s; it is still running")
+        exc = self._exception
+        if exc is not None:
+            if raise_exceptions:
+                raise exc
+            return exc  # type: ignore[return-value]
+        return self._result  # type: ignore[no-any-return]
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The run's failure (``TaskStopped`` for a stopped run), or None if it succeeded."""
+        if not self.wait(timeout):
+            raise TimeoutError(f"{self.id} did not finish within {timeout} s; it is still running")
+        return self._exception
+
+    def stop(self) -> bool:
+        """Stop the run: a queued one never starts, a running one is ended by its runner.
+
+        True if this call stopped it; False if it had already finished (or was finishing).
+        """
+        return self._conclude(Status.STOPPED, exc=TaskStopped(f"{self.id} was stopped"))
+
+    def add_done_callback(self, fn: Callable[[BaseTaskRun[R]], Any]) -> None:
+        """Call ``fn(run)`` once the run has finished; at once if it already has."""
+        with self._cond:
+            if self._callbacks is not None:
+                self._callbacks.append(fn)
+                return
+        self._invoke_callback(fn)
+
+    def __await__(self) -> Generator[Any, None, R]:
+        if self._status not in FINISHED:
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+
+            def wake(_run: BaseTaskRun[R]) -> None:
+                try:
+                    loop.call_soon_threadsafe(_resolve, waiter)
+                except RuntimeError:  # the loop closed before the run finished
+                    pass
+
+            self.add_done_callback(wake)
+            yield from waiter
+        return self.get_result()
+
+    def __repr__(self) -> str:
+        status = self._status
+        parts = [f"<TaskRun {self.id} {status.value}"]
+        if self.started_at is not None:
+            end = self.finished_at if self.finished_at is not None else time.time()
+            parts.append(f"{end - self.started_at:.1f}s")
+        if self._attempts:
+            parts.append(f"attempt {self._attempts}/{self.task.retries + 1}")
+        if self.cached:
+            parts.append("cached")
+        text = " ".join(parts)
+        if status is Status.FAILED and self._exception is not None:
+            text += f": {type(self._exception).__name__}: {self._exception}"
+        return text + ">"
+
+    # ---- the life of a run: start, attempts, retries, the end ---------------------------
+
+    def _start(self) -> None:
+        """Begin the run: called once by the task right after the handle is made.
+
+        Arguments that are handles of other runs are waited for here (see ``map``/dependencies)
+        before :meth:`_launch`.
+        """
+        self._launch()
+
+    def _launch(self) -> None:
+        """Start the first attempt, once the arguments are final (the ledger may answer first)."""
+        self.prepare()
+        self._begin_attempt()
+
+    def _begin_attempt(self) -> None:
+        with self._cond:
+            if self._finishing:
+                return
+            self._retry_timer = None
+            self._attempts += 1
+            attempt = self._current = Attempt(self, self._attempts)
+        try:
+            self.start_attempt(attempt)
+        except Exception as exc:
+            attempt.set_exception(exc)
+
+    def _attempt_started(self, attempt: Attempt) -> None:
+        now = time.time()
+        with self._cond:
+            if self._finishing or attempt is not self._current:
+                return
+            attempt._started_at = now
+            if self._status is Status.PENDING:
+                self._status = Status.RUNNING
+                self.started_at = now
+        timeout = self.task.timeout
+        if timeout is not None and self.preemptive_timeout:
+            attempt._timeout_timer = timer.call_later(timeout, lambda: self._attempt_timed_out(attempt))
+
+    def _attempt_timed_out(self, attempt: Attempt) -> None:
+        if attempt._reported:
+            return
+        attempt.stop_requested = True
+        self.stop_attempt(attempt)
+        self._attempt_finished(attempt, False, self._timeout_error(attempt))
+
+    def _timeout_error(self, attempt: Attempt) -> TaskTimeout:
+        return TaskTimeout(f"{self.id} attempt {attempt.number} ran longer than its timeout of {self.task.timeout} s")
+
+    def _attempt_finished(self, attempt: Attempt, ok: bool, value: Any) -> None:
+        """The retry loop: record one attempt's outcome, then finish the run or try again."""
+        with self._cond:
+            if attempt._reported:
+                return
+            attempt._reported = True
+            if self._finishing or attempt is not self._current:
+                return
+        if attempt._timeout_timer is not None:
+            attempt._timeout_timer.cancel()
+        timeout = self.task.timeout
+        if (
+            timeout is not None
+            and not self.preemptive_timeout
+            and attempt._started_at is not None
+            and time.time() - attempt._started_at > timeout
+        ):
+            ok, value = False, self._timeout_error(attempt)
+        if ok:
+            self._conclude(Status.SUCCEEDED, value=value)
+            return
+        policy = self.task.policy
+        if not policy.should_retry(value, attempt.number):
+            self._conclude(Status.FAILED, exc=value)
+            return
+        delay = policy.delay(attempt.number)
+        logger.info(
+            "%s attempt %d/%d failed with %s: %s; retrying in %.2f s",
+            self.id, attempt.number, policy.retries + 1, type(value).__name__, value, delay,
+        )
+        self._call_later(delay, self._begin_attempt)
+
+    def _call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        if delay <= 0:
+            fn()
+            return
+        with self._cond:
+            if self._finishing:
+                return
+            self._retry_timer = timer.call_later(delay, fn)
+
+    def _conclude(self, status: Status, value: Any = None, exc: BaseException | None = None) -> bool:
+        """Decide the run's outcome (once), record it, then publish it to waiters and callbacks."""
+        with self._cond:
+            if self._finishing:
+                return False
+            self._finishing = True
+            attempt, retry_timer = self._current, self._retry_timer
+        if retry_timer is not None:
+            retry_timer.cancel()
+        if status is Status.STOPPED and attempt is not None and not attempt._reported:
+            attempt.stop_requested = True
+            attempt._reported = True
+            if attempt._timeout_timer is not None:
+                attempt._timeout_timer.cancel()
+            try:
+                self.stop_attempt(attempt)
+            except Exception:
+                logger.exception("%s: stopping attempt %d failed", self.id, attempt.number)
+        self._record(status, value, exc)
+        return True
+
+    def _record(self, status: Status, value: Any, exc: BaseException | None) -> None:
+        """Make the outcome durable (the ledger hooks in here), then publish it."""
+        self._publish(status, value, exc)
+
+    def _publish(self, status: Status, value: Any = None, exc: BaseException | None = None) -> None:
+        """The one place a run's state becomes final; wakes waiters, then runs callbacks."""
+        with self._cond:
+            self._status = status
+            self._result = value
+            self._exception = exc
+            self.finished_at = time.time()
+            callbacks, self._callbacks = self._callbacks, None
+            self._current = None
+            self._cond.notify_all()
+        for fn in callbacks or ():
+            self._invoke_callback(fn)
+
+    def _invoke_callback(self, fn: Callable[[BaseTaskRun[R]], Any]) -> None:
+        try:
+            fn(self)
+        except Exception:
+            logger.exception("done callback %r of %s raised", fn, self.id)
+
+
+def _resolve(waiter: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -1,0 +1,174 @@
+"""``@task``: the decorator, and the task object it makes out of a function."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+
+from ._retry import RetryPolicy
+from ._run import BaseTaskRun
+
+if TYPE_CHECKING:
+    pass
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def default_runner() -> type[BaseTaskRun[Any]]:
+    from .runners.thread import ThreadTaskRun
+
+    return ThreadTaskRun
+
+
+class Task(Generic[P, R]):
+    """A function turned into a task: calling it starts a run and returns its handle at once."""
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        name: str | None = None,
+        retries: int = 0,
+        retry_sleep_time: float = 0,
+        backoff: float = 1.0,
+        jitter: float = 0,
+        retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        timeout: float | None = None,
+        runner: type[BaseTaskRun[Any]] | None = None,
+        ledger: Any = None,
+        key: Callable[..., str] | None = None,
+    ) -> None:
+        if not callable(fn) or isinstance(fn, type) and issubclass(fn, BaseTaskRun):
+            raise TypeError(f"task() needs a function to wrap, got {fn!r} ({type(fn).__name__})")
+        if isinstance(fn, Task):
+            fn = fn.fn
+        if name is None:
+            name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"task option name must be a non-empty str, got {name!r}")
+        _check_int("retries", retries)
+        _check_number("retry_sleep_time", retry_sleep_time, minimum=0)
+        _check_number("backoff", backoff, minimum=1)
+        _check_number("jitter", jitter, minimum=0)
+        retry_on = _check_retry_on(retry_on)
+        if timeout is not None:
+            _check_number("timeout", timeout, minimum=0, inclusive=False)
+        if runner is None:
+            runner = default_runner()
+        elif not (isinstance(runner, type) and issubclass(runner, BaseTaskRun)):
+            raise TypeError(
+                f"task option runner must be a BaseTaskRun subclass such as ThreadTaskRun, got {runner!r}"
+            )
+        if key is not None and not callable(key):
+            raise TypeError(f"task option key must be a callable(*args, **kwargs) -> str, got {key!r}")
+        if ledger is not None:
+            ledger = _check_ledger(ledger)
+
+        self.fn = fn
+        self.name = name
+        self.retries = retries
+        self.retry_sleep_time = retry_sleep_time
+        self.backoff = backoff
+        self.jitter = jitter
+        self.retry_on = retry_on
+        self.timeout = timeout
+        self.runner = runner
+        self.ledger = ledger
+        self.key = key
+        self.policy = RetryPolicy(retries, retry_sleep_time, backoff, jitter, retry_on)
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> BaseTaskRun[R]:
+        run: BaseTaskRun[R] = self.runner(self, args, kwargs)
+        run._start()
+        return run
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} runner={self.runner.__name__}>"
+
+
+def _check_int(option: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"task option {option} must be an int >= 0, got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"task option {option} must be an int >= 0, got {value!r}")
+
+
+def _check_number(option: str, value: Any, minimum: float, inclusive: bool = True) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"task option {option} must be a number, got {value!r} ({type(value).__name__})")
+    bad = value < minimum if inclusive else value <= minimum
+    if bad or math.isnan(value):
+        bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+        raise ValueError(f"task option {option} must be {bound}, got {value!r}")
+
+
+def _check_retry_on(value: Any) -> tuple[type[BaseException], ...]:
+    classes = value if isinstance(value, tuple) else (value,)
+    if not classes or not all(isinstance(c, type) and issubclass(c, BaseException) for c in classes):
+        raise TypeError(f"task option retry_on must be an exception class or a tuple of them, got {value!r}")
+    return classes
+
+
+def _check_ledger(value: Any) -> Any:
+    from . import _ledger
+
+    if isinstance(value, _ledger.Ledger):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return _ledger.Ledger(value)
+    raise TypeError(f"task option ledger must be a Ledger or a path to its SQLite file, got {value!r}")
+
+
+@overload
+def task(fn: Callable[P, R], /) -> Task[P, R]: ...
+
+
+@overload
+def task(
+    *,
+    name: str | None = None,
+    retries: int = 0,
+    retry_sleep_time: float = 0,
+    backoff: float = 1.0,
+    jitter: float = 0,
+    retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+    timeout: float | None = None,
+    runner: type[BaseTaskRun[Any]] | None = None,
+    ledger: Any = None,
+    key: Callable[..., str] | None = None,
+) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+
+def task(fn: Any = None, /, **options: Any) -> Any:
+    """Turn a function into a task, bare (``@task``) or with options (``@task(retries=3)``).
+
+    Options are checked here, so a bad one fails at decoration time, naming itself.
+    """
+    if fn is None:
+        _check_options(options)
+        return lambda f: Task(f, **options)
+    if options:
+        raise TypeError("use @task(option=...) without a function, or @task bare")
+    return Task(fn)
+
+
+_OPTIONS = frozenset(
+    {"name", "retries", "retry_sleep_time", "backoff", "jitter", "retry_on", "timeout", "runner", "ledger", "key"}
+)
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise TypeError(f"task() got unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(_OPTIONS))}")
+    # Validate now, not when the decorator is applied, by wrapping a stand-in function.
+    Task(_placeholder, **options)
+
+
+def _placeholder() -> None:
+    """Stand-in used to validate options before the real function arrives."""

@@ -1,0 +1,143 @@
+"""``ThreadTaskRun``: attempts run on a bounded pool of daemon threads, started lazily."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+from typing import Any, ClassVar
+
+from .. import _lifecycle
+from .._config import positive_int_or_none
+from .._run import Attempt, BaseTaskRun, R
+
+
+class ThreadTaskRun(BaseTaskRun[R]):
+    """Runs calls on a pool of up to ``max_workers`` threads; best for I/O-bound work.
+
+    ``stop()`` of a running call marks it STOPPED at once and discards its result; the
+    function keeps going until it returns unless it polls :func:`taskrun.stop_requested`.
+    Threads cannot be killed, so a timed-out attempt is abandoned the same way; the pool
+    starts a replacement thread so the abandoned one does not cost capacity.
+    """
+
+    settings: ClassVar[dict[str, Any]] = {"max_workers": None}
+    max_workers: ClassVar[int | None] = None  # None: min(32, cpu count + 4)
+
+    @staticmethod
+    def validate_setting(name: str, value: Any) -> None:
+        positive_int_or_none("ThreadTaskRun", name, value)
+
+    @classmethod
+    def _pool(cls) -> ThreadPool:
+        return _lifecycle.get_pool(cls, lambda: ThreadPool(cls.max_workers or min(32, (os.cpu_count() or 1) + 4)))  # type: ignore[return-value]
+
+    def start_attempt(self, attempt: Attempt) -> None:
+        self._pool().submit(attempt)
+
+    def stop_attempt(self, attempt: Attempt) -> None:
+        worker = attempt.runner_state
+        if worker is not None:
+            worker.abandon(attempt)
+
+    @classmethod
+    def shutdown(cls, wait: bool = True) -> None:
+        pool = _lifecycle.drop_pool(cls)
+        if pool is not None:
+            pool.shutdown(wait=wait)
+
+
+_thread_numbers = itertools.count(1)
+
+
+class _Worker:
+    """One pool thread. Abandoned (its attempt stopped or timed out), it exits when the call returns."""
+
+    __slots__ = ("pool", "thread", "abandoned", "attempt")
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+        self.abandoned = False
+        self.attempt: Attempt | None = None
+        self.thread = threading.Thread(target=self.loop, name=f"taskrun-thread-{next(_thread_numbers)}", daemon=True)
+
+    def loop(self) -> None:
+        pool = self.pool
+        get = pool.queue.get
+        while True:
+            attempt = get()
+            if attempt is None:
+                pool.queue.put(None)  # pass the shutdown on to the next thread
+                break
+            if attempt.reported:  # stopped while queued: it never starts
+                continue
+            self.attempt = attempt
+            attempt.runner_state = self
+            attempt.execute()
+            self.attempt = None
+            if self.abandoned:
+                break
+            pool.idle.release()
+        pool.worker_exited(self)
+
+    def abandon(self, attempt: Attempt) -> None:
+        if self.attempt is attempt and not self.abandoned:
+            self.abandoned = True
+            self.pool.replace(self)
+
+
+class ThreadPool:
+    def __init__(self, max_workers: int) -> None:
+        self.max_workers = max_workers
+        self.queue: queue.SimpleQueue[Attempt | None] = queue.SimpleQueue()
+        self.idle = threading.Semaphore(0)
+        self.lock = threading.Lock()
+        self.workers: set[_Worker] = set()  # threads that take work (not abandoned)
+        self.all_workers: set[_Worker] = set()
+        self.closed = False
+
+    def submit(self, attempt: Attempt) -> None:
+        if self.closed:
+            raise RuntimeError("this ThreadTaskRun pool was shut down")
+        self.queue.put(attempt)
+        if not self.idle.acquire(blocking=False):
+            with self.lock:
+                if len(self.workers) < self.max_workers:
+                    self._start_worker()
+
+    def _start_worker(self) -> None:
+        worker = _Worker(self)
+        self.workers.add(worker)
+        self.all_workers.add(worker)
+        worker.thread.start()
+
+    def replace(self, worker: _Worker) -> None:
+        with self.lock:
+            self.workers.discard(worker)
+            if not self.closed:
+                self._start_worker()
+
+    def worker_exited(self, worker: _Worker) -> None:
+        with self.lock:
+            self.workers.discard(worker)
+            self.all_workers.discard(worker)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """End the threads. ``wait=True`` runs what is queued first; ``wait=False`` stops it."""
+        with self.lock:
+            self.closed = True
+            workers = list(self.all_workers)
+        if not wait:
+            while True:
+                try:
+                    attempt = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if attempt is not None:
+                    attempt.run.stop()
+        self.queue.put(None)
+        if wait:
+            for worker in workers:
+                if not worker.abandoned and worker.thread is not threading.current_thread():
+                    worker.thread.join()
