@@ -146,7 +146,8 @@ class BaseTaskRun(Generic[R]):
         self.id: str = f"{task.name}#{next(_run_numbers)}"
         self.cached = False
         self.key: str | None = None
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond: threading.Condition | None = None  # made by the first waiter
         self._status = Status.PENDING
         self._finishing = False  # the outcome is decided; publishing may still be under way
         self._result: Any = None
@@ -218,7 +219,9 @@ class BaseTaskRun(Generic[R]):
         """Block until the run has finished or ``timeout`` seconds pass; True if it finished."""
         if self._status in FINISHED:
             return True
-        with self._cond:
+        with self._lock:
+            if self._cond is None:
+                self._cond = threading.Condition(self._lock)
             return self._cond.wait_for(self.done, timeout)
 
     def get_result(self, timeout: float | None = None, *, wait: bool = True, raise_exceptions: bool = True) -> R:
@@ -257,7 +260,7 @@ class BaseTaskRun(Generic[R]):
 
     def add_done_callback(self, fn: Callable[[BaseTaskRun[R]], Any]) -> None:
         """Call ``fn(run)`` once the run has finished; at once if it already has."""
-        with self._cond:
+        with self._lock:
             if self._callbacks is not None:
                 self._callbacks.append(fn)
                 return
@@ -309,7 +312,7 @@ class BaseTaskRun(Generic[R]):
         self._begin_attempt()
 
     def _begin_attempt(self) -> None:
-        with self._cond:
+        with self._lock:
             if self._finishing:
                 return
             self._retry_timer = None
@@ -322,7 +325,7 @@ class BaseTaskRun(Generic[R]):
 
     def _attempt_started(self, attempt: Attempt) -> None:
         now = time.time()
-        with self._cond:
+        with self._lock:
             if self._finishing or attempt is not self._current:
                 return
             attempt._started_at = now
@@ -345,7 +348,7 @@ class BaseTaskRun(Generic[R]):
 
     def _attempt_finished(self, attempt: Attempt, ok: bool, value: Any) -> None:
         """The retry loop: record one attempt's outcome, then finish the run or try again."""
-        with self._cond:
+        with self._lock:
             if attempt._reported:
                 return
             attempt._reported = True
@@ -379,14 +382,14 @@ class BaseTaskRun(Generic[R]):
         if delay <= 0:
             fn()
             return
-        with self._cond:
+        with self._lock:
             if self._finishing:
                 return
             self._retry_timer = timer.call_later(delay, fn)
 
     def _conclude(self, status: Status, value: Any = None, exc: BaseException | None = None) -> bool:
         """Decide the run's outcome (once), record it, then publish it to waiters and callbacks."""
-        with self._cond:
+        with self._lock:
             if self._finishing:
                 return False
             self._finishing = True
@@ -411,14 +414,15 @@ class BaseTaskRun(Generic[R]):
 
     def _publish(self, status: Status, value: Any = None, exc: BaseException | None = None) -> None:
         """The one place a run's state becomes final; wakes waiters, then runs callbacks."""
-        with self._cond:
+        with self._lock:
             self._status = status
             self._result = value
             self._exception = exc
             self.finished_at = time.time()
             callbacks, self._callbacks = self._callbacks, None
             self._current = None
-            self._cond.notify_all()
+            if self._cond is not None:
+                self._cond.notify_all()
         for fn in callbacks or ():
             self._invoke_callback(fn)
 
