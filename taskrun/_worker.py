@@ -1,0 +1,225 @@
+"""The worker side of the process pool: read calls, run them, send back each outcome.
+
+Messages are pickled tuples. Parent to worker: ``(CALLS, [(call_id, fn_id, fn_bytes | None,
+args_bytes), ...])`` and ``(CANCEL, call_id)``; end of file means exit. Worker to parent:
+``(kind, call_id, payload)`` with the kinds below, one message per finished call, in the
+order the calls arrived, so the parent always knows which call a dead worker was running.
+With ``max_tasks_per_worker`` the worker forks a fresh child to serve each run of calls and
+reports ``(DIED, None, exitcode)`` when one ends without finishing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import select
+import signal
+import sys
+import threading
+import traceback
+import warnings
+from collections import deque
+from typing import Any
+
+import cloudpickle
+
+CALLS, CANCEL = "calls", "cancel"
+OK, RAISED, SKIPPED, UNPICKLABLE, LOG, WARN, DIED = range(7)
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle with the fast standard pickler; fall back to cloudpickle (lambdas, local classes)."""
+    try:
+        return pickle.dumps(obj, PROTOCOL)
+    except Exception:
+        return cloudpickle.dumps(obj, PROTOCOL)
+
+
+class _Sender:
+    """The result pipe, shared by the call loop and by log records from any thread of a task."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        data = dumps(message)
+        with self.lock:
+            self.conn.send_bytes(data)
+
+
+class _ForwardHandler(logging.Handler):
+    """Sends every log record to the parent, which hands it to its own handlers."""
+
+    def __init__(self, sender: _Sender) -> None:
+        super().__init__()
+        self.sender = sender
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = dict(record.__dict__)
+            fields["msg"] = record.getMessage()
+            fields["args"] = None
+            if record.exc_info:
+                fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
+            fields["exc_info"] = None
+            self.sender.send((LOG, None, fields))
+        except Exception:
+            self.handleError(record)
+
+
+def _forward_logging(sender: _Sender, level: int) -> None:
+    manager = logging.Logger.manager
+    for logger in [logging.getLogger(), *manager.loggerDict.values()]:
+        if isinstance(logger, logging.Logger):
+            for handler in list(logger.handlers):  # inherited through fork: the parent prints those
+                logger.removeHandler(handler)
+    root = logging.getLogger()
+    root.addHandler(_ForwardHandler(sender))
+    root.setLevel(level)
+
+    def show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                     line: Any = None) -> None:
+        try:
+            pickle.dumps(category)
+        except Exception:
+            category = UserWarning
+        sender.send((WARN, None, (str(message), category, filename, lineno)))
+
+    warnings.showwarning = show_warning
+
+
+def _watch_parent(alive_conn: Any) -> None:
+    """End this worker's process group as soon as the parent is gone (its end of the pipe closes)."""
+    try:
+        alive_conn.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def _run_call(fns: dict[int, Any], fn_id: int, fn_bytes: bytes | None, args_bytes: bytes) -> tuple[int, Any]:
+    try:
+        if fn_bytes is not None:
+            fns[fn_id] = cloudpickle.loads(fn_bytes)
+        args, kwargs = pickle.loads(args_bytes)
+        return OK, fns[fn_id](*args, **kwargs)
+    except BaseException as exc:  # noqa: B036 - a task's SystemExit is its outcome, not ours
+        return RAISED, exc
+
+
+def _exception_payload(exc: BaseException) -> tuple[int, Any]:
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        data = cloudpickle.dumps(exc, PROTOCOL)
+        cloudpickle.loads(data)  # an exception that pickles but cannot be rebuilt fails here, not in the parent
+        return RAISED, (data, tb_text)
+    except Exception as why:
+        return UNPICKLABLE, (
+            f"the task raised {type(exc).__qualname__}: {exc}, which could not be pickled to send back "
+            f"({type(why).__name__}: {why})",
+            tb_text,
+        )
+
+
+def worker_main(call_conn: Any, result_conn: Any, alive_conn: Any, config: dict[str, Any]) -> None:
+    """Entry point of a worker process."""
+    os.setpgid(0, 0)  # lead a process group, so stop and timeout can end what the task started too
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    import multiprocess
+
+    multiprocess.current_process()._config["daemon"] = False  # let tasks start processes of their own
+    threading.Thread(target=_watch_parent, args=(alive_conn,), name="taskrun-parent-watch", daemon=True).start()
+    sender = _Sender(result_conn)
+    _forward_logging(sender, config["log_level"])
+    try:
+        if config["max_tasks_per_worker"] is None:
+            _serve(call_conn, sender, None)
+        else:
+            _fork_servers(call_conn, sender, config["max_tasks_per_worker"])
+    finally:
+        logging.getLogger().handlers.clear()
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _fork_servers(call_conn: Any, sender: _Sender, max_calls: int) -> None:
+    """Serve every ``max_calls`` calls from a fresh child forked from this (clean, small) process.
+
+    The child is forked before its call arrives, so the fork overlaps the parent's dispatch;
+    a child that ends without saying it finished is reported as a dead worker.
+    """
+    clean_r, clean_w = os.pipe()
+    hangup = select.poll()
+    hangup.register(call_conn.fileno(), select.POLLIN)
+    while True:
+        pid = os.fork()
+        if pid == 0:
+            os.close(clean_r)
+            code = 0
+            try:
+                _serve(call_conn, sender, max_calls)
+                os.write(clean_w, b"1")
+            except BaseException:
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        clean = select.select([clean_r], [], [], 0)[0] and os.read(clean_r, 1) == b"1"
+        if not clean:
+            exitcode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.waitstatus_to_exitcode(status)
+            sender.send((DIED, None, exitcode))
+        for _fd, events in hangup.poll(0):
+            if events & select.POLLHUP and not events & select.POLLIN:
+                return  # the parent closed the call pipe and nothing is left in it
+
+
+def _serve(call_conn: Any, sender: _Sender, max_calls: int | None) -> None:
+    """Read calls, run them in order and send back each outcome, until end of file or ``max_calls``."""
+    fns: dict[int, Any] = {}
+    queued: deque[tuple[int, int, bytes | None, bytes]] = deque()
+    cancelled: set[int] = set()
+    calls_done = 0
+    call_fd = call_conn.fileno()
+
+    def take(message: tuple[Any, ...]) -> None:
+        if message[0] == CALLS:
+            queued.extend(message[1])
+        else:
+            cancelled.add(message[1])
+
+    try:
+        while max_calls is None or calls_done < max_calls:
+            if not queued:
+                take(pickle.loads(call_conn.recv_bytes()))
+            while max_calls is None and select.select([call_fd], [], [], 0)[0]:  # cancels arrive while we work
+                take(pickle.loads(call_conn.recv_bytes()))
+            if not queued:
+                continue
+            call_id, fn_id, fn_bytes, args_bytes = queued.popleft()
+            if call_id in cancelled:
+                cancelled.discard(call_id)
+                if fn_bytes is not None:
+                    fns[fn_id] = cloudpickle.loads(fn_bytes)
+                sender.send((SKIPPED, call_id, None))
+                continue
+            kind, value = _run_call(fns, fn_id, fn_bytes, args_bytes)
+            calls_done += 1
+            if kind == RAISED:
+                kind, value = _exception_payload(value)
+                sender.send((kind, call_id, value))
+                continue
+            try:
+                sender.send((OK, call_id, value))
+            except Exception as why:
+                reason = (
+                    f"the task's result of type {type(value).__qualname__} could not be pickled to send back "
+                    f"({type(why).__name__}: {why})"
+                )
+                sender.send((UNPICKLABLE, call_id, (reason, "")))
+    except (EOFError, OSError):
+        pass  # the parent closed our pipe: time to go

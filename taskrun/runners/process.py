@@ -1,0 +1,600 @@
+"""``MultiprocessTaskRun``: attempts run on a pool of reusable worker processes.
+
+The parent side is one supervisor thread per pool. It waits in one place on the workers'
+result pipes, their process sentinels and a wake-up pipe together (never on a timer),
+drains a worker's results before it ever joins or replaces it, tops workers up from the
+backlog (in batches), and ends workers on stop, timeout and shutdown.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import pickle
+import select
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections import deque
+from typing import Any, ClassVar
+
+import cloudpickle
+import multiprocess
+from multiprocess.connection import wait
+
+from .. import _lifecycle, _worker
+from .._config import positive_int_or_none
+from .._run import Attempt, BaseTaskRun, R, Status
+from ..errors import RemoteTraceback, SerializationError, TaskStopped, WorkerDied, describe_exit
+
+logger = logging.getLogger("taskrun")
+
+_START_METHODS = ("fork", "spawn", "forkserver")
+#: Most calls sent to one worker ahead of time when there is a backlog.
+MAX_BATCH = 64
+#: Bytes of calls a busy worker may have waiting in its pipe; more could block the supervisor.
+PIPE_BUDGET = 32 * 1024
+#: Seconds between SIGTERM and SIGKILL when a worker is ended.
+TERMINATE_GRACE = 1.0
+
+
+def _default_start_method() -> str:
+    return "fork" if "fork" in multiprocess.get_all_start_methods() and sys.platform != "darwin" else "spawn"
+
+
+class MultiprocessTaskRun(BaseTaskRun[R]):
+    """Runs calls on a pool of reusable worker processes; best for CPU-bound work.
+
+    Settings: ``start_method`` (fork where available, else spawn), ``max_workers``
+    (default ``os.cpu_count()``), ``max_tasks_per_worker`` (None: reuse forever; 1: a fresh
+    process per call). ``stop()`` and a timeout end the worker's whole process group
+    (SIGTERM, then SIGKILL) and the pool replaces it. Functions, lambdas and closures travel
+    with cloudpickle, pickled once per task; arguments that cannot be pickled raise
+    :class:`SerializationError` at call time.
+    """
+
+    settings: ClassVar[dict[str, Any]] = {"start_method": None, "max_workers": None, "max_tasks_per_worker": None}
+    start_method: ClassVar[str | None] = None
+    max_workers: ClassVar[int | None] = None
+    max_tasks_per_worker: ClassVar[int | None] = None
+
+    @staticmethod
+    def validate_setting(name: str, value: Any) -> None:
+        if name == "start_method":
+            if value is not None and value not in multiprocess.get_all_start_methods():
+                available = ", ".join(multiprocess.get_all_start_methods())
+                raise ValueError(
+                    f"MultiprocessTaskRun setting start_method={value!r} is not available here; use one of {available}"
+                )
+        else:
+            positive_int_or_none("MultiprocessTaskRun", name, value)
+
+    @classmethod
+    def _pool(cls) -> ProcessPool:
+        return _lifecycle.get_pool(cls, lambda: ProcessPool(cls))  # type: ignore[return-value]
+
+    def prepare(self) -> None:
+        task = self.task
+        payload = getattr(task, "_process_payload", None)
+        if payload is None:
+            try:
+                fn_bytes = cloudpickle.dumps(task.fn, _worker.PROTOCOL)
+            except Exception as exc:
+                raise SerializationError(f"the function of task {task.name} could not be pickled: {exc}") from exc
+            payload = task._process_payload = (next(_fn_ids), fn_bytes)  # type: ignore[attr-defined]
+        try:
+            self._args_bytes = _worker.dumps((self.args, self.kwargs))
+        except Exception as exc:
+            raise SerializationError(
+                f"the arguments of {self.id} could not be pickled to send to a worker process: {exc}"
+            ) from exc
+
+    def start_attempt(self, attempt: Attempt) -> None:
+        # Retries go to the pool of the first attempt while it lives (it may be finishing at exit).
+        pool = getattr(self, "_pool_used", None)
+        if pool is None or pool.closing in ("now", "closed"):
+            pool = self._pool_used = self._pool()
+        pool.submit(attempt)
+
+    def stop_attempt(self, attempt: Attempt) -> None:
+        call = attempt.runner_state
+        if call is not None:
+            call.pool.stop_call(call)
+
+    @classmethod
+    def shutdown(cls, wait: bool = True) -> None:
+        pool = _lifecycle.drop_pool(cls)
+        if pool is not None:
+            pool.shutdown(wait=wait)
+
+
+_fn_ids = itertools.count(1)
+_call_ids = itertools.count(1)
+_worker_numbers = itertools.count(1)
+
+
+class _Call:
+    """The parent's record of one attempt on its way to, in, or back from a worker."""
+
+    __slots__ = ("id", "attempt", "pool", "worker", "size")
+
+    def __init__(self, attempt: Attempt, pool: ProcessPool) -> None:
+        self.id = next(_call_ids)
+        self.attempt = attempt
+        self.pool = pool
+        self.worker: _Worker | None = None
+        self.size = 0
+
+
+class _Worker:
+    """One worker process and the parent's ends of its three pipes."""
+
+    def __init__(self, pool: ProcessPool) -> None:
+        ctx = pool.ctx
+        call_r, self.call_w = ctx.Pipe(duplex=False)
+        self.result_r, result_w = ctx.Pipe(duplex=False)
+        alive_r, self.alive_w = ctx.Pipe(duplex=False)
+        self.in_flight: dict[int, _Call] = {}  # in the order sent, which is the order they run
+        self.fns_sent: set[int] = set()
+        self.bytes_in_flight = 0
+        self.ending = False  # stopped or timed out: being terminated
+        self.pool_fresh = pool.max_tasks is not None
+        self.kill_at: float | None = None
+        self.gone_waiters: list[threading.Event] = []
+        config = {"max_tasks_per_worker": pool.max_tasks, "log_level": logging.getLogger().getEffectiveLevel()}
+        self.process = ctx.Process(
+            target=_worker.worker_main,
+            args=(call_r, result_w, alive_r, config),
+            name=f"taskrun-worker-{next(_worker_numbers)}",
+            daemon=True,
+        )
+        pool.workers.append(self)  # registered before fork, so a forked child can close our ends
+        try:
+            self.process.start()
+        except BaseException:
+            pool.workers.remove(self)
+            for conn in (call_r, result_w, alive_r):
+                conn.close()
+            self.close()
+            raise
+        for conn in (call_r, result_w, alive_r):
+            conn.close()
+        self.pid: int = self.process.pid
+        self.sentinel: int = self.process.sentinel
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.in_flight)
+
+    def signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def close(self) -> None:
+        for conn in (self.call_w, self.result_r, self.alive_w):
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+class ProcessPool:
+    """The worker processes of one runner class, with the supervisor thread that watches them.
+
+    One lock guards the pool's state. A caller's thread may hand a call straight to an idle
+    worker (the fast path for a call-and-wait loop); everything else -- reading results,
+    reaping and replacing workers, topping up busy workers from the backlog -- happens in
+    the supervisor. Outcomes are collected under the lock and delivered after it is released,
+    so handles, retries and user callbacks never run while the pool is locked.
+    """
+
+    def __init__(self, runner: type[MultiprocessTaskRun[Any]]) -> None:
+        method = runner.start_method or _default_start_method()
+        self.ctx = multiprocess.get_context(method)
+        self.max_workers = runner.max_workers or os.cpu_count() or 1
+        self.max_tasks = runner.max_tasks_per_worker
+        self.lock = threading.Lock()
+        self.workers: list[_Worker] = []
+        self.pending: deque[_Call] = deque()
+        self.outbox: list[tuple[Any, ...]] = []
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        self.wake_pending = False
+        self.closing: str | None = None  # "wait", "now", then "closed"
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._supervise, name="taskrun-process-pool", daemon=True)
+        self.thread.start()
+
+    # ---- entry points from any thread ------------------------------------------------------
+
+    def submit(self, attempt: Attempt) -> None:
+        call = _Call(attempt, self)
+        attempt.runner_state = call
+        with self.lock:
+            if self.closing in ("now", "closed"):
+                raise RuntimeError("this MultiprocessTaskRun pool was shut down")
+            self.pending.append(call)
+            started = self._dispatch(idle_only=True)
+            out = self._take_outbox()
+        if started:
+            self._wake()  # the supervisor must watch the new workers
+        self._deliver(out)
+
+    def stop_call(self, call: _Call) -> None:
+        """End ``call`` wherever it is; returns once a running one's worker is gone."""
+        with self.lock:
+            gone = self._stop(call)
+            out = self._take_outbox()
+        self._deliver(out)
+        if gone is not None:
+            self._wake()  # the supervisor keeps the SIGKILL deadline
+            if threading.current_thread() is not self.thread:
+                gone.wait(TERMINATE_GRACE + 10)
+
+    def shutdown(self, wait: bool = True) -> None:
+        """``wait=True``: finish every call first. ``wait=False``: stop them and end the workers now."""
+        to_stop: list[_Call] = []
+        with self.lock:
+            if self.closing != "closed":
+                if not wait:
+                    self.closing = "now"
+                    to_stop = list(self.pending)
+                    self.pending.clear()
+                    for worker in self.workers:
+                        to_stop.extend(worker.in_flight.values())
+                        worker.in_flight.clear()
+                        self._end_worker(worker)
+                elif self.closing is None:
+                    self.closing = "wait"
+        for call in to_stop:
+            call.worker = None
+            call.attempt.run._conclude(Status.STOPPED, exc=TaskStopped(f"{call.attempt.run.id} was stopped: its pool shut down"))
+        self._wake()
+        if threading.current_thread() is not self.thread:
+            self.closed.wait()
+            self.thread.join()
+
+    def _wake(self) -> None:
+        if not self.wake_pending:
+            self.wake_pending = True
+            try:
+                os.write(self.wake_w, b"\0")
+            except OSError:
+                pass
+
+    def after_fork_in_child(self) -> None:
+        """In a forked child (a new worker, or the user's own fork): drop the parent's pipe ends."""
+        for worker in self.workers:
+            worker.close()
+        for fd in (self.wake_r, self.wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _take_outbox(self) -> list[tuple[Any, ...]]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    def _deliver(self, out: list[tuple[Any, ...]]) -> None:
+        """Hand outcomes, log records and warnings over; runs without the pool lock."""
+        for item in out:
+            kind = item[0]
+            if kind is _worker.OK:
+                item[1].set_result(item[2])
+            elif kind is _worker.RAISED:
+                item[1].set_exception(item[2])
+            elif kind is _worker.LOG:
+                record = logging.makeLogRecord(item[1])
+                target = logging.getLogger(record.name)
+                if target.isEnabledFor(record.levelno):
+                    target.handle(record)
+            elif kind is _worker.WARN:
+                message, category, filename, lineno = item[1]
+                warnings.warn_explicit(message, category, filename, lineno)
+
+    # ---- the supervisor thread --------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        # One poll object over the wake-up pipe and every worker's result pipe and sentinel;
+        # rebuilt only when the set of workers changes.
+        poller = select.poll()
+        watched: dict[int, tuple[_Worker | None, bool]] = {}  # fd -> (worker, is its sentinel)
+        ready: list[tuple[int, int]] = []
+        try:
+            while True:
+                with self.lock:
+                    for fd, _events in ready:
+                        worker, is_sentinel = watched[fd]
+                        if worker is None:
+                            self.wake_pending = False
+                            os.read(self.wake_r, 4096)
+                        elif worker in self.workers:
+                            if is_sentinel:
+                                self._reap(worker)
+                            else:
+                                self._drain(worker)
+                    self._escalate_kills()
+                    self._dispatch()
+                    finished = self.closing is not None and not self.pending and not any(
+                        w.in_flight for w in self.workers if not w.ending
+                    )
+                    if finished:
+                        self.closing = "closed"
+                    current = {self.wake_r: (None, False)}
+                    for worker in self.workers:
+                        current[worker.result_r.fileno()] = (worker, False)
+                        current[worker.sentinel] = (worker, True)
+                    deadlines = [w.kill_at for w in self.workers if w.kill_at is not None]
+                    out = self._take_outbox()
+                self._deliver(out)
+                if finished:
+                    break
+                if current != watched:
+                    for fd in watched.keys() - current.keys():
+                        poller.unregister(fd)
+                    for fd in current.keys() - watched.keys():
+                        poller.register(fd, select.POLLIN)
+                    watched = current
+                timeout = max(0.0, min(deadlines) - time.monotonic()) * 1000 if deadlines else None
+                ready = poller.poll(timeout)
+            self._close_workers()
+        except BaseException:
+            logger.exception("taskrun process pool supervisor failed; ending its workers")
+            with self.lock:
+                self.closing = "closed"
+            self._close_workers()
+        finally:
+            for fd in (self.wake_r, self.wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self.closed.set()
+
+    # ---- under the lock -----------------------------------------------------------------------
+
+    def _dispatch(self, idle_only: bool = False) -> bool:
+        """Send queued calls to workers, starting workers as needed. True if any was started."""
+        pending = self.pending
+        while pending and pending[0].attempt.reported:  # stopped while queued: never starts
+            pending.popleft()
+        if not pending or self.closing in ("now", "closed"):
+            return False
+        free = [w for w in self.workers if not w.ending]
+        running = sum(1 for w in free if w.busy)
+        idle = len(free) - running
+        started = False
+        while idle < len(pending) and len(free) < self.max_workers:
+            free.append(_Worker(self))
+            idle += 1
+            started = True
+        depth = 1
+        # Fresh processes (max_tasks_per_worker) take one call at a time: a queued call would
+        # otherwise wait in a process that is about to be replaced.
+        if len(pending) > len(free) and self.max_tasks is None:
+            depth = max(1, min(MAX_BATCH, len(pending) // max(1, len(free))))
+        for worker in free:
+            if not pending:
+                break
+            if worker.busy:
+                # A busy worker gets more only when there is a backlog and it is running low.
+                if idle_only or depth == 1 or len(worker.in_flight) > depth // 2:
+                    continue
+            elif running >= self.max_workers:
+                continue
+            else:
+                running += 1
+            self._send_batch(worker, depth)
+        return started
+
+    def _send_batch(self, worker: _Worker, depth: int) -> None:
+        pending, fresh = self.pending, self.max_tasks is not None
+        batch: list[tuple[int, int, bytes | None, bytes]] = []
+        calls: list[_Call] = []
+        size = 0
+        while pending and len(worker.in_flight) + len(batch) < depth:
+            call = pending[0]
+            attempt = call.attempt
+            if attempt.reported:
+                pending.popleft()
+                continue
+            if attempt.timeout is not None and (worker.in_flight or batch):
+                break  # a call with a timeout starts at once, never queued behind another
+            run = attempt.run
+            fn_id, fn_bytes = run.task._process_payload  # type: ignore[attr-defined]
+            send_fn = None if fn_id in worker.fns_sent and not fresh else fn_bytes
+            args_bytes = run._args_bytes  # type: ignore[attr-defined]
+            call_size = len(args_bytes) + (len(send_fn) if send_fn is not None else 0) + 64
+            if (worker.in_flight or batch) and worker.bytes_in_flight + size + call_size > PIPE_BUDGET:
+                break
+            pending.popleft()
+            if send_fn is not None:
+                worker.fns_sent.add(fn_id)
+            batch.append((call.id, fn_id, send_fn, args_bytes))
+            calls.append(call)
+            call.size = call_size
+            size += call_size
+            if attempt.timeout is not None:
+                break
+        if not batch:
+            return
+        try:
+            worker.call_w.send_bytes(pickle.dumps((_worker.CALLS, batch), _worker.PROTOCOL))
+        except OSError:
+            pending.extendleft(reversed(calls))  # the worker is gone; its sentinel will say so
+            worker.fns_sent.clear()
+            return
+        worker.bytes_in_flight += size
+        for call in calls:
+            call.worker = worker
+            worker.in_flight[call.id] = call
+            call.attempt.mark_started()
+
+    def _drain(self, worker: _Worker) -> None:
+        """Read every message the worker has sent so far."""
+        conn = worker.result_r
+        fd = conn.fileno()
+        try:
+            while select.select([fd], [], [], 0)[0]:
+                self._handle(worker, conn.recv_bytes())
+        except (EOFError, OSError):
+            pass
+
+    def _handle(self, worker: _Worker, data: bytes) -> None:
+        try:
+            kind, call_id, payload = pickle.loads(data)
+        except Exception as exc:
+            call = next(iter(worker.in_flight.values()), None)
+            if call is not None:
+                self._finish_call(worker, call)
+                reason = f"the outcome of {call.attempt.run.id} could not be unpickled here: {exc}"
+                self.outbox.append((_worker.RAISED, call.attempt, SerializationError(reason)))
+            return
+        if kind == _worker.LOG or kind == _worker.WARN:
+            self.outbox.append((kind, payload))
+            return
+        if kind == _worker.DIED:  # a fresh child of this worker ended without finishing its call
+            call = next(iter(worker.in_flight.values()), None)
+            if call is not None:
+                self._finish_call(worker, call)
+                self.outbox.append((_worker.RAISED, call.attempt, self._died(worker, call, payload)))
+            return
+        call = worker.in_flight.get(call_id)
+        if call is None:
+            return  # its run was stopped (a cancelled call's acknowledgement lands here too)
+        self._finish_call(worker, call)
+        attempt = call.attempt
+        if kind == _worker.OK:
+            self.outbox.append((_worker.OK, attempt, payload))
+            return
+        if kind == _worker.RAISED:
+            exc_bytes, tb_text = payload
+            try:
+                exc = cloudpickle.loads(exc_bytes)
+            except Exception as why:
+                exc = SerializationError(f"the exception raised by {attempt.run.id} could not be unpickled here: {why}")
+        else:  # UNPICKLABLE
+            reason, tb_text = payload
+            exc = SerializationError(reason)
+        if tb_text:
+            exc.__cause__ = RemoteTraceback(tb_text)
+        self.outbox.append((_worker.RAISED, attempt, exc))
+
+    def _finish_call(self, worker: _Worker, call: _Call) -> None:
+        worker.in_flight.pop(call.id, None)
+        worker.bytes_in_flight -= call.size
+        call.worker = None
+
+    def _reap(self, worker: _Worker) -> None:
+        """A worker exited: drain what it sent, then settle its calls and forget it."""
+        self._drain(worker)
+        worker.process.join(1)
+        exitcode = worker.process.exitcode
+        calls = list(worker.in_flight.values())
+        worker.in_flight.clear()
+        for call in calls:
+            call.worker = None
+        if worker.ending:
+            self.pending.extendleft(reversed(calls))  # queued behind the stopped call: never started
+        elif calls:
+            dead, rest = calls[0], calls[1:]
+            self.pending.extendleft(reversed(rest))
+            self.outbox.append((_worker.RAISED, dead.attempt, self._died(worker, dead, exitcode)))
+        elif self.closing is None:
+            logger.warning("taskrun worker process %s died while idle: %s", worker.pid, describe_exit(exitcode))
+        if worker.ending or calls:
+            worker.signal_group(signal.SIGKILL)  # whatever the task started dies with it
+        worker.close()
+        self.workers.remove(worker)
+        for event in worker.gone_waiters:
+            event.set()
+
+    @staticmethod
+    def _died(worker: _Worker, call: _Call, exitcode: int | None) -> WorkerDied:
+        where = "a fresh process of worker" if worker.pool_fresh else "the worker process"
+        return WorkerDied(
+            f"{where} (pid {worker.pid}) running {call.attempt.run.id} died: {describe_exit(exitcode)}", exitcode
+        )
+
+    def _stop(self, call: _Call) -> threading.Event | None:
+        """Stop one call. Returns an event set when its worker is gone, if it had to be ended."""
+        worker = call.worker
+        if worker is None:  # still queued: dispatch skips it
+            return None
+        self._drain(worker)
+        if call.id not in worker.in_flight:  # it finished meanwhile
+            return None
+        first = next(iter(worker.in_flight))
+        self._finish_call(worker, call)
+        if first != call.id:  # queued in the worker behind another call: tell it to skip this one
+            try:
+                worker.call_w.send_bytes(pickle.dumps((_worker.CANCEL, call.id), _worker.PROTOCOL))
+            except OSError:
+                pass
+            return None
+        self._end_worker(worker)
+        gone = threading.Event()
+        worker.gone_waiters.append(gone)
+        return gone
+
+    def _end_worker(self, worker: _Worker) -> None:
+        if not worker.ending:
+            worker.ending = True
+            worker.kill_at = time.monotonic() + TERMINATE_GRACE
+            worker.signal_group(signal.SIGTERM)
+
+    def _escalate_kills(self) -> None:
+        now = time.monotonic()
+        for worker in self.workers:
+            if worker.kill_at is not None and worker.kill_at <= now:
+                worker.kill_at = None
+                worker.signal_group(signal.SIGKILL)
+
+    # ---- the end ------------------------------------------------------------------------------
+
+    def _close_workers(self) -> None:
+        """Let every worker go (end of file on its pipe), reading what it still sends; kill laggards."""
+        with self.lock:
+            workers = list(self.workers)
+        for worker in workers:
+            if worker.ending:
+                worker.signal_group(signal.SIGKILL)
+            else:
+                try:
+                    worker.call_w.close()
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 5
+        for worker in workers:
+            self._drain_until_exit(worker, deadline)
+            if worker.process.exitcode is None:
+                worker.signal_group(signal.SIGKILL)
+                self._drain_until_exit(worker, time.monotonic() + 5)
+        with self.lock:
+            for worker in workers:
+                worker.close()
+                self.workers.remove(worker)
+                for event in worker.gone_waiters:
+                    event.set()
+            out = self._take_outbox()
+        self._deliver(out)
+
+    def _drain_until_exit(self, worker: _Worker, deadline: float) -> None:
+        while worker.process.exitcode is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            ready = wait([worker.result_r, worker.sentinel], remaining)
+            with self.lock:
+                if worker.result_r in ready:
+                    self._drain(worker)
+            if worker.sentinel in ready:
+                with self.lock:
+                    self._drain(worker)
+                worker.process.join(1)
