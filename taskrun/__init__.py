@@ -1,5 +1,7 @@
 """taskrun: call a function, get a handle back at once; the work runs in a process, a thread or inline."""
 
+from ._group import RunGroup
+from ._ledger import Ledger, RunRecord
 from ._lifecycle import shutdown
 from ._run import Attempt, BaseTaskRun, Status, stop_requested
 from ._task import Task, task
@@ -13,7 +15,7 @@ from .errors import (
     UpstreamFailed,
     WorkerDied,
 )
-from .runners import SequentialTaskRun, ThreadTaskRun
+from .runners import MultiprocessTaskRun, SequentialTaskRun, ThreadTaskRun
 
 TaskRun = BaseTaskRun
 
@@ -22,10 +24,14 @@ __version__ = "0.1.0"
 __all__ = [
     "task",
     "Task",
+    "RunGroup",
+    "Ledger",
+    "RunRecord",
     "TaskRun",
     "BaseTaskRun",
     "Attempt",
     "Status",
+    "MultiprocessTaskRun",
     "SequentialTaskRun",
     "ThreadTaskRun",
     "stop_requested",

@@ -29,6 +29,7 @@ def configure(cls: type, settings: dict[str, Any]) -> Any:
             return _cache[cache_key]
         shown = ", ".join(f"{k}={v!r}" for k, v in sorted(settings.items()))
         sub = type(f"{cls.__name__}[{shown}]", (cls,), {"__module__": cls.__module__, **settings})
+        sub._configured_from = (cls, dict(settings))
         sub.__qualname__ = sub.__name__
         if cache_key is not None:
             _cache[cache_key] = sub
@@ -42,3 +43,19 @@ def positive_int_or_none(owner: str, name: str, value: Any, allow_none: bool = T
         raise TypeError(f"{owner} setting {name} must be an int >= 1{' or None' if allow_none else ''}, got {value!r}")
     if value < 1:
         raise ValueError(f"{owner} setting {name} must be >= 1{' or None' if allow_none else ''}, got {value!r}")
+
+
+def runner_spec(runner: type) -> Any:
+    """A picklable stand-in for a runner class: configured subclasses are rebuilt, not pickled."""
+    spec = runner.__dict__.get("_configured_from")
+    if spec is None:
+        return runner
+    base, settings = spec
+    return (runner_spec(base), settings)
+
+
+def runner_from_spec(spec: Any) -> type:
+    if isinstance(spec, tuple):
+        base, settings = spec
+        return configure(runner_from_spec(base), settings)  # type: ignore[no-any-return]
+    return spec  # type: ignore[no-any-return]

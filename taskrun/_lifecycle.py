@@ -13,6 +13,8 @@ import sys
 import threading
 from typing import Protocol
 
+import multiprocess.util  # noqa: F401 - imported first so our exit handler runs before its own
+
 from ._timer import timer
 
 logger = logging.getLogger("taskrun")
@@ -24,6 +26,17 @@ class Pool(Protocol):
 
 _pools: dict[type, Pool] = {}
 _lock = threading.Lock()
+_feeders: set[Pool] = set()  # map() feeder threads: stopped before the pools they feed
+
+
+def register_feeder(feeder: Pool) -> None:
+    with _lock:
+        _feeders.add(feeder)
+
+
+def unregister_feeder(feeder: Pool) -> None:
+    with _lock:
+        _feeders.discard(feeder)
 
 
 def get_pool(runner: type, factory) -> Pool:  # type: ignore[no-untyped-def]
@@ -37,9 +50,11 @@ def get_pool(runner: type, factory) -> Pool:  # type: ignore[no-untyped-def]
     return pool
 
 
-def drop_pool(runner: type) -> Pool | None:
+def drop_pools(runner: type) -> list[Pool]:
+    """Forget the pools of ``runner`` and of its configured subclasses; the caller shuts them down."""
     with _lock:
-        return _pools.pop(runner, None)
+        mine = [cls for cls in _pools if issubclass(cls, runner)]
+        return [_pools.pop(cls) for cls in mine]
 
 
 def shutdown(wait: bool = True) -> None:
@@ -49,8 +64,14 @@ def shutdown(wait: bool = True) -> None:
     the next call.
     """
     with _lock:
+        feeders = list(_feeders)
+    for feeder in feeders:  # first, so that nothing is fed into a pool after it is shut down
+        feeder.shutdown(wait=wait)
+    with _lock:
         pools = list(_pools.values())
         _pools.clear()
+    # shutdown_order: the ledger settles its claims before the pools stop (-1), commits after (1).
+    pools.sort(key=lambda pool: getattr(pool, "shutdown_order", 0))
     try:
         for pool in pools:
             pool.shutdown(wait=wait)
@@ -69,7 +90,12 @@ def _at_exit() -> None:
 def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.Lock()
+    for pool in _pools.values():
+        after_fork = getattr(pool, "after_fork_in_child", None)
+        if after_fork is not None:
+            after_fork()
     _pools.clear()
+    _feeders.clear()
     timer._reset_after_fork()
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Generator
 from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
+from . import _deps
 from ._timer import TimerHandle, timer
 from .errors import TaskStillRunning, TaskStopped, TaskTimeout, attach_traceback
 
@@ -137,6 +138,9 @@ class BaseTaskRun(Generic[R]):
     #: True: a timed-out attempt is ended with ``stop_attempt`` when its timeout passes.
     #: False: the runner cannot interrupt it, so an overrun attempt fails when it returns.
     preemptive_timeout: ClassVar[bool] = True
+    #: True: attempts run in the caller (``SequentialTaskRun``). Upstream runs are then waited for
+    #: in the caller, and ``map`` feeds its items in the caller instead of a feeder thread.
+    inline: ClassVar[bool] = False
 
     def __init__(self, task: Task[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.task = task
@@ -301,13 +305,23 @@ class BaseTaskRun(Generic[R]):
     def _start(self) -> None:
         """Begin the run: called once by the task right after the handle is made.
 
-        Arguments that are handles of other runs are waited for here (see ``map``/dependencies)
-        before :meth:`_launch`.
+        Arguments that are handles of other runs are waited for here (see ``_deps``) before
+        :meth:`_launch`: without blocking the caller, unless the runner is ``inline``.
         """
-        self._launch()
+        upstream = _deps.find_upstream(self.args, self.kwargs)
+        if upstream is None:
+            self._launch()
+        elif self.inline:
+            _deps.wait_inline(self, upstream)
+        else:
+            _deps.start_after(self, upstream)
 
     def _launch(self) -> None:
         """Start the first attempt, once the arguments are final (the ledger may answer first)."""
+        ledger = self.task.ledger
+        if ledger is not None:
+            ledger._launch(self)  # a stored result finishes the run here; else prepare(), claim, attempt
+            return
         self.prepare()
         self._begin_attempt()
 
@@ -326,7 +340,7 @@ class BaseTaskRun(Generic[R]):
     def _attempt_started(self, attempt: Attempt) -> None:
         now = time.time()
         with self._lock:
-            if self._finishing or attempt is not self._current:
+            if self._finishing or attempt is not self._current or attempt._started_at is not None:
                 return
             attempt._started_at = now
             if self._status is Status.PENDING:
@@ -337,11 +351,18 @@ class BaseTaskRun(Generic[R]):
             attempt._timeout_timer = timer.call_later(timeout, lambda: self._attempt_timed_out(attempt))
 
     def _attempt_timed_out(self, attempt: Attempt) -> None:
-        if attempt._reported:
-            return
+        # Claim the attempt's outcome first: once stop_requested is set, a function that polls it
+        # returns at once, and its late report must not win over the timeout.
+        with self._lock:
+            if attempt._reported:
+                return
+            attempt._reported = True
         attempt.stop_requested = True
-        self.stop_attempt(attempt)
-        self._attempt_finished(attempt, False, self._timeout_error(attempt))
+        try:
+            self.stop_attempt(attempt)
+        except Exception:
+            logger.exception("%s: stopping timed-out attempt %d failed", self.id, attempt.number)
+        self._attempt_outcome(attempt, False, self._timeout_error(attempt))
 
     def _timeout_error(self, attempt: Attempt) -> TaskTimeout:
         return TaskTimeout(f"{self.id} attempt {attempt.number} ran longer than its timeout of {self.task.timeout} s")
@@ -352,6 +373,11 @@ class BaseTaskRun(Generic[R]):
             if attempt._reported:
                 return
             attempt._reported = True
+        self._attempt_outcome(attempt, ok, value)
+
+    def _attempt_outcome(self, attempt: Attempt, ok: bool, value: Any) -> None:
+        """The rest of the retry loop, for an attempt whose outcome is claimed (``_reported`` set)."""
+        with self._lock:
             if self._finishing or attempt is not self._current:
                 return
         if attempt._timeout_timer is not None:
@@ -385,7 +411,11 @@ class BaseTaskRun(Generic[R]):
         with self._lock:
             if self._finishing:
                 return
-            self._retry_timer = timer.call_later(delay, fn)
+            self._retry_timer = timer.call_later(delay, fn, on_drop=self._retry_dropped)
+
+    def _retry_dropped(self) -> None:
+        """taskrun shut down while this run waited to retry: it ends STOPPED rather than hang."""
+        self._conclude(Status.STOPPED, exc=TaskStopped(f"{self.id} was stopped: taskrun shut down before its retry"))
 
     def _conclude(self, status: Status, value: Any = None, exc: BaseException | None = None) -> bool:
         """Decide the run's outcome (once), record it, then publish it to waiters and callbacks."""
@@ -409,7 +439,10 @@ class BaseTaskRun(Generic[R]):
         return True
 
     def _record(self, status: Status, value: Any, exc: BaseException | None) -> None:
-        """Make the outcome durable (the ledger hooks in here), then publish it."""
+        """Make the outcome durable (the ledger commits it), then publish it."""
+        if self.key is not None:  # the ledger launched this run
+            self.task.ledger._record(self, status, value, exc)
+            return
         self._publish(status, value, exc)
 
     def _publish(self, status: Status, value: Any = None, exc: BaseException | None = None) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
+from ._config import runner_from_spec, runner_spec
+from ._group import RunGroup, start_map
 from ._retry import RetryPolicy
 from ._run import BaseTaskRun
 
@@ -19,9 +21,9 @@ R = TypeVar("R")
 
 
 def default_runner() -> type[BaseTaskRun[Any]]:
-    from .runners.thread import ThreadTaskRun
+    from .runners.process import MultiprocessTaskRun
 
-    return ThreadTaskRun
+    return MultiprocessTaskRun
 
 
 class Task(Generic[P, R]):
@@ -87,8 +89,51 @@ class Task(Generic[P, R]):
         run._start()
         return run
 
+    def map(
+        self,
+        items: Iterable[Any],
+        *,
+        max_concurrency: int | None = None,
+        stop_when: Callable[[], object] | None = None,
+        progress: bool = False,
+    ) -> RunGroup[R]:
+        """Start one call per item (the item is the one argument: tuples are not unpacked); returns at once.
+
+        Items are read lazily, keeping at most ``max_concurrency`` calls unfinished (None: a
+        few thousand, so big inputs are not read up front). ``stop_when()`` is checked
+        before each new run starts; once it is true nothing new starts and the remaining
+        items end STOPPED without running. ``progress=True`` shows a tqdm bar.
+        """
+        return start_map(self, items, star=False, max_concurrency=max_concurrency, stop_when=stop_when, progress=progress)
+
+    def starmap(
+        self,
+        items: Iterable[Iterable[Any]],
+        *,
+        max_concurrency: int | None = None,
+        stop_when: Callable[[], object] | None = None,
+        progress: bool = False,
+    ) -> RunGroup[R]:
+        """Like :meth:`map`, but each item is a tuple of positional arguments: ``fn(*item)``."""
+        return start_map(self, items, star=True, max_concurrency=max_concurrency, stop_when=stop_when, progress=progress)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from the function and options in a worker: caches, pools and open ledger
+        # connections stay behind, and configured runner classes are configured again there.
+        options = {
+            "name": self.name, "retries": self.retries, "retry_sleep_time": self.retry_sleep_time,
+            "backoff": self.backoff, "jitter": self.jitter, "retry_on": self.retry_on, "timeout": self.timeout,
+            "runner": runner_spec(self.runner), "ledger": self.ledger, "key": self.key,
+        }
+        return (_rebuild_task, (self.fn, options))
+
     def __repr__(self) -> str:
         return f"<Task {self.name} runner={self.runner.__name__}>"
+
+
+def _rebuild_task(fn: Callable[..., Any], options: dict[str, Any]) -> Task[Any, Any]:
+    options["runner"] = runner_from_spec(options["runner"])
+    return Task(fn, **options)
 
 
 def _check_int(option: str, value: Any) -> None:

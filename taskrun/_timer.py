@@ -16,11 +16,12 @@ logger = logging.getLogger("taskrun")
 
 
 class TimerHandle:
-    __slots__ = ("when", "callback", "cancelled")
+    __slots__ = ("when", "callback", "on_drop", "cancelled")
 
-    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+    def __init__(self, when: float, callback: Callable[[], None], on_drop: Callable[[], None] | None) -> None:
         self.when = when
         self.callback = callback
+        self.on_drop = on_drop
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -35,8 +36,11 @@ class Timer:
         self._thread: threading.Thread | None = None
         self._closing = False
 
-    def call_later(self, delay: float, callback: Callable[[], None]) -> TimerHandle:
-        handle = TimerHandle(time.monotonic() + delay, callback)
+    def call_later(
+        self, delay: float, callback: Callable[[], None], on_drop: Callable[[], None] | None = None
+    ) -> TimerHandle:
+        """Run ``callback`` after ``delay`` seconds; ``on_drop`` runs instead if the timer shuts down first."""
+        handle = TimerHandle(time.monotonic() + delay, callback, on_drop)
         with self._cond:
             heapq.heappush(self._heap, (handle.when, next(self._seq), handle))
             if self._thread is None:
@@ -67,14 +71,21 @@ class Timer:
                     logger.exception("taskrun timer callback %r failed", handle.callback)
 
     def shutdown(self) -> None:
-        """Stop the thread; pending callbacks are dropped. A later call_later starts it again."""
+        """Stop the thread; pending callbacks are dropped (their ``on_drop`` runs). Restarts on next use."""
         with self._cond:
             thread, self._thread = self._thread, None
             self._closing = True
+            dropped = [entry[2] for entry in self._heap]
             self._heap.clear()
             self._cond.notify()
         if thread is not None and thread is not threading.current_thread():
             thread.join(5)
+        for handle in dropped:
+            if not handle.cancelled and handle.on_drop is not None:
+                try:
+                    handle.on_drop()
+                except Exception:
+                    logger.exception("taskrun timer drop callback %r failed", handle.on_drop)
 
     def _reset_after_fork(self) -> None:
         self._cond = threading.Condition(threading.Lock())

@@ -106,8 +106,7 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
 
     @classmethod
     def shutdown(cls, wait: bool = True) -> None:
-        pool = _lifecycle.drop_pool(cls)
-        if pool is not None:
+        for pool in _lifecycle.drop_pools(cls):
             pool.shutdown(wait=wait)
 
 

@@ -19,6 +19,7 @@ class SequentialTaskRun(BaseTaskRun[R]):
     """
 
     preemptive_timeout: ClassVar[bool] = False
+    inline: ClassVar[bool] = True
 
     def _launch(self) -> None:
         self._inline: deque[Attempt] = deque()

@@ -43,8 +43,7 @@ class ThreadTaskRun(BaseTaskRun[R]):
 
     @classmethod
     def shutdown(cls, wait: bool = True) -> None:
-        pool = _lifecycle.drop_pool(cls)
-        if pool is not None:
+        for pool in _lifecycle.drop_pools(cls):
             pool.shutdown(wait=wait)
 
 
@@ -124,7 +123,7 @@ class ThreadPool:
             self.all_workers.discard(worker)
 
     def shutdown(self, wait: bool = True) -> None:
-        """End the threads. ``wait=True`` runs what is queued first; ``wait=False`` stops it."""
+        """End the threads. ``wait=True`` runs what is queued first; ``wait=False`` stops what is queued or running."""
         with self.lock:
             self.closed = True
             workers = list(self.all_workers)
@@ -134,6 +133,10 @@ class ThreadPool:
                     attempt = self.queue.get_nowait()
                 except queue.Empty:
                     break
+                if attempt is not None:
+                    attempt.run.stop()
+            for worker in workers:  # and the running ones: STOPPED now, stop_requested() for the function
+                attempt = worker.attempt
                 if attempt is not None:
                     attempt.run.stop()
         self.queue.put(None)

@@ -1,0 +1,416 @@
+"""``Task.map`` and ``Task.starmap``: many calls at once, fed lazily, held in a :class:`RunGroup`.
+
+A feeder thread (``taskrun-map-N``) takes the items one by one and starts a run for each,
+never holding more than a window of the group's runs unfinished, so a generator of a
+million items is consumed as the work goes, not up front. An inline runner
+(``SequentialTaskRun``) is fed in the caller instead, and ``map`` returns when all is done.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Generic, overload
+
+from . import _lifecycle
+from ._run import BaseTaskRun, R, Status
+from .errors import TaskStopped
+
+if TYPE_CHECKING:
+    from ._task import Task
+
+logger = logging.getLogger("taskrun")
+
+#: Most unfinished runs a group holds when ``max_concurrency`` is None: bounds memory and how
+#: far ahead of the work the input is read, while keeping every worker of a pool busy.
+DEFAULT_WINDOW = 4096
+#: Seconds between progress bar refreshes.
+PROGRESS_INTERVAL = 0.1
+
+_feeder_numbers = itertools.count(1)
+
+# Why a group stopped taking new work.
+_STOP_WHEN = "stop_when returned True"
+_STOPPED = "the group was stopped"
+_SHUTDOWN = "taskrun.shutdown() was called"
+
+
+class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
+    """The handles of one ``map``/``starmap`` call, in input order, filled as the input is read.
+
+    ``len()`` and indexing see the handles made so far; iterating follows the input to its
+    end (it waits for handles to be made, not for them to finish). ``wait()``,
+    ``results()`` and ``as_completed()`` wait for the whole input to be read as well.
+    """
+
+    def __init__(
+        self,
+        task: Task[..., R],
+        *,
+        window: int,
+        stop_when: Callable[[], object] | None,
+        bar: Any = None,
+    ) -> None:
+        self.task = task
+        self._runs: list[BaseTaskRun[R]] = []
+        self._completed: list[BaseTaskRun[R]] = []  # in the order they finished
+        self._lock = threading.Lock()  # entered directly (cheaper than the condition) on the per-item paths
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0  # threads blocked on _cond: notify only when someone listens
+        self._window = window
+        self._in_flight = 0
+        self._finished = 0
+        self._failed = 0
+        self._stopped = 0
+        self._cached = 0
+        self._feeding = True
+        self._done = False
+        self._halt: str | None = None
+        self._error: BaseException | None = None
+        self._stop_when = stop_when
+        self._stop_when_lock = threading.Lock()
+        self._bar = bar
+        self._bar_lock = threading.Lock()
+        self._bar_next = 0.0
+        self._thread: threading.Thread | None = None
+
+    # ---- the sequence ---------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    @overload
+    def __getitem__(self, index: int) -> BaseTaskRun[R]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[BaseTaskRun[R]]: ...
+
+    def __getitem__(self, index: int | slice) -> BaseTaskRun[R] | list[BaseTaskRun[R]]:
+        return self._runs[index]
+
+    def __iter__(self) -> Iterator[BaseTaskRun[R]]:
+        """Each handle in input order, waiting for the feeder to make the next until the input ends."""
+        runs = self._runs
+        i = 0
+        while True:
+            with self._lock:
+                while i >= len(runs) and self._feeding:
+                    self._wait(None)
+                feeding = self._feeding
+            while i < len(runs):
+                yield runs[i]
+                i += 1
+            if not feeding:
+                return
+
+    # ---- waiting ----------------------------------------------------------------------------
+
+    def done(self) -> bool:
+        """True once the input is exhausted (or the group stopped) and every run has finished."""
+        return self._done
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the input is read and every run has finished, or ``timeout`` seconds pass."""
+        if self._done:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while not self._done:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._wait(remaining)
+        return True
+
+    def results(self, timeout: float | None = None, *, raise_exceptions: bool = True) -> list[R]:
+        """Every run's value, in input order, once all have finished (``get_result`` of each).
+
+        With ``raise_exceptions=True`` the first failure in input order is raised (a stopped
+        run raises ``TaskStopped``); with False failures are returned in place of values.
+        If reading the input or ``stop_when`` raised, that exception is raised here.
+        """
+        if not self.wait(timeout):
+            raise TimeoutError(f"{self._label()} did not finish within {timeout} s; its runs go on")
+        if self._error is not None:
+            raise self._error
+        return [run.get_result(raise_exceptions=raise_exceptions) for run in self._runs]
+
+    def as_completed(self, timeout: float | None = None) -> Iterator[BaseTaskRun[R]]:
+        """Each handle once, as it finishes; ``TimeoutError`` if the whole group is not done within ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        completed = self._completed
+        i = 0
+        while True:
+            with self._lock:
+                while i >= len(completed) and not self._done:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        left = len(self._runs) - self._finished
+                        raise TimeoutError(f"{self._label()}: {left} run(s) or more unfinished after {timeout} s")
+                    self._wait(remaining)
+                done = self._done
+                batch = completed[i:]
+            i += len(batch)
+            yield from batch
+            if done and i >= len(completed):
+                return
+
+    def _wait(self, timeout: float | None) -> None:
+        self._waiting += 1
+        try:
+            self._cond.wait(timeout)
+        finally:
+            self._waiting -= 1
+
+    # ---- stopping and counting ------------------------------------------------------------
+
+    def stop(self) -> int:
+        """Stop the group: no more input is read, and its running and not-started runs are stopped.
+
+        Returns how many runs this call stopped.
+        """
+        self._halt_group(_STOPPED)
+        runs = list(self._runs)
+        # Not-started runs first: stopping a running one may free a worker that would start the next.
+        stopped = sum(run.stop() for run in runs if run.status is Status.PENDING)
+        return stopped + sum(run.stop() for run in runs if not run.done())
+
+    def summary(self) -> dict[str, int]:
+        """Counts of the handles made so far per status name, plus ``"cached"`` (results from the ledger)."""
+        counts = dict.fromkeys((s.value for s in Status), 0)
+        cached = 0
+        for run in list(self._runs):
+            counts[run.status.value] += 1
+            cached += run.cached
+        counts["cached"] = cached
+        return counts
+
+    def __repr__(self) -> str:
+        counts = self.summary()
+        parts = [f"{n} {name}" for name, n in counts.items() if n]
+        state = "feeding" if self._feeding else "done" if self._done else "finishing"
+        if self._halt is not None:
+            state += f", stopped: {self._halt}"
+        return f"<RunGroup {self.task.name}: {len(self._runs)} runs{', ' if parts else ''}{', '.join(parts)} ({state})>"
+
+    def _label(self) -> str:
+        return f"map of {self.task.name}"
+
+    # ---- feeding ----------------------------------------------------------------------------
+
+    def _feed(self, items: Iterator[Any], star: bool) -> None:
+        """Start a run per item, keeping at most ``window`` unfinished; ends when the input does or the group halts."""
+        task = self.task
+        runner = task.runner
+        runs = self._runs
+        lock = self._lock
+        window = self._window
+        stop_when = self._stop_when
+        on_done = self._on_done
+        try:
+            for item in items:
+                with lock:
+                    while self._in_flight >= window and self._halt is None:
+                        self._wait(None)
+                    halt = self._halt
+                    if halt is not None and halt is not _STOP_WHEN:
+                        break  # stopped or shut down: leave the rest of the input unread
+                    self._in_flight += 1
+                args = tuple(item) if star else (item,)
+                run = runner(task, args, {})
+                runs.append(run)
+                if halt is None and stop_when is not None:
+                    self._may_start()
+                halt = self._halt  # stop_when, or another thread, may have halted the group meanwhile
+                if halt is not None:
+                    # After stop_when: the rest of the input becomes runs that end STOPPED, never started.
+                    run._conclude(Status.STOPPED, exc=TaskStopped(f"{run.id} was not started: {halt}"))
+                else:
+                    try:
+                        run._start()
+                    except Exception as exc:  # rejected (e.g. arguments a worker cannot receive): this item fails
+                        run._conclude(Status.FAILED, exc=exc)
+                run.add_done_callback(on_done)
+        except BaseException as exc:
+            self._error = exc
+            logger.error("%s: reading the input raised %s: %s; no more items are read", self._label(), type(exc).__name__, exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._end_feeding()
+
+    def _may_start(self) -> bool:
+        """Ask ``stop_when`` (the feeder's check before a run starts); False if it says stop."""
+        with self._stop_when_lock:
+            return self._ask_stop_when()
+
+    def _ask_stop_when(self) -> bool:
+        """Ask ``stop_when`` once, holding its lock; on True (or an error) halt the group. True: go on."""
+        if self._halt is not None:
+            return False
+        try:
+            stop = bool(self._stop_when())  # type: ignore[misc]
+        except Exception as exc:
+            self._error = exc
+            logger.error("%s: stop_when raised %s: %s; nothing new starts", self._label(), type(exc).__name__, exc)
+            stop = True
+        if stop:
+            self._halt_group(_STOP_WHEN)
+            return False
+        return True
+
+    def _halt_group(self, reason: str) -> None:
+        """Take no new work; after ``stop_when``, also stop the runs that have not started yet."""
+        with self._lock:
+            if self._halt is not None:
+                return
+            self._halt = reason
+            if self._waiting:
+                self._cond.notify_all()
+        if reason is _STOP_WHEN:
+            logger.info("%s: stop_when returned True; running calls finish, nothing new starts", self._label())
+            for run in list(self._runs):
+                if run.status is Status.PENDING:
+                    run._conclude(Status.STOPPED, exc=TaskStopped(f"{run.id} was not started: {reason}"))
+
+    def _end_feeding(self) -> None:
+        with self._lock:
+            self._feeding = False
+            finished = self._finished == len(self._runs)
+            if self._waiting:
+                self._cond.notify_all()
+        _lifecycle.unregister_feeder(self)
+        if finished:
+            self._finish()
+
+    def _finish(self) -> None:
+        """The input is read and every run finished (reached exactly once): close the bar, wake the waiters."""
+        self._close_bar()
+        with self._lock:
+            self._done = True
+            if self._waiting:
+                self._cond.notify_all()
+
+    def _on_done(self, run: BaseTaskRun[Any]) -> None:
+        """A run of the group finished: count it, free its slot, refresh the bar, ask ``stop_when``."""
+        status = run._status
+        with self._lock:
+            self._in_flight -= 1
+            self._finished += 1
+            if status is Status.FAILED:
+                self._failed += 1
+            elif status is Status.STOPPED:
+                self._stopped += 1
+            if run.cached:
+                self._cached += 1
+            self._completed.append(run)
+            finished = self._finished == len(self._runs) and not self._feeding
+            if self._waiting:
+                self._cond.notify_all()
+        if self._stop_when is not None and self._halt is None:
+            # Asked here too, before this worker takes its next call, so that runs already queued
+            # in the pool do not start once stop_when says stop.
+            with self._stop_when_lock:
+                self._ask_stop_when()
+        if finished:
+            self._finish()
+        elif self._bar is not None:
+            self._refresh_bar()
+
+    # ---- the progress bar -------------------------------------------------------------------
+
+    def _postfix(self) -> dict[str, int]:
+        skipped = self._cached
+        postfix = {"succeeded": self._finished - self._failed - self._stopped - skipped, "failed": self._failed}
+        if skipped or self.task.ledger is not None:
+            postfix["cached"] = skipped
+        if self._stopped:
+            postfix["stopped"] = self._stopped
+        return postfix
+
+    def _refresh_bar(self) -> None:
+        now = time.monotonic()
+        if now < self._bar_next or not self._bar_lock.acquire(blocking=False):
+            return
+        try:
+            self._bar_next = now + PROGRESS_INTERVAL
+            bar = self._bar
+            bar.set_postfix(self._postfix(), refresh=False)
+            bar.update(self._finished - bar.n)
+        finally:
+            self._bar_lock.release()
+
+    def _close_bar(self) -> None:
+        bar = self._bar
+        if bar is None:
+            return
+        with self._bar_lock:
+            if self._bar is None:
+                return
+            self._bar = None
+            bar.set_postfix(self._postfix(), refresh=False)
+            bar.n = self._finished
+            bar.close()  # draws the final state once
+
+    # ---- taskrun.shutdown() -----------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Lifecycle hook: stop reading the input, and let the feeder thread end before pools shut down."""
+        if self._feeding:
+            logger.info("%s: %s; stopped reading the input after %d items", self._label(), _SHUTDOWN, len(self._runs))
+        self._halt_group(_SHUTDOWN)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
+
+
+def start_map(
+    task: Task[..., R],
+    items: Iterable[Any],
+    *,
+    star: bool,
+    max_concurrency: int | None,
+    stop_when: Callable[[], object] | None,
+    progress: bool,
+) -> RunGroup[R]:
+    """Check the options, make the group and start feeding it (in a thread, or inline for inline runners)."""
+    method = "starmap" if star else "map"
+    if max_concurrency is not None and (isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int)):
+        raise TypeError(f"{task.name}.{method}() option max_concurrency must be an int >= 1 or None, got {max_concurrency!r}")
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ValueError(
+            f"{task.name}.{method}() option max_concurrency must be >= 1 (or None for no limit), got {max_concurrency}"
+        )
+    if stop_when is not None and not callable(stop_when):
+        raise TypeError(f"{task.name}.{method}() option stop_when must be a callable() -> bool or None, got {stop_when!r}")
+    try:
+        iterator = iter(items)
+    except TypeError:
+        raise TypeError(f"{task.name}.{method}() needs an iterable of items, got {type(items).__name__}") from None
+    bar = _make_bar(task, items) if progress else None
+    group = RunGroup(task, window=max_concurrency or DEFAULT_WINDOW, stop_when=stop_when, bar=bar)
+    if task.runner.inline:
+        group._feed(iterator, star)
+        return group
+    thread = threading.Thread(
+        target=group._feed, args=(iterator, star), name=f"taskrun-map-{next(_feeder_numbers)}", daemon=True
+    )
+    group._thread = thread
+    _lifecycle.register_feeder(group)
+    thread.start()
+    return group
+
+
+def _make_bar(task: Task[..., Any], items: Iterable[Any]) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as exc:
+        raise ImportError("progress=True needs tqdm, an optional extra: pip install taskrun[progress]") from exc
+    try:
+        total: int | None = len(items)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    return tqdm(total=total, desc=task.name, unit="call", dynamic_ncols=True)

@@ -1,0 +1,1168 @@
+"""The ledger: one SQLite file recording every call of the tasks that use it, so a batch can resume.
+
+Each call has a key (see :func:`make_key`). A call whose key SUCCEEDED returns the stored
+result without running; one whose key another live process or thread is running waits for
+that outcome; anything else claims the key (a RUNNING row naming its owner) and runs.
+
+How it is built, per ledger file and process (a :class:`_Store`, shared by every
+:class:`Ledger` object of that file):
+
+* Claims and finished runs go through one queue to the ledger thread
+  (``taskrun-ledger-<file>``), which commits everything queued in one transaction, then
+  starts the claimed runs and publishes the finished ones: a run is committed before its
+  handle reports it finished, and a burst of tiny runs shares its commits. Inline runners
+  (``SequentialTaskRun``) claim and record in the caller instead.
+* A task's succeeded keys (and small results) are read into memory on its first call, so a
+  cached call costs a dict lookup and an unpickle, no SQL.
+* Two calls of one key in one process: the second waits on the first in memory. Against
+  another process: the ledger thread polls the key's row until it is no longer claimed by a
+  live owner. An owner is dead when its process is gone (same machine: pid and its start
+  time) or, from another machine, when its lease (renewed by the ledger thread) has expired.
+* The file uses WAL journaling with ``synchronous=NORMAL``: a commit survives the process
+  being killed at any moment; a power loss may lose the last commits, which then run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import pickle
+import reprlib
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import _lifecycle
+from ._run import Status
+from .errors import LedgerError, RemoteTraceback, SerializationError, TaskStopped, format_traceback
+
+if TYPE_CHECKING:
+    from ._run import BaseTaskRun
+    from ._task import Task
+
+logger = logging.getLogger("taskrun")
+
+#: PRAGMA application_id of a taskrun ledger ("TRUN").
+APPLICATION_ID = 0x5452554E
+#: PRAGMA user_version: the schema this taskrun writes. A newer file is refused.
+SCHEMA_VERSION = 1
+#: Pickle protocol of the argument bytes hashed into default keys. Fixed: changing it changes every key.
+KEY_PROTOCOL = 4
+RESULT_PROTOCOL = 5
+#: Seconds a connection waits for another process's write lock before reporting "locked".
+BUSY_TIMEOUT = 30.0
+#: Seconds a claim stays valid without renewal, for owners on another machine.
+LEASE = 30.0
+#: Seconds between checks of keys that another process is running.
+POLL_INTERVAL = 0.1
+#: Results up to this many bytes are kept in memory with their key; larger ones are read per call.
+CACHE_LIMIT = 4096
+#: Most queued claims and records committed in one transaction.
+MAX_BATCH = 4096
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_MISSING: Any = object()
+_CLAIM = "claim"
+_RECORD = "record"
+_STATUSES = ("succeeded", "failed", "stopped", "running", "interrupted")
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS runs (
+    task TEXT NOT NULL,
+    key TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    result BLOB,
+    error_type TEXT,
+    error_message TEXT,
+    traceback TEXT,
+    call TEXT,
+    started_at REAL,
+    finished_at REAL,
+    duration REAL,
+    pid INTEGER,
+    host TEXT,
+    owner TEXT,
+    claim TEXT,
+    lease_until REAL,
+    PRIMARY KEY (task, key)
+);
+CREATE INDEX IF NOT EXISTS runs_claimed ON runs (owner) WHERE status = 'running';
+PRAGMA application_id = {APPLICATION_ID};
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+# A finished run. Success always lands (even over a claim another process took over); any other
+# outcome only replaces its own claim or a row that is neither claimed nor succeeded.
+_UPSERT_RECORD = """
+INSERT INTO runs (task, key, status, attempts, result, error_type, error_message, traceback, call,
+                  started_at, finished_at, duration, pid, host, owner, claim, lease_until)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)
+ON CONFLICT (task, key) DO UPDATE SET
+    status = excluded.status, attempts = excluded.attempts, result = excluded.result,
+    error_type = excluded.error_type, error_message = excluded.error_message,
+    traceback = excluded.traceback, call = excluded.call, started_at = excluded.started_at,
+    finished_at = excluded.finished_at, duration = excluded.duration, pid = excluded.pid,
+    host = excluded.host, owner = excluded.owner, claim = excluded.claim, lease_until = NULL
+WHERE excluded.status = 'succeeded' OR runs.claim = excluded.claim
+   OR runs.status NOT IN ('running', 'succeeded')
+"""
+
+_UPSERT_CLAIM = """
+INSERT INTO runs (task, key, status, attempts, started_at, pid, host, owner, claim, lease_until)
+VALUES (?, ?, 'running', 0, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (task, key) DO UPDATE SET
+    status = 'running', attempts = 0, result = NULL, error_type = NULL, error_message = NULL,
+    traceback = NULL, call = NULL, started_at = excluded.started_at, finished_at = NULL,
+    duration = NULL, pid = excluded.pid, host = excluded.host, owner = excluded.owner,
+    claim = excluded.claim, lease_until = excluded.lease_until
+"""
+
+_SELECT_FOR_CLAIM = """
+SELECT key, status, owner, lease_until, CASE WHEN status = 'succeeded' THEN result END
+FROM runs WHERE task = ? AND key IN (SELECT value FROM json_each(?))
+"""
+
+_RECORD_COLUMNS = (
+    "task, key, status, attempts, error_type, error_message, traceback, call, "
+    "started_at, finished_at, duration, pid, host, owner, lease_until"
+)
+
+
+# ---- keys ---------------------------------------------------------------------------------
+
+
+def make_key(task: Task[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """The call's identity in the ledger: ``task.key(*args, **kwargs)``, or a digest of the pickled call.
+
+    The digest (blake2b of the task name and the arguments pickled with protocol 4, keyword
+    arguments sorted) is stable across processes and runs for the usual arguments: numbers,
+    strings, bytes, tuples, lists, dicts, dataclasses. It is not for sets or frozensets of
+    strings (their order follows per-process hash randomization), objects whose pickle holds
+    ids or memory addresses, or dicts built in a different order. Keys compare pickles, not
+    equality: ``f(1)``, ``f(1.0)`` and ``f(x=1)`` are three calls. Pass ``key=`` to decide.
+    """
+    key_fn = task.key
+    if key_fn is not None:
+        key = key_fn(*args, **kwargs)
+        if type(key) is not str:
+            if isinstance(key, str):
+                return str(key)
+            raise TypeError(
+                f"the key function {key_fn!r} of task {task.name} returned {key!r} ({type(key).__name__}); it must return a str"
+            )
+        return key
+    try:
+        data = pickle.dumps((args, sorted(kwargs.items())) if kwargs else args, KEY_PROTOCOL)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot make a ledger key for a call of {task.name}: its arguments cannot be pickled "
+            f"({type(exc).__name__}: {exc}); pass key=lambda *args, **kwargs: ... to @task to name calls with a str"
+        ) from exc
+    return hashlib.blake2b(task.name.encode() + b"\x00" + data, digest_size=16).hexdigest()
+
+
+# ---- owners: who holds a claim, and are they still alive? --------------------------------
+
+
+def _process_start(pid: int) -> str:
+    """The start time of ``pid`` in clock ticks since boot ('' where /proc is unavailable)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
+
+
+def _machine() -> str:
+    """This machine, as far as pids go: host name plus the pid namespace (containers have their own)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return f"{socket.gethostname()}:{namespace}"
+
+
+_HOST = socket.gethostname()
+_MACHINE = _machine()
+
+
+def _new_owner() -> str:
+    pid = os.getpid()
+    return f"{_MACHINE}|{pid}|{_process_start(pid)}|{secrets.token_hex(4)}"
+
+
+def _owner_alive(owner: str | None, lease_until: float | None, now: float) -> bool:
+    """Whether the owner of a claim may still be running it."""
+    try:
+        machine, pid_text, start, _ = (owner or "").rsplit("|", 3)
+        pid = int(pid_text)
+    except ValueError:
+        return lease_until is not None and lease_until > now
+    if machine != _MACHINE:
+        return lease_until is not None and lease_until > now
+    if pid == os.getpid():
+        return start == _process_start(pid)
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        fields = []
+    if fields:
+        if fields[0] in (b"Z", b"X"):  # a zombie has finished running anything
+            return False
+        return not start or fields[19].decode() == start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+# ---- what the ledger stores ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One call as the ledger knows it.
+
+    ``status`` is ``"succeeded"``, ``"failed"``, ``"stopped"``, ``"running"`` or
+    ``"interrupted"`` (claimed by a process that is gone: it runs again on the next call).
+    ``call`` shows the arguments of failed and stopped calls. The result is read with
+    :meth:`Ledger.result`.
+    """
+
+    task: str
+    key: str
+    status: str
+    attempts: int
+    error_type: str | None
+    error_message: str | None
+    traceback: str | None
+    call: str | None
+    started_at: float | None
+    finished_at: float | None
+    duration: float | None
+    pid: int | None
+    host: str | None
+
+    @property
+    def error(self) -> str | None:
+        """``"ValueError: bad url"``, or None if the call did not fail."""
+        if self.error_type is None:
+            return None
+        return f"{self.error_type.rpartition('.')[2]}: {self.error_message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _record_from_row(row: tuple[Any, ...], now: float) -> RunRecord:
+    task, key, status, attempts, etype, emsg, tb, call, started, finished, duration, pid, host, owner, lease = row
+    if status == "running" and not _owner_alive(owner, lease, now):
+        status = "interrupted"
+    return RunRecord(task, key, status, attempts, etype, emsg, tb, call, started, finished, duration, pid, host)
+
+
+_call_repr = reprlib.Repr()
+_call_repr.maxstring = 80
+_call_repr.maxother = 80
+_call_repr.maxlevel = 3
+
+
+def _describe_call(run: BaseTaskRun[Any]) -> str:
+    parts = [_call_repr.repr(a) for a in run.args]
+    parts += [f"{k}={_call_repr.repr(v)}" for k, v in run.kwargs.items()]
+    text = f"{run.name}({', '.join(parts)})"
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _dumps_result(value: Any) -> bytes:
+    try:
+        return pickle.dumps(value, RESULT_PROTOCOL)
+    except Exception:
+        import cloudpickle  # functions and classes defined in __main__ or a notebook
+
+        return cloudpickle.dumps(value, RESULT_PROTOCOL)  # type: ignore[no-any-return]
+
+
+def _traceback_text(exc: BaseException) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, RemoteTraceback):
+        return cause.tb_text
+    return format_traceback(exc)
+
+
+def _type_name(cls: type) -> str:
+    module = cls.__module__
+    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def _task_name(task: Any) -> str | None:
+    return task if task is None or isinstance(task, str) else task.name
+
+
+def _status_name(status: Any) -> str | None:
+    if status is None:
+        return None
+    name = status.value if isinstance(status, Status) else str(status).lower()
+    if name == Status.SKIPPED.value:
+        raise ValueError("the ledger stores no skipped calls: a skipped call is a succeeded one read back")
+    if name not in _STATUSES:
+        raise ValueError(f"unknown ledger status {status!r}; use one of {', '.join(_STATUSES)}")
+    return name
+
+
+# ---- the public face ----------------------------------------------------------------------
+
+
+class Ledger:
+    """A record of calls in one SQLite file: calls that succeeded are not run again.
+
+    ``Ledger(path)`` opens the file, creating it if missing, and checks it: a file that is
+    not a taskrun ledger, a directory that cannot be written, or a ledger written by a newer
+    taskrun raise :class:`~taskrun.LedgerError` here, and the file is left untouched. Pass
+    it (or just the path) to ``@task(ledger=...)``. Ledger objects of one file share their
+    connection, thread and caches within a process.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._store = _store_for(self.path)
+
+    def __repr__(self) -> str:
+        return f"Ledger({self.path!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Ledger) and other._store is self._store
+
+    def __hash__(self) -> int:
+        return hash(self._store)
+
+    # ---- inspection ------------------------------------------------------------------
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Counts per task and status: ``{"fetch": {"succeeded": 950, "failed": 3, "interrupted": 47}}``.
+
+        Statuses with no calls are left out. ``"interrupted"`` counts calls claimed by a
+        process that is gone; ``"running"`` those a live process is running.
+        """
+        counts: dict[str, dict[str, int]] = {}
+        store = self._store
+        with store._db_lock:
+            conn = store._connection()
+            rows = conn.execute("SELECT task, status, count(*) FROM runs WHERE status != 'running' GROUP BY task, status").fetchall()
+            running = conn.execute("SELECT task, owner, lease_until FROM runs WHERE status = 'running'").fetchall()
+        for task, status, n in rows:
+            counts.setdefault(task, {})[status] = n
+        now = time.time()
+        for task, owner, lease in running:
+            status = "running" if _owner_alive(owner, lease, now) else "interrupted"
+            per_task = counts.setdefault(task, {})
+            per_task[status] = per_task.get(status, 0) + 1
+        return {task: {s: per[s] for s in _STATUSES if s in per} for task, per in sorted(counts.items())}
+
+    def runs(self, task: str | Task[..., Any] | None = None, status: Status | str | None = None) -> list[RunRecord]:
+        """The recorded calls, oldest first, optionally of one task (a name or the task) and one status."""
+        name, wanted = _task_name(task), _status_name(status)
+        where, params = [], []
+        if name is not None:
+            where.append("task = ?")
+            params.append(name)
+        if wanted is not None:
+            where.append("status = ?")
+            params.append("running" if wanted == "interrupted" else wanted)
+        sql = f"SELECT {_RECORD_COLUMNS} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY rowid"
+        store = self._store
+        with store._db_lock:
+            rows = store._connection().execute(sql, params).fetchall()
+        now = time.time()
+        records = [_record_from_row(row, now) for row in rows]
+        if wanted in ("running", "interrupted"):
+            records = [r for r in records if r.status == wanted]
+        return records
+
+    def last_errors(self, limit: int = 5) -> list[RunRecord]:
+        """The ``limit`` most recently failed calls, newest first."""
+        store = self._store
+        with store._db_lock:
+            rows = store._connection().execute(
+                f"SELECT {_RECORD_COLUMNS} FROM runs WHERE status = 'failed' ORDER BY finished_at DESC LIMIT ?", (limit,)
+            ).fetchall()
+        now = time.time()
+        return [_record_from_row(row, now) for row in rows]
+
+    def result(self, key: str, *, task: str | Task[..., Any] | None = None) -> Any:
+        """The stored result of the succeeded call ``key``; KeyError if there is none.
+
+        Keys are per task: pass ``task=`` when tasks share a key.
+        """
+        task_name, _status, blob = self._one(key, task, "status, result")
+        if _status != "succeeded":
+            raise KeyError(f"call {key!r} of {task_name} has no result in {self.path}: its status is {_status}")
+        try:
+            return pickle.loads(blob)
+        except Exception as exc:
+            raise SerializationError(f"the stored result of call {key!r} of {task_name} cannot be unpickled: {exc}") from exc
+
+    def forget(self, key: str, *, task: str | Task[..., Any] | None = None) -> bool:
+        """Delete the record of call ``key`` so it runs again; False if there was none."""
+        try:
+            task_name, *_ = self._one(key, task, "status")
+        except KeyError:
+            return False
+        store = self._store
+        with store._db_lock:
+            store._connection().execute("DELETE FROM runs WHERE task = ? AND key = ?", (task_name, key))
+        store._forget_cached(task_name, key)
+        return True
+
+    def reset(self, status: Status | str | None = None, *, task: str | Task[..., Any] | None = None) -> int:
+        """Delete the records with ``status`` (all when None), of one task or all; returns how many.
+
+        ``reset("failed")`` forgets the failures (their errors); ``reset()`` starts over. Use
+        it while no process is running calls on this ledger.
+        """
+        name, wanted = _task_name(task), _status_name(status)
+        where, params = [], []
+        if name is not None:
+            where.append("task = ?")
+            params.append(name)
+        if wanted is not None:
+            where.append("status = ?")
+            params.append("running" if wanted == "interrupted" else wanted)
+        store = self._store
+        with store._db_lock:
+            conn = store._connection()
+            if wanted in ("running", "interrupted"):
+                now = time.time()
+                rows = conn.execute(
+                    "SELECT task, key, owner, lease_until FROM runs WHERE " + " AND ".join(where), params
+                ).fetchall()
+                doomed = [(t, k) for t, k, o, lease in rows if _owner_alive(o, lease, now) == (wanted == "running")]
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany("DELETE FROM runs WHERE task = ? AND key = ? AND status = 'running'", doomed)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                count = len(doomed)
+            else:
+                sql = "DELETE FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
+                count = conn.execute(sql, params).rowcount
+        if wanted in (None, "succeeded"):
+            store._drop_cache(name)
+        return count
+
+    def _one(self, key: str, task: Any, columns: str) -> tuple[Any, ...]:
+        name = _task_name(task)
+        sql = f"SELECT task, {columns} FROM runs WHERE key = ?" + (" AND task = ?" if name is not None else "")
+        params = (key, name) if name is not None else (key,)
+        store = self._store
+        with store._db_lock:
+            rows = store._connection().execute(sql, params).fetchall()
+        if not rows:
+            of = f" of task {name}" if name is not None else ""
+            raise KeyError(f"no call with key {key!r}{of} in ledger {self.path}")
+        if len(rows) > 1:
+            names = ", ".join(sorted(r[0] for r in rows))
+            raise ValueError(f"key {key!r} names calls of several tasks ({names}) in {self.path}; pass task=")
+        return rows[0]  # type: ignore[no-any-return]
+
+    # ---- the run's side (called from BaseTaskRun) --------------------------------------
+
+    def _launch(self, run: BaseTaskRun[Any]) -> None:
+        """Start ``run`` through the ledger: finish it from the stored result, or claim its key and run it."""
+        store = self._store
+        key = run.key = make_key(run.task, run.args, run.kwargs)
+        done = store._done.get(run.name)
+        if done is None:
+            done = store._load(run.name)
+        blob = done.get(key, _MISSING)
+        if blob is not _MISSING and store._finish_cached(run, blob):
+            return
+        run.prepare()
+        store._admit(run)
+
+    def _record(self, run: BaseTaskRun[Any], status: Status, value: Any, exc: BaseException | None) -> None:
+        """Commit the outcome of ``run``, then publish it (a stopped run is published at once)."""
+        self._store._record(run, status, value, exc)
+
+
+# ---- the per-process, per-file machinery --------------------------------------------------
+
+_stores: weakref.WeakValueDictionary[str, _Store] = weakref.WeakValueDictionary()
+_stores_lock = threading.Lock()
+_orphans: list[sqlite3.Connection] = []  # connections inherited over fork: never used, never closed
+_thread_numbers = itertools.count(1)
+
+
+def _store_for(path: str) -> _Store:
+    real = os.path.realpath(path)
+    with _stores_lock:
+        store = _stores.get(real)
+        if store is not None and store._same_file():
+            return store
+        store = _Store(path, real)
+        store._open()
+        _stores[real] = store
+        return store
+
+
+class _Phase:
+    """One step of the ledger's part in ``taskrun.shutdown()``, ordered around the pools'."""
+
+    def __init__(self, fn: Callable[[bool], None], order: int) -> None:
+        self.shutdown_order = order
+        self._fn = fn
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._fn(wait)
+
+
+class _Store:
+    """A ledger file's connection, caches, claims and thread within this process."""
+
+    def __init__(self, path: str, real: str) -> None:
+        self.path = path
+        self.real = real
+        self._file_id: tuple[int, int] | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._name = os.path.basename(real)
+        self._reset_state()
+        self._done: dict[str, dict[str, bytes | None]] = {}  # task -> succeeded key -> result (None: large)
+        self._unloadable: set[tuple[str, str]] = set()  # stored results that cannot be unpickled here
+        # Taken by taskrun.shutdown(): claims are settled before the pools stop, records flushed after.
+        self._claims_phase = _Phase(self._settle_claims, -1)
+        self._records_phase = _Phase(self.shutdown, 1)
+
+    def _reset_state(self) -> None:
+        self._db_lock = threading.RLock()
+        self._state = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[tuple[Any, ...]] = []
+        self._thread: threading.Thread | None = None
+        self._idle = False  # the thread waits on _cond: notify it
+        self._closing = False  # the thread ends once its queue is empty
+        self._gate_closed = False  # shutting down: new claims end STOPPED
+        self._active: dict[tuple[str, str], BaseTaskRun[Any]] = {}  # the run in this process for each key
+        self._claims: dict[BaseTaskRun[Any], str] = {}  # run -> claim it holds in the file
+        self._watching: dict[tuple[str, str], BaseTaskRun[Any]] = {}  # keys another process is running
+        self._owner = _new_owner()
+        self._batches = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return f"<ledger store {self.path}>"
+
+    # ---- the file ------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        """Check the file and open it, creating the ledger if the file is missing or empty."""
+        path = self.path
+        if os.path.isdir(path):
+            raise LedgerError(f"ledger path {path!r} is a directory; pass a file path such as {os.path.join(path, 'runs.db')!r}")
+        exists = os.path.exists(path)
+        if exists:
+            self._check_file(path)
+        else:
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise LedgerError(f"cannot create ledger {path!r}: {parent!r} is not a directory; create the directory first")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise LedgerError(f"cannot create ledger {path!r}: directory {parent!r} is not writable; choose another path")
+        try:
+            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot open ledger {path!r}: {exc}; check that the file and its directory are writable") from exc
+        try:
+            self._initialize(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise LedgerError(f"cannot use ledger {path!r}: {exc}; check that the file and its directory are writable") from exc
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        self._file_id = self._stat_id()
+
+    def _check_file(self, path: str) -> None:
+        """Refuse, without writing anything, a file that is not a ledger this taskrun can use."""
+        try:
+            with open(path, "rb") as f:
+                header = f.read(100)
+        except OSError as exc:
+            raise LedgerError(f"cannot read ledger {path!r}: {exc}") from exc
+        if not header:
+            return  # empty: becomes a ledger
+        if not header.startswith(_SQLITE_MAGIC):
+            raise LedgerError(
+                f"{path!r} is not a taskrun ledger: it is not an SQLite database (it starts with {header[:16]!r}); "
+                "pass the path of a ledger or of a file that does not exist yet"
+            )
+        try:
+            conn = sqlite3.connect(f"{_file_uri(path)}?mode=ro", uri=True, timeout=BUSY_TIMEOUT)
+            try:
+                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise LedgerError(f"{path!r} is not a usable taskrun ledger: SQLite cannot read it ({exc})") from exc
+        _check_identity(path, app_id, version, tables)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+        try:
+            _configure(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _initialize(self, conn: sqlite3.Connection) -> None:
+        """Check what the file is before writing to it, then make it a ledger if it is empty."""
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if app_id != APPLICATION_ID:
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+            _check_identity(self.path, app_id, version, tables)
+        elif version > SCHEMA_VERSION:
+            _check_identity(self.path, app_id, version, [])
+        _configure(conn)
+        if app_id == APPLICATION_ID and version == SCHEMA_VERSION:
+            return
+        conn.execute("BEGIN IMMEDIATE")  # another process may be creating it too
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+            _check_identity(self.path, app_id, version, tables)
+            if app_id != APPLICATION_ID or version < SCHEMA_VERSION:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _stat_id(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.real)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def _same_file(self) -> bool:
+        """False once the file was deleted or replaced: a new Ledger then opens the new one."""
+        return self._file_id is not None and self._stat_id() == self._file_id
+
+    def _connection(self) -> sqlite3.Connection:
+        """The connection (opened again after a fork or a shutdown); hold ``_db_lock``."""
+        conn = self._conn
+        if conn is None:
+            try:
+                conn = self._conn = self._connect()
+            except sqlite3.Error as exc:
+                raise LedgerError(f"cannot open ledger {self.path!r}: {exc}") from exc
+        return conn
+
+    # ---- the in-memory cache of succeeded calls ------------------------------------------
+
+    def _load(self, task: str) -> dict[str, bytes | None]:
+        """Read the keys and small results of ``task``'s succeeded calls (once per task and process)."""
+        with self._db_lock:
+            rows = self._connection().execute(
+                "SELECT key, CASE WHEN length(result) <= ? THEN result END FROM runs WHERE task = ? AND status = 'succeeded'",
+                (CACHE_LIMIT, task),
+            ).fetchall()
+        with self._state:
+            done = self._done.get(task)
+            if done is None:
+                done = self._done[task] = dict(rows)
+        return done
+
+    def _fetch_result(self, task: str, key: str) -> bytes | None:
+        with self._db_lock:
+            row = self._connection().execute(
+                "SELECT result FROM runs WHERE task = ? AND key = ? AND status = 'succeeded'", (task, key)
+            ).fetchone()
+        return None if row is None else row[0]
+
+    def _forget_cached(self, task: str, key: str) -> None:
+        with self._state:
+            done = self._done.get(task)
+            if done is not None:
+                done.pop(key, None)
+            self._unloadable.discard((task, key))
+
+    def _drop_cache(self, task: str | None) -> None:
+        with self._state:
+            if task is None:
+                self._done.clear()
+                self._unloadable.clear()
+            else:
+                self._done.pop(task, None)
+
+    def _finish_cached(self, run: BaseTaskRun[Any], blob: bytes | None) -> bool:
+        """Finish ``run`` SKIPPED with the stored result; False if that cannot be loaded (then it runs)."""
+        ident = (run.name, run.key)
+        if blob is None:
+            blob = self._fetch_result(*ident)  # type: ignore[arg-type]
+            if blob is None:
+                self._forget_cached(*ident)  # type: ignore[arg-type]
+                return False
+        try:
+            value = pickle.loads(blob)
+        except Exception as exc:
+            logger.warning(
+                "ledger %s: the stored result of %s (key %s) cannot be unpickled here (%s: %s); running the call again",
+                self.path, run.name, run.key, type(exc).__name__, exc,
+            )
+            self._forget_cached(*ident)  # type: ignore[arg-type]
+            with self._state:
+                self._unloadable.add(ident)  # type: ignore[arg-type]
+            return False
+        with run._lock:
+            if run._finishing:
+                return True
+            run._finishing = True
+        with self._state:
+            if self._active.get(ident) is run:  # type: ignore[arg-type]
+                del self._active[ident]  # type: ignore[arg-type]
+        run.cached = True
+        run._publish(Status.SKIPPED, value)
+        return True
+
+    def _try_cached(self, run: BaseTaskRun[Any]) -> bool:
+        done = self._done.get(run.name)
+        blob = _MISSING if done is None else done.get(run.key, _MISSING)  # type: ignore[arg-type]
+        return blob is not _MISSING and self._finish_cached(run, blob)
+
+    # ---- claims --------------------------------------------------------------------------
+
+    def _admit(self, run: BaseTaskRun[Any]) -> None:
+        """Claim ``run``'s key, or wait for the run of this process that holds it."""
+        ident: tuple[str, str] = (run.name, run.key)  # type: ignore[assignment]
+        while True:
+            with self._state:
+                if run._finishing:
+                    return
+                owner = self._active.get(ident)
+                if owner is None or owner is run:
+                    self._active[ident] = run
+                    break
+            if not run.inline:
+                owner.add_done_callback(lambda _owner: self._after_owner(run))
+                return
+            owner.wait()
+            if self._try_cached(run):
+                return
+        if run.inline:
+            self._claim_inline(run)
+        else:
+            self._submit((_CLAIM, run))
+
+    def _after_owner(self, run: BaseTaskRun[Any]) -> None:
+        """The run of this process that held ``run``'s key finished: take its result, or the key."""
+        try:
+            if not self._try_cached(run):
+                self._admit(run)
+        except Exception as exc:
+            run._conclude(Status.FAILED, exc=exc)
+
+    def _claim_inline(self, run: BaseTaskRun[Any]) -> None:
+        """For inline runners: claim in the caller, waiting while another process runs the key."""
+        while not self._process([(_CLAIM, run)], inline=True):
+            if run._finishing:
+                return
+            time.sleep(POLL_INTERVAL)  # another process runs it: look again
+
+    # ---- finished runs -------------------------------------------------------------------
+
+    def _record(self, run: BaseTaskRun[Any], status: Status, value: Any, exc: BaseException | None) -> None:
+        now = time.time()
+        stored, result = status.value, None
+        error_type = error_message = tb = call = None
+        if status is Status.SUCCEEDED:
+            try:
+                result = _dumps_result(value)
+            except Exception as error:
+                stored, call = "failed", _describe_call(run)
+                error_type = _type_name(SerializationError)
+                error_message = (
+                    f"the result of {run.id} ({type(value).__name__}) could not be pickled for the ledger: "
+                    f"{type(error).__name__}: {error}; the caller got it, but the call runs again next time"
+                )
+                logger.warning("ledger %s: %s", self.path, error_message)
+        elif exc is not None:
+            error_type, error_message = _type_name(type(exc)), str(exc)
+            tb, call = _traceback_text(exc), _describe_call(run)
+        started = run.started_at
+        row = [
+            run.name, run.key, stored, run.attempts, result, error_type, error_message, tb, call,
+            started, now, None if started is None else now - started, os.getpid(), _HOST, self._owner, None,
+        ]
+        if status is Status.STOPPED:
+            # Nothing is lost if this record is: a stopped call runs again either way.
+            self._release(run)
+            run._publish(status, value, exc)
+            self._submit((_RECORD, run, row, None))
+        elif run.inline:
+            self._process([(_RECORD, run, row, (status, value, exc))], inline=True)
+        else:
+            self._submit((_RECORD, run, row, (status, value, exc)))
+
+    def _release(self, run: BaseTaskRun[Any]) -> None:
+        ident = (run.name, run.key)
+        with self._state:
+            if self._active.get(ident) is run:  # type: ignore[arg-type]
+                del self._active[ident]  # type: ignore[arg-type]
+            if self._watching.get(ident) is run:  # type: ignore[arg-type]
+                del self._watching[ident]  # type: ignore[arg-type]
+
+    # ---- the queue and the ledger thread -------------------------------------------------
+
+    def _submit(self, item: tuple[Any, ...]) -> None:
+        """Queue a claim or a record for the ledger thread (started by claims); without it, do it now."""
+        is_claim = item[0] is _CLAIM
+        with self._cond:
+            if is_claim and self._gate_closed:
+                run = item[1]
+            elif self._thread is not None or (is_claim and self._start_thread()):
+                self._queue.append(item)
+                if self._idle:
+                    self._cond.notify()
+                return
+            else:
+                run = None
+        if run is not None:
+            run._conclude(Status.STOPPED, exc=TaskStopped(f"{run.id} was not started: taskrun is shutting down"))
+        else:
+            self._process([item], inline=True)
+
+    def _start_thread(self) -> bool:
+        self._closing = False
+        self._thread = threading.Thread(
+            target=self._loop, name=f"taskrun-ledger-{self._name}-{next(_thread_numbers)}", daemon=True
+        )
+        self._thread.start()
+        _lifecycle.get_pool(("ledger-claims", self), lambda: self._claims_phase)  # type: ignore[arg-type]
+        _lifecycle.get_pool(("ledger-records", self), lambda: self._records_phase)  # type: ignore[arg-type]
+        return True
+
+    def _loop(self) -> None:
+        cond = self._cond
+        now = time.monotonic()
+        next_beat = now + LEASE / 3
+        next_poll = now + POLL_INTERVAL
+        while True:
+            with cond:
+                while not self._queue:
+                    if self._closing:
+                        self._thread = None
+                        return
+                    now = time.monotonic()
+                    wake = min(next_beat, next_poll) if self._watching else next_beat
+                    if now >= wake:
+                        break
+                    self._idle = True
+                    cond.wait(wake - now)
+                    self._idle = False
+                items = self._queue[:MAX_BATCH]
+                del self._queue[:MAX_BATCH]
+            try:
+                if items:
+                    self._process(items)
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + LEASE / 3
+                    self._renew()
+                if self._watching and now >= next_poll:
+                    next_poll = now + POLL_INTERVAL
+                    self._poll()
+            except Exception:
+                logger.exception("ledger %s: the ledger thread failed; it goes on", self.path)
+
+    def _process(self, items: list[tuple[Any, ...]], inline: bool = False) -> bool:
+        """Commit a batch of claims and records in one transaction, then act on it.
+
+        Records become durable, then their runs are published; granted claims start their
+        runs; keys found succeeded finish theirs from the stored result. Returns False for a
+        lone inline claim that must wait for another process.
+        """
+        claims: list[BaseTaskRun[Any]] = []
+        records: list[tuple[Any, ...]] = []
+        with self._state:
+            for item in items:
+                if item[0] is _CLAIM:
+                    if not item[1]._finishing:
+                        claims.append(item[1])
+                else:
+                    item[2][15] = self._claims.pop(item[1], None)  # the claim this record settles
+                    records.append(item)
+        grants: dict[BaseTaskRun[Any], str] = {}
+        cached: list[tuple[BaseTaskRun[Any], bytes | None]] = []
+        watch: list[BaseTaskRun[Any]] = []
+        if claims or records:
+            try:
+                grants, cached, watch = self._commit(claims, [item[2] for item in records])
+            except Exception as exc:
+                self._commit_failed(exc, claims, records)
+                return True
+        with self._state:
+            self._claims.update(grants)
+            for _kind, run, row, _publish in records:
+                ident = (row[0], row[1])
+                if row[2] == "succeeded":
+                    done = self._done.get(row[0])
+                    if done is not None:
+                        done[row[1]] = row[4] if len(row[4]) <= CACHE_LIMIT else None
+                if self._active.get(ident) is run:
+                    del self._active[ident]
+            if not inline:
+                for run in watch:
+                    self._watching[(run.name, run.key)] = run  # type: ignore[index]
+        for _kind, run, _row, publish in records:
+            if publish is not None:
+                run._publish(*publish)
+        for run in grants:
+            run._begin_attempt()
+        for run, blob in cached:
+            if not self._finish_cached(run, blob):
+                self._admit(run)  # the stored result cannot be loaded here: run it
+        return not (inline and watch)
+
+    def _commit(
+        self, claims: list[BaseTaskRun[Any]], rows: list[list[Any]]
+    ) -> tuple[dict[BaseTaskRun[Any], str], list[tuple[BaseTaskRun[Any], bytes | None]], list[BaseTaskRun[Any]]]:
+        warned = False
+        while True:
+            grants: dict[BaseTaskRun[Any], str] = {}
+            cached: list[tuple[BaseTaskRun[Any], bytes | None]] = []
+            watch: list[BaseTaskRun[Any]] = []
+            try:
+                with self._db_lock:
+                    conn = self._connection()
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        if rows:
+                            conn.executemany(_UPSERT_RECORD, rows)
+                        if claims:
+                            self._decide(conn, claims, grants, cached, watch)
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        if conn.in_transaction:
+                            conn.execute("ROLLBACK")
+                        raise
+                return grants, cached, watch
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if not warned:  # another connection held the write lock longer than BUSY_TIMEOUT
+                    logger.warning("ledger %s is locked by another connection (%s); still trying", self.path, exc)
+                    warned = True
+
+    def _decide(
+        self,
+        conn: sqlite3.Connection,
+        claims: list[BaseTaskRun[Any]],
+        grants: dict[BaseTaskRun[Any], str],
+        cached: list[tuple[BaseTaskRun[Any], bytes | None]],
+        watch: list[BaseTaskRun[Any]],
+    ) -> None:
+        """Inside the write transaction: claim each key nobody live holds; note the others."""
+        by_task: dict[str, list[str]] = {}
+        for run in claims:
+            by_task.setdefault(run.name, []).append(run.key)  # type: ignore[arg-type]
+        found: dict[tuple[str, str], tuple[Any, ...]] = {}
+        for task, keys in by_task.items():
+            for key, *rest in conn.execute(_SELECT_FOR_CLAIM, (task, json.dumps(keys))):
+                found[(task, key)] = tuple(rest)
+        now = time.time()
+        token = f"{self._owner}#{next(self._batches)}"
+        pid, owner, lease_until = os.getpid(), self._owner, now + LEASE
+        new_rows = []
+        for run in claims:
+            ident = (run.name, run.key)
+            row = found.get(ident)  # type: ignore[arg-type]
+            if row is not None:
+                status, row_owner, row_lease, blob = row
+                if status == "succeeded" and ident not in self._unloadable:
+                    cached.append((run, blob))
+                    continue
+                if status == "running" and row_owner != owner and _owner_alive(row_owner, row_lease, now):
+                    watch.append(run)
+                    continue
+                if status == "running" and row_owner != owner:
+                    logger.info("ledger %s: %s (key %s) was interrupted (its process is gone); running it again",
+                                self.path, run.name, run.key)
+            grants[run] = token
+            new_rows.append((run.name, run.key, now, pid, _HOST, owner, token, lease_until))
+        if new_rows:
+            conn.executemany(_UPSERT_CLAIM, new_rows)
+
+    def _commit_failed(self, exc: Exception, claims: list[BaseTaskRun[Any]], records: list[tuple[Any, ...]]) -> None:
+        """The file cannot be written: publish outcomes anyway (not recorded) and fail the claims."""
+        logger.error("ledger %s: could not commit %d record(s) and %d claim(s): %s: %s",
+                     self.path, len(records), len(claims), type(exc).__name__, exc)
+        with self._state:
+            for _kind, run, row, _publish in records:
+                ident = (row[0], row[1])
+                if self._active.get(ident) is run:
+                    del self._active[ident]
+        for _kind, run, _row, publish in records:
+            if publish is not None:
+                run._publish(*publish)
+        for run in claims:
+            self._release(run)
+            error = LedgerError(f"{run.id} was not run: its ledger {self.path!r} could not be written ({exc})")
+            run._conclude(Status.FAILED, exc=error)
+
+    def _poll(self) -> None:
+        """Look at the keys other processes are running; claim again those they no longer hold."""
+        with self._state:
+            watching = list(self._watching.items())
+        rows: dict[tuple[str, str], tuple[Any, ...] | None] = {}
+        with self._db_lock:
+            conn = self._connection()
+            for ident, _run in watching:
+                rows[ident] = conn.execute(
+                    "SELECT status, owner, lease_until FROM runs WHERE task = ? AND key = ?", ident
+                ).fetchone()
+        now = time.time()
+        ready = []
+        for ident, run in watching:
+            row = rows[ident]
+            if run._finishing or row is None or row[0] != "running" or not _owner_alive(row[1], row[2], now):
+                ready.append((ident, run))
+        if not ready:
+            return
+        with self._state:
+            for ident, run in ready:
+                if self._watching.get(ident) is run:
+                    del self._watching[ident]
+        with self._cond:
+            self._queue.extend((_CLAIM, run) for _ident, run in ready if not run._finishing)
+
+    def _renew(self) -> None:
+        """Extend the lease of every claim this process holds."""
+        if not self._claims:
+            return
+        try:
+            with self._db_lock:
+                self._connection().execute(
+                    "UPDATE runs SET lease_until = ? WHERE owner = ? AND status = 'running'", (time.time() + LEASE, self._owner)
+                )
+        except sqlite3.OperationalError as exc:
+            logger.warning("ledger %s: could not renew the claims' lease: %s", self.path, exc)
+
+    # ---- shutdown and fork ---------------------------------------------------------------
+
+    def _settle_claims(self, wait: bool) -> None:
+        """Before the pools stop: start the queued claims (wait) or stop them; stop the watched runs."""
+        with self._cond:
+            self._gate_closed = True
+            claims = [item for item in self._queue if item[0] is _CLAIM]
+            self._queue = [item for item in self._queue if item[0] is not _CLAIM]
+        if wait and claims:
+            self._process(claims)
+        else:
+            for _kind, run in claims:
+                run._conclude(Status.STOPPED, exc=TaskStopped(f"{run.id} was not started: taskrun is shutting down"))
+        self._stop_watched()
+
+    def _stop_watched(self) -> None:
+        with self._state:
+            watched = list(self._watching.values())
+        for run in watched:
+            run._conclude(Status.STOPPED, exc=TaskStopped(f"{run.id} was stopped while another process ran its key: taskrun is shutting down"))
+
+    def shutdown(self, wait: bool = True) -> None:
+        """After the pools stopped: commit and publish what is queued, end the thread, close the file."""
+        with self._cond:
+            self._gate_closed = True
+            self._closing = True
+            thread = self._thread
+            self._cond.notify()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(60)
+        self._stop_watched()
+        with self._cond:
+            self._gate_closed = False
+            if self._thread is None and self._conn is not None:
+                with self._db_lock:
+                    self._conn.close()
+                    self._conn = None
+
+    def _after_fork_in_child(self) -> None:
+        if self._conn is not None:
+            _orphans.append(self._conn)  # closing it could disturb the parent's use of the file
+            self._conn = None
+        self._reset_state()
+
+
+def _configure(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+
+
+def _file_uri(path: str) -> str:
+    from urllib.parse import quote
+
+    return "file:" + quote(os.path.abspath(path))
+
+
+def _check_identity(path: str, app_id: int, version: int, tables: list[str]) -> None:
+    if app_id == APPLICATION_ID:
+        if version > SCHEMA_VERSION:
+            raise LedgerError(
+                f"ledger {path!r} was written by a newer taskrun (schema version {version}; this taskrun reads up to "
+                f"{SCHEMA_VERSION}); upgrade taskrun to use it"
+            )
+        return
+    if app_id == 0 and not tables:
+        return  # an empty SQLite database: becomes a ledger
+    what = f"its tables are {', '.join(tables)}" if tables else f"its application id is {app_id:#x}"
+    raise LedgerError(
+        f"{path!r} is an SQLite database but not a taskrun ledger ({what}); it was left untouched: "
+        "pass the path of a ledger or of a file that does not exist yet"
+    )
+
+
+def _after_fork_in_child() -> None:
+    global _stores_lock, _MACHINE
+    _stores_lock = threading.Lock()
+    _MACHINE = _machine()
+    for store in list(_stores.values()):
+        store._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def iter_counts(summary: dict[str, dict[str, int]]) -> Iterable[tuple[str, dict[str, int]]]:
+    """Rows of a summary with every status present (zeros filled) and a total, for display."""
+    for task, per in summary.items():
+        row = {s: per.get(s, 0) for s in _STATUSES}
+        row["total"] = sum(per.values())
+        yield task, row

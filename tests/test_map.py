@@ -1,0 +1,408 @@
+"""Task.map / Task.starmap and RunGroup: order, completion, concurrency bound, stop_when, laziness, progress."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+
+import taskrun
+from taskrun import RunGroup, SequentialTaskRun, Status, TaskStopped, ThreadTaskRun, task
+from taskrun._group import DEFAULT_WINDOW
+
+Threads = ThreadTaskRun.configure(max_workers=4)
+TwoThreads = ThreadTaskRun.configure(max_workers=2)
+WAIT = 10  # seconds any wait in these tests may take before the test fails
+
+
+def test_results_come_back_in_input_order() -> None:
+    @task(runner=Threads)
+    def slow_square(x: int) -> int:
+        time.sleep(0.001 * ((7 * x) % 5))  # finish out of order
+        return x * x
+
+    group = slow_square.map(range(30))
+    assert isinstance(group, RunGroup)
+    assert group.results(timeout=WAIT) == [x * x for x in range(30)]
+    assert len(group) == 30
+    assert [run.get_result() for run in group] == [x * x for x in range(30)]
+    assert group[3].get_result() == 9 and [r.get_result() for r in group[:2]] == [0, 1]
+    assert group.done()
+
+
+def test_map_passes_each_item_whole_and_starmap_unpacks() -> None:
+    @task(runner=Threads)
+    def describe(*args: object) -> tuple[object, ...]:
+        return args
+
+    assert describe.map([(1, 2), (3, 4)]).results(timeout=WAIT) == [((1, 2),), ((3, 4),)]
+    assert describe.starmap([(1, 2), [3, 4], ()]).results(timeout=WAIT) == [(1, 2), (3, 4), ()]
+
+
+def test_as_completed_yields_each_run_once_in_finishing_order() -> None:
+    gates = [threading.Event() for _ in range(5)]
+
+    @task(runner=ThreadTaskRun.configure(max_workers=5))
+    def gated(i: int) -> int:
+        assert gates[i].wait(WAIT)
+        return i
+
+    group = gated.map(range(5))
+    finished = group.as_completed(timeout=WAIT)
+    order = []
+    for i in reversed(range(5)):  # only run i may finish next
+        gates[i].set()
+        order.append(next(finished).get_result())
+    assert order == [4, 3, 2, 1, 0]
+    assert list(finished) == []  # nothing yielded twice
+
+
+def test_as_completed_times_out_while_runs_are_unfinished() -> None:
+    gate = threading.Event()
+
+    @task(runner=TwoThreads)
+    def blocked(i: int) -> int:
+        assert gate.wait(WAIT)
+        return i
+
+    group = blocked.map(range(2))
+    try:
+        with pytest.raises(TimeoutError, match="unfinished"):
+            list(group.as_completed(timeout=0.05))
+        assert group.wait(timeout=0.01) is False
+        with pytest.raises(TimeoutError):
+            group.results(timeout=0.01)
+    finally:
+        gate.set()
+    assert sorted(r.get_result() for r in group.as_completed(timeout=WAIT)) == [0, 1]
+
+
+def test_max_concurrency_bounds_the_runs_in_flight() -> None:
+    stamps: list[tuple[float, float]] = []
+    lock = threading.Lock()
+
+    @task(runner=ThreadTaskRun.configure(max_workers=8))
+    def work(i: int) -> int:
+        start = time.monotonic()
+        time.sleep(0.02)
+        with lock:
+            stamps.append((start, time.monotonic()))
+        return i
+
+    assert work.map(range(15), max_concurrency=3).results(timeout=WAIT) == list(range(15))
+    overlap = max(sum(1 for s, e in stamps if s <= start < e) for start, _ in stamps)
+    assert overlap <= 3
+    assert overlap >= 2  # it did run calls side by side
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"max_concurrency": 0}, ValueError, "max_concurrency must be >= 1"),
+        ({"max_concurrency": 2.5}, TypeError, "max_concurrency"),
+        ({"max_concurrency": True}, TypeError, "max_concurrency"),
+        ({"stop_when": 5}, TypeError, "stop_when must be a callable"),
+    ],
+)
+def test_bad_options_name_themselves(options: dict[str, object], error: type[Exception], match: str) -> None:
+    @task(runner=Threads)
+    def ident(x: int) -> int:
+        return x
+
+    with pytest.raises(error, match=match):
+        ident.map([1], **options)  # type: ignore[arg-type]
+
+
+def test_items_that_are_not_iterable_fail_at_once() -> None:
+    @task(runner=Threads)
+    def ident(x: int) -> int:
+        return x
+
+    with pytest.raises(TypeError, match="iterable of items, got int"):
+        ident.map(5)  # type: ignore[arg-type]
+
+
+def test_stop_when_leaves_the_rest_stopped_and_not_started() -> None:
+    started: list[int] = []
+
+    @task(runner=Threads)
+    def record(i: int) -> int:
+        started.append(i)
+        return i
+
+    group = record.map(range(10), max_concurrency=1, stop_when=lambda: len(started) >= 3)
+    assert group.wait(timeout=WAIT)
+    assert started == [0, 1, 2]
+    assert len(group) == 10  # the rest of the input became handles
+    assert [run.status for run in group] == [Status.SUCCEEDED] * 3 + [Status.STOPPED] * 7
+    assert all(run.attempts == 0 for run in group[3:])
+    assert group.summary()["succeeded"] == 3 and group.summary()["stopped"] == 7
+    with pytest.raises(TaskStopped, match="not started: stop_when"):
+        group.results()
+    values = group.results(raise_exceptions=False)
+    assert values[:3] == [0, 1, 2] and all(isinstance(v, TaskStopped) for v in values[3:])
+
+
+def test_stop_when_stops_runs_already_queued_in_the_pool() -> None:
+    """With no max_concurrency every item is queued at once; none of the queued ones may start once stop_when says so."""
+    gate = threading.Event()
+    both_running = threading.Barrier(3, timeout=WAIT)
+    stop = threading.Event()
+    calls: list[int] = []
+
+    @task(runner=TwoThreads)
+    def gated(i: int) -> int:
+        calls.append(i)
+        if i < 2:
+            both_running.wait()
+        assert gate.wait(WAIT)
+        return i
+
+    group = gated.map(range(20), stop_when=stop.is_set)
+    both_running.wait()  # the two workers are busy; the other 18 wait in the pool's queue
+    stop.set()
+    gate.set()
+    assert group.wait(timeout=WAIT)
+    assert sorted(calls) == [0, 1]
+    assert group.summary()["succeeded"] == 2 and group.summary()["stopped"] == 18
+
+
+def test_stop_when_that_raises_stops_the_group_and_is_raised_by_results() -> None:
+    @task(runner=Threads)
+    def ident(x: int) -> int:
+        return x
+
+    def broken() -> bool:
+        raise OSError("quota service down")
+
+    group = ident.map(range(5), stop_when=broken)
+    assert group.wait(timeout=WAIT)
+    assert group.summary()["stopped"] == 5
+    with pytest.raises(OSError, match="quota service down"):
+        group.results()
+
+
+def test_a_generator_is_read_lazily() -> None:
+    gate = threading.Event()
+    read_past_window = threading.Event()
+    consumed = 0
+
+    def items():
+        nonlocal consumed
+        for i in range(100_000):
+            consumed += 1
+            if consumed == DEFAULT_WINDOW + 1:
+                read_past_window.set()
+            yield i
+
+    @task(runner=TwoThreads)
+    def gated(i: int) -> int:
+        gate.wait(WAIT)
+        return i
+
+    try:
+        group = gated.map(items())
+        # Every run blocks, so the feeder reads one item past the window, then waits for a free slot.
+        assert read_past_window.wait(WAIT)
+        assert len(group) == DEFAULT_WINDOW
+        assert group.stop() == DEFAULT_WINDOW
+        assert group.wait(timeout=WAIT)
+        assert consumed == DEFAULT_WINDOW + 1
+        assert len(group) == DEFAULT_WINDOW
+    finally:
+        gate.set()
+
+
+def test_input_is_read_as_the_work_goes_with_max_concurrency() -> None:
+    lock = threading.Lock()
+    finished = 0
+    ahead: list[int] = []  # items read minus calls finished, at every read
+
+    def items():
+        consumed = 0
+        for i in range(2_000):
+            consumed += 1
+            with lock:
+                ahead.append(consumed - finished)
+            yield i
+
+    @task(runner=TwoThreads)
+    def count(i: int) -> int:
+        nonlocal finished
+        with lock:
+            finished += 1
+        return i
+
+    group = count.map(items(), max_concurrency=5)
+    assert group.wait(timeout=WAIT)
+    assert len(group) == 2_000
+    assert max(ahead) <= 5 + 1
+
+
+def test_an_input_that_raises_ends_the_group_and_results_raises_it() -> None:
+    def items():
+        yield from range(3)
+        raise LookupError("bad row 4")
+
+    @task(runner=Threads)
+    def ident(x: int) -> int:
+        return x
+
+    group = ident.map(items())
+    assert group.wait(timeout=WAIT)
+    assert [run.get_result() for run in group] == [0, 1, 2]
+    with pytest.raises(LookupError, match="bad row 4"):
+        group.results()
+
+
+def test_stopping_a_group_stops_running_and_queued_runs() -> None:
+    gate = threading.Event()
+    calls: list[int] = []
+
+    @task(runner=TwoThreads)
+    def gated(i: int) -> int:
+        calls.append(i)
+        gate.wait(WAIT)
+        return i
+
+    try:
+        group = gated.map(range(10))
+        for run in group:  # iterating follows the feeder to the end of the input
+            assert run.status in (Status.PENDING, Status.RUNNING)
+        assert group.stop() == 10
+        assert group.stop() == 0
+        assert group.wait(timeout=WAIT)
+        assert group.summary()["stopped"] == 10
+        assert len(calls) <= 2
+    finally:
+        gate.set()
+
+
+def test_summary_and_repr_count_per_status() -> None:
+    @task(runner=Threads, name="check")
+    def check(x: int) -> int:
+        if x == 2:
+            raise ValueError("two")
+        return x
+
+    group = check.map(range(4))
+    assert group.wait(timeout=WAIT)
+    assert group.summary() == {
+        "pending": 0, "running": 0, "succeeded": 3, "failed": 1, "stopped": 0, "skipped": 0, "cached": 0,
+    }
+    assert repr(group) == "<RunGroup check: 4 runs, 3 succeeded, 1 failed (done)>"
+    with pytest.raises(ValueError, match="two"):
+        group.results()
+    assert isinstance(group.results(raise_exceptions=False)[2], ValueError)
+
+
+def test_progress_bar_shows_counts_and_is_closed_when_the_group_finishes(capfd: pytest.CaptureFixture[str]) -> None:
+    @task(runner=Threads, name="fetch")
+    def fetch(x: int) -> int:
+        if x == 3:
+            raise ConnectionError("down")
+        return x
+
+    group = fetch.map(range(5), progress=True)
+    assert group.wait(timeout=WAIT)
+    err = capfd.readouterr().err
+    assert "fetch" in err
+    assert "5/5" in err
+    assert "succeeded=4" in err and "failed=1" in err
+    assert err.endswith("\n")  # closed: the final line is finished
+
+
+def test_progress_without_tqdm_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+
+    @task(runner=Threads)
+    def ident(x: int) -> int:
+        return x
+
+    with pytest.raises(ImportError, match=r"pip install taskrun\[progress\]"):
+        ident.map([1], progress=True)
+
+
+def test_cached_runs_are_counted_and_shown(capfd: pytest.CaptureFixture[str]) -> None:
+    class FakeLedgerRun(ThreadTaskRun):
+        """Answers even items the way the ledger answers a stored call: SKIPPED, cached, nothing runs."""
+
+        def _launch(self) -> None:
+            if self.args[0] % 2 == 0:
+                self.cached = True
+                self._conclude(Status.SKIPPED, value=-self.args[0])
+            else:
+                super()._launch()
+
+    calls: list[int] = []
+
+    @task(runner=FakeLedgerRun, name="fetch")
+    def fetch(x: int) -> int:
+        calls.append(x)
+        return x
+
+    group = fetch.map(range(6), progress=True)
+    assert group.results(timeout=WAIT) == [0, 1, -2, 3, -4, 5]
+    assert sorted(calls) == [1, 3, 5]
+    summary = group.summary()
+    assert summary["skipped"] == 3 and summary["cached"] == 3 and summary["succeeded"] == 3
+    assert "cached=3" in capfd.readouterr().err
+
+
+def test_an_inline_runner_maps_in_the_caller() -> None:
+    threads: set[str] = set()
+
+    @task(runner=SequentialTaskRun)
+    def where(x: int) -> int:
+        threads.add(threading.current_thread().name)
+        return x + 1
+
+    group = where.map(range(5))
+    assert group.done()  # finished before map returned
+    assert group.results() == [1, 2, 3, 4, 5]
+    assert threads == {threading.current_thread().name}
+
+
+def test_shutdown_ends_the_feeder_thread() -> None:
+    gate = threading.Event()
+
+    @task(runner=TwoThreads)
+    def gated(i: int) -> int:
+        gate.wait(WAIT)
+        return i
+
+    try:
+        group = gated.map(range(100), max_concurrency=1)
+        feeders = [t for t in threading.enumerate() if t.name.startswith("taskrun-map-")]
+        assert feeders and all(t.daemon for t in feeders)
+        taskrun.shutdown(wait=False)
+        for thread in feeders:
+            thread.join(WAIT)
+            assert not thread.is_alive()
+    finally:
+        gate.set()
+    assert group.wait(timeout=WAIT)
+    assert len(group) < 100  # the input was left unread
+
+
+def test_with_a_ledger_a_stopped_batch_resumes_where_it_stopped(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ledger = taskrun.Ledger(tmp_path / "runs.db")
+    calls: list[int] = []
+
+    @task(runner=Threads, ledger=ledger, name="square")
+    def square(x: int) -> int:
+        calls.append(x)
+        return x * x
+
+    first = square.map(range(8), max_concurrency=1, stop_when=lambda: len(calls) >= 3)
+    assert first.wait(timeout=WAIT)
+    assert first.summary()["succeeded"] == 3 and first.summary()["stopped"] == 5
+
+    second = square.map(range(8))
+    assert second.results(timeout=WAIT) == [x * x for x in range(8)]
+    assert sorted(calls) == list(range(8))  # the stopped items ran now, the done ones did not run again
+    summary = second.summary()
+    assert summary["cached"] == 3 and summary["skipped"] == 3 and summary["succeeded"] == 5
+    assert [run.cached for run in second] == [True] * 3 + [False] * 5
