@@ -4,7 +4,9 @@ burst:  start N calls, then collect all results.
 serial: call, wait for the result, repeat.
 fresh:  a fresh process for every call (taskrun max_tasks_per_worker=1 vs woflo).
 
-Run: python benchmarks/bench_process.py [--burst 5000] [--serial 2000] [--fresh 300]
+Every contender runs once per round, rounds interleave, and the best round counts, so
+load from elsewhere on the machine hits every contender alike. Pools are started before
+timing. Run: python benchmarks/bench_process.py [--burst 5000] [--serial 2000] [--fresh 300]
 Peers come from the ``bench`` extra: pip install -e '.[bench]'.
 """
 
@@ -12,8 +14,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import gc
+import logging
 import multiprocessing
 import time
+from collections.abc import Callable
+from typing import Any
 
 import taskrun
 from taskrun import MultiprocessTaskRun, task
@@ -25,14 +31,21 @@ def inc(x: int) -> int:
     return x + 1
 
 
-def rate(n: int, fn) -> float:
-    start = time.perf_counter()
-    fn(n)
-    return n / (time.perf_counter() - start)
+def burst(submit: Callable[[int], Any], result: Callable[[Any], Any]) -> Callable[[int], None]:
+    def run(n: int) -> None:
+        handles = [submit(i) for i in range(n)]
+        for handle in handles:
+            result(handle)
+
+    return run
 
 
-def best(n: int, fn, repeat: int) -> float:
-    return max(rate(n, fn) for _ in range(repeat))
+def serial(submit: Callable[[int], Any], result: Callable[[Any], Any]) -> Callable[[int], None]:
+    def run(n: int) -> None:
+        for i in range(n):
+            result(submit(i))
+
+    return run
 
 
 def main() -> None:
@@ -40,100 +53,88 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=5000)
     parser.add_argument("--serial", type=int, default=2000)
     parser.add_argument("--fresh", type=int, default=300)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     opts = parser.parse_args()
-    results: dict[str, dict[str, float]] = {"burst": {}, "serial": {}, "fresh": {}}
+    sizes = {"burst": opts.burst, "serial": opts.serial, "fresh": opts.fresh}
+    contenders: dict[str, dict[str, Callable[[int], None]]] = {"burst": {}, "serial": {}, "fresh": {}}
+    closers: list[Callable[[], Any]] = []
 
-    runner = MultiprocessTaskRun.configure(max_workers=WORKERS)
-    tinc = task(runner=runner)(inc)
-    tinc(0).get_result(60)  # start the workers outside the timing, as every peer gets
-
-    def taskrun_burst(n):
-        runs = [tinc(i) for i in range(n)]
-        for run in runs:
-            run.get_result()
-
-    def taskrun_serial(n):
-        for i in range(n):
-            tinc(i).get_result()
-
-    results["burst"]["taskrun"] = best(opts.burst, taskrun_burst, opts.repeat)
-    results["serial"]["taskrun"] = best(opts.serial, taskrun_serial, opts.repeat)
+    tinc = task(runner=MultiprocessTaskRun.configure(max_workers=WORKERS))(inc)
+    tinc(0).get_result(60)
+    get = lambda run: run.get_result()  # noqa: E731
+    contenders["burst"]["taskrun"] = burst(tinc, get)
+    contenders["serial"]["taskrun"] = serial(tinc, get)
     fresh = task(runner=MultiprocessTaskRun.configure(max_workers=WORKERS, max_tasks_per_worker=1))(inc)
+    fresh(0).get_result(60)
+    contenders["fresh"]["taskrun"] = burst(fresh, get)
+    closers.append(taskrun.shutdown)
 
-    def taskrun_fresh(n):
-        runs = [fresh(i) for i in range(n)]
-        for run in runs:
-            run.get_result()
+    fork = multiprocessing.get_context("fork")
+    ppe = cf.ProcessPoolExecutor(WORKERS, mp_context=fork)
+    ppe.submit(inc, 0).result()
+    contenders["burst"]["ProcessPoolExecutor"] = burst(lambda i: ppe.submit(inc, i), lambda f: f.result())
+    contenders["serial"]["ProcessPoolExecutor"] = serial(lambda i: ppe.submit(inc, i), lambda f: f.result())
+    closers.append(ppe.shutdown)
 
-    results["fresh"]["taskrun"] = best(opts.fresh, taskrun_fresh, opts.repeat)
-    taskrun.shutdown()
-
-    with cf.ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("fork")) as ex:
-        ex.submit(inc, 0).result()
-        results["burst"]["ProcessPoolExecutor"] = best(
-            opts.burst, lambda n: [f.result() for f in [ex.submit(inc, i) for i in range(n)]], opts.repeat
-        )
-        results["serial"]["ProcessPoolExecutor"] = best(
-            opts.serial, lambda n: [ex.submit(inc, i).result() for i in range(n)], opts.repeat
-        )
-
-    with multiprocessing.get_context("fork").Pool(WORKERS) as pool:
-        pool.apply(inc, (0,))
-        results["burst"]["multiprocessing.Pool"] = best(
-            opts.burst, lambda n: [r.get() for r in [pool.apply_async(inc, (i,)) for i in range(n)]], opts.repeat
-        )
-        results["serial"]["multiprocessing.Pool"] = best(
-            opts.serial, lambda n: [pool.apply_async(inc, (i,)).get() for i in range(n)], opts.repeat
-        )
+    mp_pool = fork.Pool(WORKERS)
+    mp_pool.apply(inc, (0,))
+    contenders["burst"]["multiprocessing.Pool"] = burst(lambda i: mp_pool.apply_async(inc, (i,)), lambda r: r.get())
+    contenders["serial"]["multiprocessing.Pool"] = serial(lambda i: mp_pool.apply_async(inc, (i,)), lambda r: r.get())
+    closers.append(mp_pool.terminate)
 
     try:
         import pebble
     except ImportError:
         print("pebble not installed: skipped")
     else:
-        with pebble.ProcessPool(max_workers=WORKERS) as pool:
-            pool.schedule(inc, (0,)).result()
-            results["burst"]["pebble"] = best(
-                opts.burst, lambda n: [f.result() for f in [pool.schedule(inc, (i,)) for i in range(n)]], opts.repeat
-            )
-            results["serial"]["pebble"] = best(
-                opts.serial, lambda n: [pool.schedule(inc, (i,)).result() for i in range(n)], opts.repeat
-            )
+        pebble_pool = pebble.ProcessPool(max_workers=WORKERS)
+        pebble_pool.schedule(inc, (0,)).result()
+        contenders["burst"]["pebble"] = burst(lambda i: pebble_pool.schedule(inc, (i,)), lambda f: f.result())
+        contenders["serial"]["pebble"] = serial(lambda i: pebble_pool.schedule(inc, (i,)), lambda f: f.result())
+        closers.append(pebble_pool.stop)
 
     try:
         import loky
     except ImportError:
         print("loky not installed: skipped")
     else:
-        ex = loky.get_reusable_executor(max_workers=WORKERS)
-        ex.submit(inc, 0).result()
-        results["burst"]["loky"] = best(
-            opts.burst, lambda n: [f.result() for f in [ex.submit(inc, i) for i in range(n)]], opts.repeat
-        )
-        results["serial"]["loky"] = best(opts.serial, lambda n: [ex.submit(inc, i).result() for i in range(n)], opts.repeat)
-        ex.shutdown(wait=True)
+        loky_ex = loky.get_reusable_executor(max_workers=WORKERS)
+        loky_ex.submit(inc, 0).result()
+        contenders["burst"]["loky"] = burst(lambda i: loky_ex.submit(inc, i), lambda f: f.result())
+        contenders["serial"]["loky"] = serial(lambda i: loky_ex.submit(inc, i), lambda f: f.result())
+        closers.append(loky_ex.shutdown)
 
     try:
         import woflo
     except ImportError:
         print("woflo not installed: skipped")
     else:
-        import logging
-
         logging.getLogger("woflo").setLevel(logging.WARNING)
         winc = woflo.task(inc)
 
-        def woflo_fresh(n):
-            runs = [winc(i) for i in range(n)]
-            for run in runs:
-                run.wait()
-                run.get_result()
+        def woflo_result(run: Any) -> Any:
+            run.wait()
+            return run.get_result()
 
-        results["fresh"]["woflo"] = best(opts.fresh, woflo_fresh, opts.repeat)
+        contenders["fresh"]["woflo"] = burst(winc, woflo_result)
 
+    best: dict[str, dict[str, float]] = {scenario: {} for scenario in contenders}
+    for _ in range(opts.rounds):
+        for scenario, runners in contenders.items():
+            n = sizes[scenario]
+            for name, run in runners.items():
+                gc.collect()
+                start = time.perf_counter()
+                run(n)
+                rate = n / (time.perf_counter() - start)
+                best[scenario][name] = max(rate, best[scenario].get(name, 0.0))
+
+    for close in closers:
+        close()
+
+    print(f"{WORKERS} workers, best of {opts.rounds} interleaved rounds")
     print(f"{'scenario':<8} {'runner':<22} {'tasks/s':>10} {'taskrun / it':>13}")
-    for scenario, rates in results.items():
+    for scenario, rates in best.items():
         ours = rates["taskrun"]
         for name, value in rates.items():
             ratio = "" if name == "taskrun" else f"{ours / value:12.2f}x"

@@ -219,7 +219,13 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                     if halt is not None and halt is not _STOP_WHEN:
                         break  # stopped or shut down: leave the rest of the input unread
                     self._in_flight += 1
-                args = tuple(item) if star else (item,)
+                if star:
+                    try:
+                        args = tuple(item)
+                    except TypeError:
+                        raise TypeError(f"starmap() items must be iterables of arguments, got {item!r}") from None
+                else:
+                    args = (item,)
                 run = runner(task, args, {})
                 runs.append(run)
                 if halt is None and stop_when is not None:
@@ -263,14 +269,19 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         return True
 
     def _halt_group(self, reason: str) -> None:
-        """Take no new work; after ``stop_when``, also stop the runs that have not started yet."""
+        """Take no new work; after ``stop_when``, also stop the runs that have not started yet.
+
+        The first reason sticks, except that ``stop()`` and shutdown also end the reading of
+        the input that continues after ``stop_when`` (to mark the remaining items stopped).
+        """
         with self._lock:
-            if self._halt is not None:
+            if self._halt is not None and not (self._halt is _STOP_WHEN and reason is not _STOP_WHEN):
                 return
+            first = self._halt is None
             self._halt = reason
             if self._waiting:
                 self._cond.notify_all()
-        if reason is _STOP_WHEN:
+        if reason is _STOP_WHEN and first:
             logger.info("%s: stop_when returned True; running calls finish, nothing new starts", self._label())
             for run in list(self._runs):
                 if run.status is Status.PENDING:
@@ -338,6 +349,8 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         try:
             self._bar_next = now + PROGRESS_INTERVAL
             bar = self._bar
+            if bar is None:  # closed meanwhile
+                return
             bar.set_postfix(self._postfix(), refresh=False)
             bar.update(self._finished - bar.n)
         finally:
@@ -364,7 +377,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         self._halt_group(_SHUTDOWN)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(5)
+            thread.join(1)  # a feeder still inside next(items) exits by itself once that returns
 
 
 def start_map(

@@ -117,19 +117,50 @@ WHERE excluded.status = 'succeeded' OR runs.claim = excluded.claim
    OR runs.status NOT IN ('running', 'succeeded')
 """
 
-_UPSERT_CLAIM = """
-INSERT INTO runs (task, key, status, attempts, started_at, pid, host, owner, claim, lease_until)
-VALUES (?, ?, 'running', 0, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (task, key) DO UPDATE SET
+# Claims and succeeded records come in batches as one statement each (a JSON array of keys or
+# rows; results concatenated in one blob and cut out with substr): SQLite does the batch without
+# taking the GIL back per row, which executemany would, row after row.
+_CLAIM_SET = """
     status = 'running', attempts = 0, result = NULL, error_type = NULL, error_message = NULL,
-    traceback = NULL, call = NULL, started_at = excluded.started_at, finished_at = NULL,
-    duration = NULL, pid = excluded.pid, host = excluded.host, owner = excluded.owner,
-    claim = excluded.claim, lease_until = excluded.lease_until
+    traceback = NULL, call = NULL, started_at = {started}, finished_at = NULL, duration = NULL,
+    pid = {pid}, host = {host}, owner = {owner}, claim = {claim}, lease_until = {lease}
 """
 
-_SELECT_FOR_CLAIM = """
-SELECT key, status, owner, lease_until, CASE WHEN status = 'succeeded' THEN result END
-FROM runs WHERE task = ? AND key IN (SELECT value FROM json_each(?))
+# Claims every key of the batch that is new, failed, stopped, or claimed earlier by this process.
+_CLAIM_MANY = """
+INSERT INTO runs (task, key, status, attempts, started_at, pid, host, owner, claim, lease_until)
+SELECT ?1, value, 'running', 0, ?2, ?3, ?4, ?5, ?6, ?7 FROM json_each(?8) WHERE true
+ON CONFLICT (task, key) DO UPDATE SET""" + _CLAIM_SET.format(
+    started="excluded.started_at", pid="excluded.pid", host="excluded.host", owner="excluded.owner",
+    claim="excluded.claim", lease="excluded.lease_until",
+) + """
+WHERE runs.status IN ('failed', 'stopped') OR (runs.status = 'running' AND runs.owner = excluded.owner)
+"""
+
+# The rows of a batch that _CLAIM_MANY did not claim, as one JSON array (one row to fetch).
+_SELECT_UNCLAIMED = """
+SELECT json_group_array(json_array(key, status, owner, claim, lease_until,
+       CASE WHEN status = 'succeeded' AND length(result) <= ?4 THEN hex(result) END))
+FROM runs WHERE task = ?1 AND key IN (SELECT value FROM json_each(?2)) AND claim IS NOT ?3
+"""
+
+# Claim one row if it is still as it was seen (a dead owner's claim, or a result to redo).
+_TAKE_OVER = "UPDATE runs SET" + _CLAIM_SET.format(
+    started="?1", pid="?2", host="?3", owner="?4", claim="?5", lease="?6"
+) + "WHERE task = ?7 AND key = ?8 AND status = ?9 AND claim IS ?10"
+
+_SUCCEED_MANY = """
+INSERT INTO runs (task, key, status, attempts, result, started_at, finished_at, duration, pid, host, owner, claim)
+SELECT ?1, json_extract(value, '$[0]'), 'succeeded', json_extract(value, '$[1]'),
+       substr(?2, json_extract(value, '$[2]'), json_extract(value, '$[3]')),
+       json_extract(value, '$[4]'), json_extract(value, '$[5]'),
+       json_extract(value, '$[5]') - json_extract(value, '$[4]'), ?3, ?4, ?5, json_extract(value, '$[6]')
+FROM json_each(?6) WHERE true
+ON CONFLICT (task, key) DO UPDATE SET
+    status = 'succeeded', attempts = excluded.attempts, result = excluded.result, error_type = NULL,
+    error_message = NULL, traceback = NULL, call = NULL, started_at = excluded.started_at,
+    finished_at = excluded.finished_at, duration = excluded.duration, pid = excluded.pid,
+    host = excluded.host, owner = excluded.owner, claim = excluded.claim, lease_until = NULL
 """
 
 _RECORD_COLUMNS = (
@@ -364,7 +395,9 @@ class Ledger:
         store = self._store
         with store._db_lock:
             conn = store._connection()
-            rows = conn.execute("SELECT task, status, count(*) FROM runs WHERE status != 'running' GROUP BY task, status").fetchall()
+            rows = conn.execute(
+                "SELECT task, status, count(*) FROM runs WHERE status != 'running' GROUP BY task, status"
+            ).fetchall()
             running = conn.execute("SELECT task, owner, lease_until FROM runs WHERE status = 'running'").fetchall()
         for task, status, n in rows:
             counts.setdefault(task, {})[status] = n
@@ -954,71 +987,109 @@ class _Store:
     def _commit(
         self, claims: list[BaseTaskRun[Any]], rows: list[list[Any]]
     ) -> tuple[dict[BaseTaskRun[Any], str], list[tuple[BaseTaskRun[Any], bytes | None]], list[BaseTaskRun[Any]]]:
+        """Write the records, then claim the keys; each statement commits on its own (atomically)."""
+        grants: dict[BaseTaskRun[Any], str] = {}
+        cached: list[tuple[BaseTaskRun[Any], bytes | None]] = []
+        watch: list[BaseTaskRun[Any]] = []
+        with self._db_lock:
+            conn = self._connection()
+            if rows:
+                self._retrying(lambda: self._write_records(conn, rows))
+            if claims:
+                by_task: dict[str, list[BaseTaskRun[Any]]] = {}
+                for run in claims:
+                    by_task.setdefault(run.name, []).append(run)
+                for task, runs in by_task.items():
+                    self._retrying(lambda: self._claim(conn, task, runs, grants, cached, watch))  # noqa: B023
+        return grants, cached, watch
+
+    def _retrying(self, step: Callable[[], None]) -> None:
+        """Run ``step``, again while another connection holds the file's write lock past BUSY_TIMEOUT."""
         warned = False
         while True:
-            grants: dict[BaseTaskRun[Any], str] = {}
-            cached: list[tuple[BaseTaskRun[Any], bytes | None]] = []
-            watch: list[BaseTaskRun[Any]] = []
             try:
-                with self._db_lock:
-                    conn = self._connection()
-                    conn.execute("BEGIN IMMEDIATE")
-                    try:
-                        if rows:
-                            conn.executemany(_UPSERT_RECORD, rows)
-                        if claims:
-                            self._decide(conn, claims, grants, cached, watch)
-                        conn.execute("COMMIT")
-                    except BaseException:
-                        if conn.in_transaction:
-                            conn.execute("ROLLBACK")
-                        raise
-                return grants, cached, watch
+                step()
+                return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):
                     raise
-                if not warned:  # another connection held the write lock longer than BUSY_TIMEOUT
+                if not warned:
                     logger.warning("ledger %s is locked by another connection (%s); still trying", self.path, exc)
                     warned = True
 
-    def _decide(
+    def _write_records(self, conn: sqlite3.Connection, rows: list[list[Any]]) -> None:
+        succeeded: dict[str, list[list[Any]]] = {}
+        others = []
+        for row in rows:
+            if row[2] == "succeeded":
+                succeeded.setdefault(row[0], []).append(row)
+            else:
+                others.append(row)
+        for task, task_rows in succeeded.items():
+            offset, packed = 1, []
+            for row in task_rows:
+                size = len(row[4])
+                packed.append([row[1], row[3], offset, size, row[9], row[10], row[15]])
+                offset += size
+            blob = b"".join([row[4] for row in task_rows])
+            conn.execute(_SUCCEED_MANY, (task, blob, os.getpid(), _HOST, self._owner, json.dumps(packed)))
+        if others:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_UPSERT_RECORD, others)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _claim(
         self,
         conn: sqlite3.Connection,
-        claims: list[BaseTaskRun[Any]],
+        task: str,
+        runs: list[BaseTaskRun[Any]],
         grants: dict[BaseTaskRun[Any], str],
         cached: list[tuple[BaseTaskRun[Any], bytes | None]],
         watch: list[BaseTaskRun[Any]],
     ) -> None:
-        """Inside the write transaction: claim each key nobody live holds; note the others."""
-        by_task: dict[str, list[str]] = {}
-        for run in claims:
-            by_task.setdefault(run.name, []).append(run.key)  # type: ignore[arg-type]
-        found: dict[tuple[str, str], tuple[Any, ...]] = {}
-        for task, keys in by_task.items():
-            for key, *rest in conn.execute(_SELECT_FOR_CLAIM, (task, json.dumps(keys))):
-                found[(task, key)] = tuple(rest)
+        """Claim the keys of ``runs`` that nobody live holds; sort the others into cached and watched.
+
+        One statement claims every key that is new, failed, stopped or left by this process;
+        only if some were not claimed are their rows read, and a dead owner's claim (or an
+        unloadable result) is taken over with a compare-and-swap on the row.
+        """
         now = time.time()
-        token = f"{self._owner}#{next(self._batches)}"
-        pid, owner, lease_until = os.getpid(), self._owner, now + LEASE
-        new_rows = []
-        for run in claims:
-            ident = (run.name, run.key)
-            row = found.get(ident)  # type: ignore[arg-type]
-            if row is not None:
-                status, row_owner, row_lease, blob = row
-                if status == "succeeded" and ident not in self._unloadable:
-                    cached.append((run, blob))
-                    continue
-                if status == "running" and row_owner != owner and _owner_alive(row_owner, row_lease, now):
-                    watch.append(run)
-                    continue
-                if status == "running" and row_owner != owner:
-                    logger.info("ledger %s: %s (key %s) was interrupted (its process is gone); running it again",
-                                self.path, run.name, run.key)
+        owner, pid = self._owner, os.getpid()
+        token = f"{owner}#{next(self._batches)}"
+        keys = [run.key for run in runs]
+        claimed = conn.execute(_CLAIM_MANY, (task, now, pid, _HOST, owner, token, now + LEASE, json.dumps(keys))).rowcount
+        others: dict[str, list[Any]] = {}
+        if claimed != len(keys):
+            packed = conn.execute(_SELECT_UNCLAIMED, (task, json.dumps(keys), token, CACHE_LIMIT)).fetchone()[0]
+            others = {row[0]: row for row in json.loads(packed or "[]")}
+        for run in runs:
+            row = others.get(run.key)  # type: ignore[arg-type]
+            if row is None:
+                grants[run] = token
+                continue
+            _key, status, row_owner, row_claim, row_lease, hex_result = row
+            ident = (task, run.key)
+            if status == "succeeded" and ident not in self._unloadable:
+                cached.append((run, None if hex_result is None else bytes.fromhex(hex_result)))
+                continue
+            if status == "running" and row_owner != owner and _owner_alive(row_owner, row_lease, now):
+                watch.append(run)
+                continue
+            taken = conn.execute(
+                _TAKE_OVER, (now, pid, _HOST, owner, token, now + LEASE, task, run.key, status, row_claim)
+            ).rowcount
+            if not taken:
+                watch.append(run)  # the row changed meanwhile: look again shortly
+                continue
+            if status == "running":
+                logger.info("ledger %s: %s (key %s) was interrupted (its process is gone); running it again",
+                            self.path, task, run.key)
             grants[run] = token
-            new_rows.append((run.name, run.key, now, pid, _HOST, owner, token, lease_until))
-        if new_rows:
-            conn.executemany(_UPSERT_CLAIM, new_rows)
 
     def _commit_failed(self, exc: Exception, claims: list[BaseTaskRun[Any]], records: list[tuple[Any, ...]]) -> None:
         """The file cannot be written: publish outcomes anyway (not recorded) and fail the claims."""
@@ -1094,7 +1165,8 @@ class _Store:
         with self._state:
             watched = list(self._watching.values())
         for run in watched:
-            run._conclude(Status.STOPPED, exc=TaskStopped(f"{run.id} was stopped while another process ran its key: taskrun is shutting down"))
+            reason = f"{run.id} was stopped while another process ran its key: taskrun is shutting down"
+            run._conclude(Status.STOPPED, exc=TaskStopped(reason))
 
     def shutdown(self, wait: bool = True) -> None:
         """After the pools stopped: commit and publish what is queued, end the thread, close the file."""

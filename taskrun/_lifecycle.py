@@ -58,7 +58,7 @@ def drop_pools(runner: type) -> list[Pool]:
 
 
 def shutdown(wait: bool = True) -> None:
-    """Shut down every pool taskrun started and its timer thread.
+    """Shut down every pool taskrun started and its timer thread; ``map`` stops reading its input.
 
     ``wait=True`` lets started runs finish; ``wait=False`` stops them. Pools start again on
     the next call.

@@ -146,36 +146,55 @@ def worker_main(call_conn: Any, result_conn: Any, alive_conn: Any, config: dict[
 
 
 def _fork_servers(call_conn: Any, sender: _Sender, max_calls: int) -> None:
-    """Serve every ``max_calls`` calls from a fresh child forked from this (clean, small) process.
+    """Serve every ``max_calls`` calls from a fresh child forked from this (clean) process.
 
-    The child is forked before its call arrives, so the fork overlaps the parent's dispatch;
-    a child that ends without saying it finished is reported as a dead worker.
+    A spare child is forked while the current one works and waits for a go byte, so neither
+    the fork nor the old child's exit is on the path of the next call. A child that ends
+    without writing its clean byte is reported as a dead worker, with its exit status.
     """
-    clean_r, clean_w = os.pipe()
     hangup = select.poll()
     hangup.register(call_conn.fileno(), select.POLLIN)
+    spare = _fork_server(call_conn, sender, max_calls)
     while True:
-        pid = os.fork()
-        if pid == 0:
-            os.close(clean_r)
-            code = 0
-            try:
-                _serve(call_conn, sender, max_calls)
-                os.write(clean_w, b"1")
-            except BaseException:
-                code = 1
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+        pid, go_w, done_r = spare
+        os.write(go_w, b"1")
+        os.close(go_w)
+        spare = _fork_server(call_conn, sender, max_calls)
+        clean = os.read(done_r, 1) == b"1"  # b"" (end of file): it died without finishing
+        os.close(done_r)
         _, status = os.waitpid(pid, 0)
-        clean = select.select([clean_r], [], [], 0)[0] and os.read(clean_r, 1) == b"1"
         if not clean:
-            exitcode = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.waitstatus_to_exitcode(status)
-            sender.send((DIED, None, exitcode))
+            sender.send((DIED, None, os.waitstatus_to_exitcode(status)))
         for _fd, events in hangup.poll(0):
             if events & select.POLLHUP and not events & select.POLLIN:
-                return  # the parent closed the call pipe and nothing is left in it
+                os.close(spare[1])  # the parent closed the call pipe and nothing is left: let the spare go
+                os.waitpid(spare[0], 0)
+                os.close(spare[2])
+                return
+
+
+def _fork_server(call_conn: Any, sender: _Sender, max_calls: int) -> tuple[int, int, int]:
+    """Fork a child that waits for a go byte, serves ``max_calls`` calls and says it finished."""
+    go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(go_w)
+        os.close(done_r)
+        code = 0
+        try:
+            if os.read(go_r, 1) == b"1":
+                _serve(call_conn, sender, max_calls)
+                os.write(done_w, b"1")
+        except BaseException:
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(go_r)
+    os.close(done_w)
+    return pid, go_w, done_r
 
 
 def _serve(call_conn: Any, sender: _Sender, max_calls: int | None) -> None:

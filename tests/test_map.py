@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -387,7 +388,7 @@ def test_shutdown_ends_the_feeder_thread() -> None:
     assert len(group) < 100  # the input was left unread
 
 
-def test_with_a_ledger_a_stopped_batch_resumes_where_it_stopped(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_with_a_ledger_a_stopped_batch_resumes_where_it_stopped(tmp_path: Path) -> None:
     ledger = taskrun.Ledger(tmp_path / "runs.db")
     calls: list[int] = []
 
@@ -406,3 +407,41 @@ def test_with_a_ledger_a_stopped_batch_resumes_where_it_stopped(tmp_path) -> Non
     summary = second.summary()
     assert summary["cached"] == 3 and summary["skipped"] == 3 and summary["succeeded"] == 5
     assert [run.cached for run in second] == [True] * 3 + [False] * 5
+
+
+def test_an_empty_input_gives_a_finished_empty_group() -> None:
+    @task(runner=Threads)
+    def ident(x: int) -> int:
+        return x
+
+    group = ident.map([], progress=False)
+    assert group.results(timeout=WAIT) == []
+    assert group.done() and len(group) == 0 and list(group.as_completed(timeout=WAIT)) == []
+
+
+def test_stop_ends_the_reading_of_the_input_after_stop_when() -> None:
+    gate = threading.Event()
+    at_third = threading.Event()
+    read = 0
+
+    def endless():
+        nonlocal read
+        while True:
+            read += 1
+            if read == 3:
+                at_third.set()
+                gate.wait(WAIT)  # hold the feeder here until the group has been stopped
+            yield read
+
+    @task(runner=Threads)
+    def ident(x: int) -> int:
+        return x
+
+    group = ident.map(endless(), max_concurrency=1, stop_when=lambda: True)
+    try:
+        assert at_third.wait(WAIT)
+        assert group.stop() == 0  # nothing was running: stop_when stopped every item before it started
+    finally:
+        gate.set()
+    assert group.wait(timeout=WAIT)  # ends although the input is endless
+    assert len(group) == 2 and group.summary()["stopped"] == 2  # the item read after stop() is dropped

@@ -1,0 +1,509 @@
+"""MultiprocessTaskRun: big results, stop, dead workers, pickling failures, remote tracebacks,
+timeouts, pool limits, fresh processes, logging/warnings forwarding, threads and fork, configure().
+
+Each behaviour runs under ``fork`` and ``spawn`` (forkserver gets a smoke test). Tasks tell
+the test "I have started" by writing a file (atomically) that the test polls for with a
+deadline. Every test ends with no child process left (see ``_no_child_processes``).
+"""
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+import warnings
+from collections import Counter
+
+import multiprocess.forkserver
+import multiprocess.resource_tracker
+import psutil
+import pytest
+
+import taskrun
+from taskrun import (
+    MultiprocessTaskRun,
+    SerializationError,
+    Status,
+    TaskStopped,
+    TaskTimeout,
+    WorkerDied,
+    task,
+)
+from taskrun.errors import RemoteTraceback
+
+WAIT = 30
+METHODS = ["fork", "spawn"]
+
+
+def runner(method, **settings):
+    settings.setdefault("max_workers", 2)
+    return MultiprocessTaskRun.configure(start_method=method, **settings)
+
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def is_alive(pid):
+    """True while ``pid`` runs; a zombie (dead, waiting to be reaped by whoever adopted it) is not alive."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_pid(path, timeout=WAIT):
+    return int(wait_for(lambda: path.exists() and path.read_text(), timeout, f"{path.name} to be written"))
+
+
+def _shared_helpers():
+    """multiprocess's own long-lived helpers (the forkserver, the resource tracker): not taskrun's."""
+    pids = {multiprocess.forkserver._forkserver._forkserver_pid, multiprocess.resource_tracker._resource_tracker._pid}
+    return pids - {None}
+
+
+def leftover_children():
+    shared = _shared_helpers()
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in shared]
+
+
+@pytest.fixture(autouse=True)
+def _no_child_processes():
+    """After each test: shut the pools down; no process taskrun started (or its tasks started) is left."""
+    yield
+    taskrun.shutdown(wait=False)
+    deadline = time.monotonic() + 5
+    while leftover_children() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    left = [(p.pid, p.name()) for p in leftover_children()]
+    assert not left, f"child processes left after shutdown: {left}"
+
+
+# ---- task bodies (module level: spawn workers import this module) -------------------------
+
+
+def getpid():
+    return os.getpid()
+
+
+def double(x):
+    return 2 * x
+
+
+def big_bytes(size):
+    return bytes(range(256)) * (size // 256)
+
+
+def write_pid_then_sleep(path, seconds):
+    write_atomic(path, str(os.getpid()))
+    time.sleep(seconds)
+    return "slept"
+
+
+def exit_with(code):
+    os._exit(code)
+
+
+def kill_myself():
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(10)
+
+
+def return_lock():
+    return threading.Lock()
+
+
+def return_generator():
+    return (i for i in range(3))
+
+
+class TwoArgError(Exception):
+    """Pickles, but cannot be rebuilt: ``__init__`` needs two arguments, ``args`` holds one."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+class LockedError(Exception):
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def raise_two_arg_error():
+    raise TwoArgError("needs two", 7)
+
+
+def raise_locked_error():
+    raise LockedError("holds a lock")
+
+
+class CustomError(Exception):
+    pass
+
+
+def raise_value_error_in_worker(x):
+    raise ValueError(f"bad value {x}")
+
+
+def raise_custom_error_in_worker():
+    raise CustomError("custom message")
+
+
+def sleep_for(seconds):
+    time.sleep(seconds)
+
+
+def timed_sleep(seconds):
+    start = time.time()
+    time.sleep(seconds)
+    return start, time.time(), os.getpid()
+
+
+def start_sleep_child(path):
+    child = subprocess.Popen(["sleep", "60"])
+    write_atomic(path, str(child.pid))
+    child.wait()
+
+
+def log_from_worker(message):
+    logging.getLogger("tests.process.forwarded").warning("from the worker: %s", message)
+    return os.getpid()
+
+
+def warn_from_worker(message):
+    warnings.warn(f"careful: {message}", UserWarning, stacklevel=1)
+    return os.getpid()
+
+
+# ---- results and stop ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_100mb_result_comes_back_intact(method):
+    size = 100 * 1024 * 1024
+    run = task(runner=runner(method))(big_bytes)(size)
+    data = run.get_result(timeout=WAIT)
+    assert type(data) is bytes
+    assert len(data) == size
+    assert data[:256] == bytes(range(256))
+    assert data[12_345_678] == 12_345_678 % 256
+    assert data[-3:] == bytes([253, 254, 255])
+    del data
+    assert run.status is Status.SUCCEEDED
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_stop_running_call_ends_worker_quickly_and_pool_goes_on(method, tmp_path):
+    R = runner(method, max_workers=1)
+    sleeper = task(runner=R)(write_pid_then_sleep)
+    run = sleeper(tmp_path / "pid", 30)
+    pid = read_pid(tmp_path / "pid")
+    assert run.status is Status.RUNNING
+    began = time.monotonic()
+    assert run.stop() is True
+    wait_for(lambda: not is_alive(pid), 2 - (time.monotonic() - began), f"worker {pid} to end")
+    assert time.monotonic() - began < 2
+    assert run.status is Status.STOPPED
+    with pytest.raises(TaskStopped):
+        run.get_result(timeout=WAIT)
+    assert run.stop() is False
+    # the pool replaced the worker
+    new_pid = task(runner=R)(getpid)().get_result(timeout=WAIT)
+    assert new_pid != pid
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "body, args, exitcode, text",
+    [(exit_with, (3,), 3, "exit code 3"), (kill_myself, (), -signal.SIGKILL, "SIGKILL")],
+    ids=["os._exit", "SIGKILL"],
+)
+def test_dead_worker_gives_worker_died_and_pool_goes_on(method, body, args, exitcode, text):
+    R = runner(method, max_workers=1)
+    run = task(runner=R)(body)(*args)
+    with pytest.raises(WorkerDied, match=text) as info:
+        run.get_result(timeout=WAIT)
+    assert info.value.exitcode == exitcode
+    assert run.status is Status.FAILED
+    assert task(runner=R)(double)(21).get_result(timeout=WAIT) == 42
+
+
+# ---- pickling ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("body, type_name", [(return_lock, "lock"), (return_generator, "generator")])
+def test_unpicklable_result_gives_serialization_error(method, body, type_name):
+    R = runner(method, max_workers=1)
+    run = task(runner=R)(body)()
+    with pytest.raises(SerializationError, match="result") as info:
+        run.get_result(timeout=WAIT)
+    assert type_name in str(info.value)
+    assert run.status is Status.FAILED
+    assert task(runner=R)(double)(4).get_result(timeout=WAIT) == 8  # the worker survived it
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(
+    "body, type_name, message",
+    [(raise_two_arg_error, "TwoArgError", "needs two"), (raise_locked_error, "LockedError", "holds a lock")],
+)
+def test_unpicklable_exception_gives_serialization_error(method, body, type_name, message):
+    run = task(runner=runner(method))(body)()
+    with pytest.raises(SerializationError) as info:
+        run.get_result(timeout=WAIT)
+    assert type_name in str(info.value)
+    assert message in str(info.value)
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert body.__name__ in cause.tb_text
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bad", [threading.Lock(), (i for i in range(2))], ids=["lock", "generator"])
+def test_unpicklable_argument_raises_at_call_time(method, bad):
+    echo = task(runner=runner(method))(double)
+    with pytest.raises(SerializationError, match="argument"):
+        echo(bad)
+    with pytest.raises(SerializationError, match="argument"):
+        echo(x=bad)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_exception_keeps_type_message_and_worker_traceback(method):
+    R = runner(method)
+    run = task(runner=R)(raise_value_error_in_worker)(7)
+    with pytest.raises(ValueError) as info:
+        run.get_result(timeout=WAIT)
+    exc = info.value
+    assert type(exc) is ValueError
+    assert str(exc) == "bad value 7"
+    assert isinstance(exc.__cause__, RemoteTraceback)
+    assert "raise_value_error_in_worker" in exc.__cause__.tb_text
+    assert "ValueError: bad value 7" in exc.__cause__.tb_text
+    assert "raise_value_error_in_worker" in str(exc.__cause__)
+    assert run.exception() is exc
+    assert run.get_result(raise_exceptions=False) is exc
+
+    custom = task(runner=R)(raise_custom_error_in_worker)()
+    exc = custom.exception(timeout=WAIT)
+    assert type(exc) is CustomError
+    assert str(exc) == "custom message"
+    assert "raise_custom_error_in_worker" in exc.__cause__.tb_text
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_lambda_and_closure_defined_in_the_test(method):
+    R = runner(method)
+    factor = 3
+
+    def times_factor(x):
+        return x * factor
+
+    square = task(runner=R, name="square")(lambda x: x * x)
+    triple = task(runner=R)(times_factor)
+    runs = [square(4), triple(5)]
+    assert [r.get_result(timeout=WAIT) for r in runs] == [16, 15]
+
+
+def test_forkserver_smoke():
+    R = runner("forkserver")
+    offset = 10
+    add = task(runner=R)(lambda x: x + offset)
+    assert add(5).get_result(timeout=WAIT) == 15
+    run = task(runner=R)(raise_value_error_in_worker)(1)
+    with pytest.raises(ValueError, match="bad value 1"):
+        run.get_result(timeout=WAIT)
+    pid = task(runner=R)(getpid)().get_result(timeout=WAIT)
+    assert pid != os.getpid()
+
+
+# ---- timeouts, limits, fresh processes ------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_timeout_with_retries_counts_attempts(method):
+    run = task(runner=runner(method, max_workers=1), timeout=0.5, retries=2)(sleep_for)(30)
+    began = time.monotonic()
+    with pytest.raises(TaskTimeout):
+        run.get_result(timeout=WAIT)
+    assert run.attempts == 3
+    assert run.status is Status.FAILED
+    assert 1.5 <= time.monotonic() - began < 15
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_max_workers_bounds_concurrency(method):
+    runs = [task(runner=runner(method, max_workers=2))(timed_sleep)(0.3) for _ in range(6)]
+    spans = [r.get_result(timeout=WAIT) for r in runs]
+    most = max(sum(1 for s, e, _ in spans if s <= start < e) for start, _, _ in spans)
+    assert most == 2  # ran in parallel, never more than 2 at once
+    assert len({pid for _, _, pid in spans}) <= 2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_max_tasks_per_worker_1_gives_a_fresh_process_per_call(method):
+    fresh = task(runner=runner(method, max_tasks_per_worker=1))(getpid)
+    pids = [r.get_result(timeout=WAIT) for r in [fresh() for _ in range(4)]]
+    assert len(set(pids)) == 4
+    assert os.getpid() not in pids
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_max_tasks_per_worker_3_reuses_a_process_at_most_3_times(method):
+    limited = task(runner=runner(method, max_tasks_per_worker=3))(getpid)
+    pids = [r.get_result(timeout=WAIT) for r in [limited() for _ in range(9)]]
+    uses = Counter(pids)
+    # 9 calls over 2 workers: one worker serves >= 5 of them, so some process is reused to the limit
+    assert max(uses.values()) == 3
+    assert len(uses) >= 3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_stop_also_ends_processes_the_task_started(method, tmp_path):
+    run = task(runner=runner(method, max_workers=1))(start_sleep_child)(tmp_path / "child")
+    child = read_pid(tmp_path / "child")
+    assert psutil.Process(child).name() == "sleep"
+    assert run.stop() is True
+    wait_for(lambda: not is_alive(child), 5, f"sleep child {child} to end")
+    assert run.status is Status.STOPPED
+
+
+# ---- logging and warnings -------------------------------------------------------------------
+
+
+class ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_logging_in_task_reaches_callers_handler(method):
+    handler = ListHandler()
+    target = logging.getLogger("tests.process.forwarded")
+    target.addHandler(handler)
+    try:
+        run = task(runner=runner(method))(log_from_worker)("hello")
+        worker_pid = run.get_result(timeout=WAIT)
+    finally:
+        target.removeHandler(handler)
+    # the record is sent before the result on the same pipe, so it is here once the result is
+    records = [r for r in handler.records if r.name == "tests.process.forwarded"]
+    assert [r.getMessage() for r in records] == ["from the worker: hello"]
+    assert records[0].levelno == logging.WARNING
+    assert records[0].process == worker_pid != os.getpid()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_warning_in_task_shows_up_in_caller(method):
+    with pytest.warns(UserWarning, match="careful: watch out") as record:
+        run = task(runner=runner(method))(warn_from_worker)("watch out")
+        run.get_result(timeout=WAIT)
+    assert any("careful: watch out" in str(w.message) for w in record)
+
+
+# ---- fork from a threaded process ---------------------------------------------------------
+
+
+def test_fork_pool_while_other_threads_are_busy(tmp_path):
+    stop = threading.Event()
+    busy_log = logging.getLogger("tests.process.busy")
+    busy_log.setLevel(logging.DEBUG)
+    sink = logging.StreamHandler(open(os.devnull, "w"))  # closed below
+    busy_log.addHandler(sink)
+    shared_lock = threading.Lock()
+
+    def busy():
+        while not stop.is_set():
+            busy_log.debug("tick %s", sum(range(200)))  # takes logging's and the handler's locks
+            with shared_lock:
+                pass
+
+    threads = [threading.Thread(target=busy, name=f"busy-{i}", daemon=True) for i in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        R = runner("fork", max_workers=2)
+        runs = [task(runner=R)(double)(i) for i in range(20)]
+        assert [r.get_result(timeout=WAIT) for r in runs] == [2 * i for i in range(20)]
+        # stop a running call: its replacement is forked while the threads are still busy
+        sleeper = task(runner=R)(write_pid_then_sleep)(tmp_path / "pid", 30)
+        read_pid(tmp_path / "pid")
+        assert sleeper.stop() is True
+        fresh = task(runner=runner("fork", max_workers=2, max_tasks_per_worker=1))(double)
+        runs = [task(runner=R)(double)(i) for i in range(10)] + [fresh(i) for i in range(4)]
+        assert [r.get_result(timeout=WAIT) for r in runs] == [2 * i for i in range(10)] + [0, 2, 4, 6]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(WAIT)
+        busy_log.removeHandler(sink)
+        sink.stream.close()
+    assert not any(t.is_alive() for t in threads)
+
+
+# ---- as a base class, configure() ------------------------------------------------------------
+
+prepared = []
+
+
+class CountingRun(MultiprocessTaskRun):
+    """A custom runner built on the process runner: counts the calls it prepares."""
+
+    def prepare(self):
+        prepared.append(self.id)
+        super().prepare()
+
+
+def test_multiprocess_runner_as_custom_runner_base():
+    prepared.clear()
+    R = CountingRun.configure(start_method="fork", max_workers=1)
+    assert issubclass(R, CountingRun) and issubclass(R, MultiprocessTaskRun)
+    assert R.start_method == "fork" and R.max_workers == 1
+    assert CountingRun.configure(start_method="fork", max_workers=1) is R
+    doubled = task(runner=R, retries=1)(double)
+    runs = [doubled(i) for i in range(3)]
+    assert [r.get_result(timeout=WAIT) for r in runs] == [0, 2, 4]
+    assert all(isinstance(r, CountingRun) for r in runs)
+    assert prepared == [r.id for r in runs]
+    assert task(runner=CountingRun.configure(start_method="spawn", max_workers=1))(getpid)().get_result(
+        timeout=WAIT
+    ) != os.getpid()
+
+
+def test_configure_rejects_bad_settings():
+    with pytest.raises(TypeError, match="bogus"):
+        MultiprocessTaskRun.configure(bogus=1)
+    with pytest.raises(TypeError, match="bogus"):
+        CountingRun.configure(start_method="fork", bogus=1)
+    with pytest.raises(ValueError, match="threads"):
+        MultiprocessTaskRun.configure(start_method="threads")
+    with pytest.raises(ValueError, match="max_workers"):
+        MultiprocessTaskRun.configure(max_workers=0)
+    with pytest.raises(TypeError, match="max_tasks_per_worker"):
+        MultiprocessTaskRun.configure(max_tasks_per_worker=1.5)
+    assert MultiprocessTaskRun.start_method is None  # configure() never changes the base class
