@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
 import multiprocess.util  # noqa: F401 - imported first so our exit handler runs before its own
@@ -24,7 +25,7 @@ class Pool(Protocol):
     def shutdown(self, wait: bool = True) -> None: ...
 
 
-_pools: dict[type, Pool] = {}
+_pools: dict[Hashable, Pool] = {}
 _lock = threading.Lock()
 _feeders: set[Pool] = set()  # map() feeder threads: stopped before the pools they feed
 
@@ -39,8 +40,8 @@ def unregister_feeder(feeder: Pool) -> None:
         _feeders.discard(feeder)
 
 
-def get_pool(runner: type, factory) -> Pool:  # type: ignore[no-untyped-def]
-    """The pool of ``runner`` (one per configured runner class), made on first use."""
+def get_pool(runner: Hashable, factory: Callable[[], Pool]) -> Pool:
+    """The pool of ``runner`` (one per configured runner class), made with ``factory()`` on first use."""
     pool = _pools.get(runner)
     if pool is None:
         with _lock:

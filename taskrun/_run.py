@@ -373,6 +373,17 @@ class BaseTaskRun(Generic[R]):
             if attempt._reported:
                 return
             attempt._reported = True
+            # The common case, a success with nothing left to check, is decided right here.
+            finished = ok and (self.task.timeout is None or self.preemptive_timeout)
+            if finished:
+                if self._finishing or attempt is not self._current:
+                    return
+                self._finishing = True
+        if finished:
+            if attempt._timeout_timer is not None:
+                attempt._timeout_timer.cancel()
+            self._record(Status.SUCCEEDED, value, None)
+            return
         self._attempt_outcome(attempt, ok, value)
 
     def _attempt_outcome(self, attempt: Attempt, ok: bool, value: Any) -> None:

@@ -14,6 +14,7 @@ import os
 import pickle
 import select
 import signal
+import struct
 import sys
 import threading
 import time
@@ -128,6 +129,60 @@ class _Call:
         self.size = 0
 
 
+class _FrameReader:
+    """Reads the length-prefixed frames a worker's ``send_bytes`` writes, many per system call."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buffer = bytearray()
+        self.eof = False
+
+    def read(self) -> list[bytes | bytearray]:
+        """One read (call it when the pipe is readable), then every complete frame in the buffer."""
+        chunk = os.read(self.fd, self.CHUNK)
+        if not chunk:
+            self.eof = True
+            return []
+        buffer = self.buffer
+        buffer += chunk
+        frames: list[bytes | bytearray] = []
+        pos, end = 0, len(buffer)
+        while end - pos >= 4:
+            (size,) = struct.unpack_from("!i", buffer, pos)
+            header = 4
+            if size == -1:  # a frame of 2 GiB or more
+                if end - pos < 12:
+                    break
+                (size,) = struct.unpack_from("!Q", buffer, pos + 4)
+                header = 12
+            start = pos + header
+            if end - start >= size:
+                frames.append(bytes(buffer[start : start + size]))
+                pos = start + size
+            elif size > self.CHUNK:  # a big frame: read the rest straight into place, now
+                frame = bytearray(size)
+                have = end - start
+                frame[:have] = buffer[start:end]
+                self._read_into(memoryview(frame)[have:])
+                frames.append(frame)
+                pos = end
+                break
+            else:
+                break
+        del buffer[:pos]
+        return frames
+
+    def _read_into(self, view: memoryview) -> None:
+        while len(view):
+            n = os.readv(self.fd, [view])
+            if n == 0:
+                self.eof = True
+                raise EOFError("the worker closed its pipe in the middle of a message")
+            view = view[n:]
+
+
 class _Worker:
     """One worker process and the parent's ends of its three pipes."""
 
@@ -163,6 +218,7 @@ class _Worker:
             conn.close()
         self.pid: int = self.process.pid
         self.sentinel: int = self.process.sentinel
+        self.reader = _FrameReader(self.result_r.fileno())
 
     @property
     def busy(self) -> bool:
@@ -200,6 +256,8 @@ class ProcessPool:
         self.lock = threading.Lock()
         self.workers: list[_Worker] = []
         self.pending: deque[_Call] = deque()
+        self.submitted: deque[_Call] = deque()  # appended without the lock while no worker has room
+        self.has_room = True  # a worker is idle, or another may start
         self.outbox: list[tuple[Any, ...]] = []
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
@@ -214,10 +272,19 @@ class ProcessPool:
     def submit(self, attempt: Attempt) -> None:
         call = _Call(attempt, self)
         attempt.runner_state = call
+        if self.closing in ("now", "closed"):
+            raise RuntimeError("this MultiprocessTaskRun pool was shut down")
+        if not self.has_room:
+            # Every worker is busy: queue without the lock; the supervisor takes it when a
+            # result frees a worker. It publishes has_room before it takes from this queue,
+            # and we append before we read has_room, so a call is never left behind.
+            self.submitted.append(call)
+            if not self.has_room:
+                return
+            call = None
         with self.lock:
-            if self.closing in ("now", "closed"):
-                raise RuntimeError("this MultiprocessTaskRun pool was shut down")
-            self.pending.append(call)
+            if call is not None:
+                self.pending.append(call)
             started = self._dispatch(idle_only=True)
             out = self._take_outbox()
         if started:
@@ -242,8 +309,10 @@ class ProcessPool:
             if self.closing != "closed":
                 if not wait:
                     self.closing = "now"
-                    to_stop = list(self.pending)
+                    to_stop = list(self.pending) + list(self.submitted)
                     self.pending.clear()
+                    self.submitted.clear()
+                    self.has_room = False
                     for worker in self.workers:
                         to_stop.extend(worker.in_flight.values())
                         worker.in_flight.clear()
@@ -284,18 +353,25 @@ class ProcessPool:
         """Hand outcomes, log records and warnings over; runs without the pool lock."""
         for item in out:
             kind = item[0]
-            if kind is _worker.OK:
-                item[1].set_result(item[2])
-            elif kind is _worker.RAISED:
-                item[1].set_exception(item[2])
-            elif kind is _worker.LOG:
-                record = logging.makeLogRecord(item[1])
-                target = logging.getLogger(record.name)
-                if target.isEnabledFor(record.levelno):
-                    target.handle(record)
-            elif kind is _worker.WARN:
-                message, category, filename, lineno = item[1]
-                warnings.warn_explicit(message, category, filename, lineno)
+            try:
+                if kind is _worker.OK:
+                    item[1].set_result(item[2])
+                elif kind is _worker.RAISED:
+                    item[1].set_exception(item[2])
+                elif kind is _worker.LOG:
+                    record = logging.makeLogRecord(item[1])
+                    target = logging.getLogger(record.name)
+                    if target.isEnabledFor(record.levelno):
+                        target.handle(record)
+                elif kind is _worker.WARN:
+                    message, category, filename, lineno = item[1]
+                    try:
+                        warnings.warn_explicit(message, category, filename, lineno)
+                    except Exception as exc:  # the caller's filters make it an error; nobody here can catch it
+                        logger.warning("a task's warning is an error under this process's warning filters: %s: %s",
+                                       type(exc).__name__, exc)
+            except Exception:  # one bad item must neither lose the others nor end the supervisor
+                logger.exception("taskrun could not deliver a message from a worker process")
 
     # ---- the supervisor thread --------------------------------------------------------------
 
@@ -320,7 +396,7 @@ class ProcessPool:
                                 self._drain(worker)
                     self._escalate_kills()
                     self._dispatch()
-                    finished = self.closing is not None and not self.pending and not any(
+                    finished = self.closing is not None and not self.pending and not self.submitted and not any(
                         w.in_flight for w in self.workers if not w.ending
                     )
                     if finished:
@@ -360,6 +436,20 @@ class ProcessPool:
 
     def _dispatch(self, idle_only: bool = False) -> bool:
         """Send queued calls to workers, starting workers as needed. True if any was started."""
+        started = False
+        while True:
+            submitted, pending = self.submitted, self.pending
+            while submitted:
+                pending.append(submitted.popleft())
+            started |= self._dispatch_pending(idle_only)
+            active = [w for w in self.workers if not w.ending]
+            self.has_room = self.closing not in ("now", "closed") and (
+                len(active) < self.max_workers or any(not w.in_flight for w in active)
+            )
+            if not (self.has_room and self.submitted):
+                return started
+
+    def _dispatch_pending(self, idle_only: bool) -> bool:
         pending = self.pending
         while pending and pending[0].attempt.reported:  # stopped while queued: never starts
             pending.popleft()
@@ -437,15 +527,15 @@ class ProcessPool:
 
     def _drain(self, worker: _Worker) -> None:
         """Read every message the worker has sent so far."""
-        conn = worker.result_r
-        fd = conn.fileno()
+        reader = worker.reader
         try:
-            while select.select([fd], [], [], 0)[0]:
-                self._handle(worker, conn.recv_bytes())
+            while not reader.eof and select.select([reader.fd], [], [], 0)[0]:
+                for frame in reader.read():
+                    self._handle(worker, frame)
         except (EOFError, OSError):
             pass
 
-    def _handle(self, worker: _Worker, data: bytes) -> None:
+    def _handle(self, worker: _Worker, data: bytes | bytearray) -> None:
         try:
             kind, call_id, payload = pickle.loads(data)
         except Exception as exc:

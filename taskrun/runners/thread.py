@@ -31,7 +31,7 @@ class ThreadTaskRun(BaseTaskRun[R]):
 
     @classmethod
     def _pool(cls) -> ThreadPool:
-        return _lifecycle.get_pool(cls, lambda: ThreadPool(cls.max_workers or min(32, (os.cpu_count() or 1) + 4)))  # type: ignore[return-value]
+        return _lifecycle.get_pool(cls, lambda: ThreadPool.for_runner(cls))  # type: ignore[return-value]
 
     def start_attempt(self, attempt: Attempt) -> None:
         self._pool().submit(attempt)
@@ -87,6 +87,10 @@ class _Worker:
 
 
 class ThreadPool:
+    @classmethod
+    def for_runner(cls, runner: type[ThreadTaskRun[Any]]) -> ThreadPool:
+        return cls(runner.max_workers or min(32, (os.cpu_count() or 1) + 4))
+
     def __init__(self, max_workers: int) -> None:
         self.max_workers = max_workers
         self.queue: queue.SimpleQueue[Attempt | None] = queue.SimpleQueue()
