@@ -393,7 +393,7 @@ class ProcessPool:
                             if is_sentinel:
                                 self._reap(worker)
                             else:
-                                self._drain(worker)
+                                self._read_once(worker)
                     self._escalate_kills()
                     self._dispatch()
                     finished = self.closing is not None and not self.pending and not self.submitted and not any(
@@ -524,6 +524,15 @@ class ProcessPool:
             call.worker = worker
             worker.in_flight[call.id] = call
             call.attempt.mark_started()
+
+    def _read_once(self, worker: _Worker) -> None:
+        """Handle what one read brings (the pipe was reported readable); poll reports the rest."""
+        try:
+            frames = worker.reader.read()
+        except (EOFError, OSError):
+            return
+        for frame in frames:
+            self._handle(worker, frame)
 
     def _drain(self, worker: _Worker) -> None:
         """Read every message the worker has sent so far."""
