@@ -51,6 +51,13 @@ def get_pool(runner: Hashable, factory: Callable[[], Pool]) -> Pool:
     return pool
 
 
+def forget_pool(pool: Pool) -> None:
+    """Unregister ``pool`` (it failed), so the next call of its runner makes a new one."""
+    with _lock:
+        for key in [key for key, value in _pools.items() if value is pool]:
+            del _pools[key]
+
+
 def drop_pools(runner: type) -> list[Pool]:
     """Forget the pools of ``runner`` and of its configured subclasses; the caller shuts them down."""
     with _lock:

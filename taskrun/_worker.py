@@ -70,7 +70,7 @@ class _ForwardHandler(logging.Handler):
             self.handleError(record)
 
 
-def _forward_logging(sender: _Sender, level: int) -> None:
+def _forward_logging(sender: _Sender, levels: dict[str, int]) -> None:
     manager = logging.Logger.manager
     for logger in [logging.getLogger(), *manager.loggerDict.values()]:
         if isinstance(logger, logging.Logger):
@@ -78,7 +78,8 @@ def _forward_logging(sender: _Sender, level: int) -> None:
                 logger.removeHandler(handler)
     root = logging.getLogger()
     root.addHandler(_ForwardHandler(sender))
-    root.setLevel(level)
+    for name, level in levels.items():
+        logging.getLogger(name or None).setLevel(level)
 
     def show_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
                      line: Any = None) -> None:
@@ -133,7 +134,7 @@ def worker_main(call_conn: Any, result_conn: Any, alive_conn: Any, config: dict[
     multiprocess.current_process()._config["daemon"] = False  # let tasks start processes of their own
     threading.Thread(target=_watch_parent, args=(alive_conn,), name="taskrun-parent-watch", daemon=True).start()
     sender = _Sender(result_conn)
-    _forward_logging(sender, config["log_level"])
+    _forward_logging(sender, config["log_levels"])
     try:
         if config["max_tasks_per_worker"] is None:
             _serve(call_conn, sender, None)

@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import multiprocess.forkserver
+import multiprocess.resource_tracker
 import psutil
 import pytest
 
@@ -47,12 +49,12 @@ class Scripts:
         self.procs = []
         self.seen = set()  # pids of processes the scripts started
 
-    def start(self, mode, method, out):
+    def start(self, mode, method, out, *extra):
         # stderr goes to a file, not a pipe: workers that outlive the script must not keep a reader waiting
         self.stderr = out / "stderr.txt"
         with open(self.stderr, "w") as err:
             proc = subprocess.Popen(
-                [sys.executable, str(SCRIPT), mode, method, str(out)],
+                [sys.executable, str(SCRIPT), mode, method, str(out), *extra],
                 stdout=subprocess.DEVNULL,
                 stderr=err,
                 start_new_session=True,  # its own process group, like a program started from a shell
@@ -93,13 +95,16 @@ def scripts():
     helper = Scripts()
     yield helper
     helper.cleanup()
-    left = [(p.pid, p.name()) for p in psutil.Process().children(recursive=True)]
+    # multiprocess's own long-lived helpers, if other tests in this session started them
+    shared = {multiprocess.forkserver._forkserver._forkserver_pid, multiprocess.resource_tracker._resource_tracker._pid}
+    left = [(p.pid, p.name()) for p in psutil.Process().children(recursive=True) if p.pid not in shared]
     assert not left, f"child processes left: {left}"
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_parent_killed_with_sigkill_leaves_no_worker(method, tmp_path, scripts):
-    proc = scripts.start("block", method, tmp_path)
+@pytest.mark.parametrize("method, extra", [("fork", ()), ("spawn", ()), ("fork", ("1",))], ids=["fork", "spawn", "fork-fresh"])
+def test_parent_killed_with_sigkill_leaves_no_worker(method, extra, tmp_path, scripts):
+    """``fork-fresh``: max_tasks_per_worker=1, so the calls run in children the workers forked."""
+    proc = scripts.start("block", method, tmp_path, *extra)
     started = scripts.wait_ready(proc, tmp_path)
     proc.kill()
     scripts.finish(proc, WAIT)

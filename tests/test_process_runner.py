@@ -118,6 +118,12 @@ def write_pid_then_sleep(path, seconds):
     return "slept"
 
 
+def ignore_sigterm_then_sleep(path):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    write_atomic(path, str(os.getpid()))
+    time.sleep(30)
+
+
 def exit_with(code):
     os._exit(code)
 
@@ -213,8 +219,9 @@ def test_100mb_result_comes_back_intact(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_stop_running_call_ends_worker_quickly_and_pool_goes_on(method, tmp_path):
-    R = runner(method, max_workers=1)
+@pytest.mark.parametrize("fresh", [None, 1], ids=["reused", "fresh"])
+def test_stop_running_call_ends_worker_quickly_and_pool_goes_on(method, fresh, tmp_path):
+    R = runner(method, max_workers=1, max_tasks_per_worker=fresh)
     sleeper = task(runner=R)(write_pid_then_sleep)
     run = sleeper(tmp_path / "pid", 30)
     pid = read_pid(tmp_path / "pid")
@@ -232,14 +239,25 @@ def test_stop_running_call_ends_worker_quickly_and_pool_goes_on(method, tmp_path
     assert new_pid != pid
 
 
+def test_stop_kills_a_worker_that_ignores_sigterm(tmp_path):
+    run = task(runner=runner("fork", max_workers=1))(ignore_sigterm_then_sleep)(tmp_path / "pid")
+    pid = read_pid(tmp_path / "pid")
+    began = time.monotonic()
+    assert run.stop() is True
+    wait_for(lambda: not is_alive(pid), 2 - (time.monotonic() - began), f"worker {pid} to be killed")
+    assert run.status is Status.STOPPED
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(
     "body, args, exitcode, text",
     [(exit_with, (3,), 3, "exit code 3"), (kill_myself, (), -signal.SIGKILL, "SIGKILL")],
     ids=["os._exit", "SIGKILL"],
 )
-def test_dead_worker_gives_worker_died_and_pool_goes_on(method, body, args, exitcode, text):
-    R = runner(method, max_workers=1)
+@pytest.mark.parametrize("fresh", [None, 2], ids=["reused", "fresh"])
+def test_dead_worker_gives_worker_died_and_pool_goes_on(method, body, args, exitcode, text, fresh):
+    """``fresh``: max_tasks_per_worker=2, so the call dies in a child the worker forked."""
+    R = runner(method, max_workers=1, max_tasks_per_worker=fresh)
     run = task(runner=R)(body)(*args)
     with pytest.raises(WorkerDied, match=text) as info:
         run.get_result(timeout=WAIT)
@@ -424,6 +442,19 @@ def test_warning_in_task_shows_up_in_caller(method):
         run = task(runner=runner(method))(warn_from_worker)("watch out")
         run.get_result(timeout=WAIT)
     assert any("careful: watch out" in str(w.message) for w in record)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_warning_that_is_an_error_in_the_caller_is_logged_and_pool_goes_on(method, caplog):
+    R = runner(method, max_workers=1)
+    task(runner=R)(getpid)().get_result(timeout=WAIT)  # the worker starts under the default filters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as under pytest -W error: only the caller's filters say so
+        run = task(runner=R)(warn_from_worker)("as error")
+        assert run.wait(WAIT), "the run never finished: the warning broke the pool"
+        assert run.status is Status.SUCCEEDED
+    assert task(runner=R)(double)(3).get_result(timeout=WAIT) == 6
+    assert any("careful: as error" in r.getMessage() for r in caplog.records if r.name == "taskrun")
 
 
 # ---- fork from a threaded process ---------------------------------------------------------

@@ -29,7 +29,7 @@ from multiprocess.connection import wait
 from .. import _lifecycle, _worker
 from .._config import positive_int_or_none
 from .._run import Attempt, BaseTaskRun, R, Status
-from ..errors import RemoteTraceback, SerializationError, TaskStopped, WorkerDied, describe_exit
+from ..errors import RemoteTraceback, SerializationError, TaskrunError, TaskStopped, WorkerDied, describe_exit
 
 logger = logging.getLogger("taskrun")
 
@@ -198,7 +198,7 @@ class _Worker:
         self.pool_fresh = pool.max_tasks is not None
         self.kill_at: float | None = None
         self.gone_waiters: list[threading.Event] = []
-        config = {"max_tasks_per_worker": pool.max_tasks, "log_level": logging.getLogger().getEffectiveLevel()}
+        config = {"max_tasks_per_worker": pool.max_tasks, "log_levels": _log_levels()}
         self.process = ctx.Process(
             target=_worker.worker_main,
             args=(call_r, result_w, alive_r, config),
@@ -236,6 +236,15 @@ class _Worker:
                 conn.close()
             except OSError:
                 pass
+
+
+def _log_levels() -> dict[str, int]:
+    """The caller's logger levels, so a spawned worker forwards what the caller would handle."""
+    levels = {"": logging.getLogger().getEffectiveLevel()}
+    for name, item in logging.Logger.manager.loggerDict.items():
+        if isinstance(item, logging.Logger) and item.level:
+            levels[name] = item.level
+    return levels
 
 
 class ProcessPool:
@@ -309,18 +318,10 @@ class ProcessPool:
             if self.closing != "closed":
                 if not wait:
                     self.closing = "now"
-                    to_stop = list(self.pending) + list(self.submitted)
-                    self.pending.clear()
-                    self.submitted.clear()
-                    self.has_room = False
-                    for worker in self.workers:
-                        to_stop.extend(worker.in_flight.values())
-                        worker.in_flight.clear()
-                        self._end_worker(worker)
+                    to_stop = self._take_all_calls()
                 elif self.closing is None:
                     self.closing = "wait"
         for call in to_stop:
-            call.worker = None
             call.attempt.run._conclude(Status.STOPPED, exc=TaskStopped(f"{call.attempt.run.id} was stopped: its pool shut down"))
         self._wake()
         if threading.current_thread() is not self.thread:
@@ -419,10 +420,15 @@ class ProcessPool:
                 timeout = max(0.0, min(deadlines) - time.monotonic()) * 1000 if deadlines else None
                 ready = poller.poll(timeout)
             self._close_workers()
-        except BaseException:
-            logger.exception("taskrun process pool supervisor failed; ending its workers")
+        except BaseException as exc:
+            logger.exception("taskrun process pool supervisor failed; ending its workers and runs")
+            _lifecycle.forget_pool(self)  # the next call starts a new pool
             with self.lock:
                 self.closing = "closed"
+                calls = self._take_all_calls()
+            error = TaskrunError(f"the process pool failed ({type(exc).__name__}: {exc}); see the taskrun log")
+            for call in calls:
+                call.attempt.run._conclude(Status.FAILED, exc=error)
             self._close_workers()
         finally:
             for fd in (self.wake_r, self.wake_w):
@@ -640,6 +646,20 @@ class ProcessPool:
         gone = threading.Event()
         worker.gone_waiters.append(gone)
         return gone
+
+    def _take_all_calls(self) -> list[_Call]:
+        """Every call the pool holds, queued or in a worker; the workers are ended. No more calls start."""
+        calls = list(self.pending) + list(self.submitted)
+        self.pending.clear()
+        self.submitted.clear()
+        self.has_room = False
+        for worker in self.workers:
+            calls.extend(worker.in_flight.values())
+            worker.in_flight.clear()
+            self._end_worker(worker)
+        for call in calls:
+            call.worker = None
+        return calls
 
     def _end_worker(self, worker: _Worker) -> None:
         if not worker.ending:

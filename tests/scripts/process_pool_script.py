@@ -1,6 +1,6 @@
 """Driven by tests/test_process_lifecycle.py: a program that uses a MultiprocessTaskRun pool.
 
-    python process_pool_script.py MODE START_METHOD DIR
+    python process_pool_script.py MODE START_METHOD DIR [MAX_TASKS_PER_WORKER]
 
 MODE ``block``: start two 60 s calls (each writes ``DIR/pid-<i>`` with its worker's pid),
 write ``DIR/ready`` once both run, then block in ``get_result``; the test kills or interrupts
@@ -35,7 +35,8 @@ def side_effect(path):
 
 def main():
     mode, method, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-    runner = MultiprocessTaskRun.configure(start_method=method, max_workers=2)
+    max_tasks = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    runner = MultiprocessTaskRun.configure(start_method=method, max_workers=2, max_tasks_per_worker=max_tasks)
     if mode == "block":
         long = task(runner=runner)(long_call)
         runs = [long(out / f"pid-{i}") for i in range(2)]
