@@ -18,28 +18,13 @@ import multiprocess.forkserver
 import multiprocess.resource_tracker
 import psutil
 import pytest
+from _waiting import is_alive, wait_for
 
 WAIT = 30
 METHODS = ["fork", "spawn"]
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "process_pool_script.py"
 
 
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-
-
-def is_alive(pid):
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 class Scripts:

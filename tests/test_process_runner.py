@@ -19,6 +19,7 @@ import multiprocess.forkserver
 import multiprocess.resource_tracker
 import psutil
 import pytest
+from _waiting import is_alive, wait_for
 
 import taskrun
 from taskrun import (
@@ -44,23 +45,6 @@ def runner(method, **settings):
 # ---- helpers ------------------------------------------------------------------------------
 
 
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-
-
-def is_alive(pid):
-    """True while ``pid`` runs; a zombie (dead, waiting to be reaped by whoever adopted it) is not alive."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def write_atomic(path, text):
