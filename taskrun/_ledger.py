@@ -8,22 +8,26 @@ How it is built, per ledger file and process (a :class:`_Store`, shared by every
 :class:`Ledger` object of that file):
 
 * Claims and finished runs go through one queue to the ledger thread
-  (``taskrun-ledger-<file>``), which commits everything queued in one transaction, then
+  (``taskrun-ledger-<file>-N``), which writes everything queued in a few statements, then
   starts the claimed runs and publishes the finished ones: a run is committed before its
   handle reports it finished, and a burst of tiny runs shares its commits. Inline runners
-  (``SequentialTaskRun``) claim and record in the caller instead.
+  (``SequentialTaskRun``) claim and record in the caller instead. A process claims about
+  as many keys as its runners will start soon, so processes sharing a ledger share a batch.
 * A task's succeeded keys (and small results) are read into memory on its first call, so a
   cached call costs a dict lookup and an unpickle, no SQL.
 * Two calls of one key in one process: the second waits on the first in memory. Against
   another process: the ledger thread polls the key's row until it is no longer claimed by a
   live owner. An owner is dead when its process is gone (same machine: pid and its start
   time) or, from another machine, when its lease (renewed by the ledger thread) has expired.
+* Done callbacks of ledger runs run on the ledger thread: keep them short, and do not wait
+  in one for another run of a ledger task.
 * The file uses WAL journaling with ``synchronous=NORMAL``: a commit survives the process
   being killed at any moment; a power loss may lose the last commits, which then run again.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
@@ -37,7 +41,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -68,12 +72,17 @@ POLL_INTERVAL = 0.1
 CACHE_LIMIT = 4096
 #: Most queued claims and records committed in one transaction.
 MAX_BATCH = 4096
+#: Seconds of work, at the rate calls have been finishing, that a process claims ahead.
+AHEAD = 0.1
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _MISSING: Any = object()
 _CLAIM = "claim"
 _RECORD = "record"
 _STATUSES = ("succeeded", "failed", "stopped", "running", "interrupted")
+_STATUS_NAMES = {status: status.value for status in Status}
+_SUCCEEDED = Status.SUCCEEDED
+_PENDING = Status.PENDING
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS runs (
@@ -92,81 +101,102 @@ CREATE TABLE IF NOT EXISTS runs (
     pid INTEGER,
     host TEXT,
     owner TEXT,
-    claim TEXT,
-    lease_until REAL,
+    claim INTEGER,
     PRIMARY KEY (task, key)
 );
-CREATE INDEX IF NOT EXISTS runs_claimed ON runs (owner) WHERE status = 'running';
+CREATE TABLE IF NOT EXISTS owners (
+    owner TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    machine TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    pid_start TEXT NOT NULL,
+    lease_until REAL NOT NULL
+);
 PRAGMA application_id = {APPLICATION_ID};
 PRAGMA user_version = {SCHEMA_VERSION};
 """
+
+# A row is claimed by (owner, claim): an owner is one process using the ledger (its row in
+# `owners` says how to tell whether it is alive), a claim number one batch of its claims.
 
 # A finished run. Success always lands (even over a claim another process took over); any other
 # outcome only replaces its own claim or a row that is neither claimed nor succeeded.
 _UPSERT_RECORD = """
 INSERT INTO runs (task, key, status, attempts, result, error_type, error_message, traceback, call,
-                  started_at, finished_at, duration, pid, host, owner, claim, lease_until)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)
+                  started_at, finished_at, duration, pid, host, owner, claim)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (task, key) DO UPDATE SET
     status = excluded.status, attempts = excluded.attempts, result = excluded.result,
     error_type = excluded.error_type, error_message = excluded.error_message,
     traceback = excluded.traceback, call = excluded.call, started_at = excluded.started_at,
     finished_at = excluded.finished_at, duration = excluded.duration, pid = excluded.pid,
-    host = excluded.host, owner = excluded.owner, claim = excluded.claim, lease_until = NULL
-WHERE excluded.status = 'succeeded' OR runs.claim = excluded.claim
+    host = excluded.host, owner = excluded.owner, claim = excluded.claim
+WHERE excluded.status = 'succeeded' OR (runs.owner = excluded.owner AND runs.claim = excluded.claim)
    OR runs.status NOT IN ('running', 'succeeded')
 """
 
-# Claims and succeeded records come in batches as one statement each (a JSON array of keys or
-# rows; results concatenated in one blob and cut out with substr): SQLite does the batch without
-# taking the GIL back per row, which executemany would, row after row.
+# Claims and succeeded records go in batches, one statement each (keys as a JSON array): SQLite
+# then runs the whole batch without taking the GIL back per row, as executemany would.
 _CLAIM_SET = """
     status = 'running', attempts = 0, result = NULL, error_type = NULL, error_message = NULL,
     traceback = NULL, call = NULL, started_at = {started}, finished_at = NULL, duration = NULL,
-    pid = {pid}, host = {host}, owner = {owner}, claim = {claim}, lease_until = {lease}
+    pid = {pid}, host = {host}, owner = {owner}, claim = {claim}
 """
 
-# Claims every key of the batch that is new, failed, stopped, or claimed earlier by this process.
+# Claims every key of the batch that is new, failed, stopped, or claimed earlier by this owner.
 _CLAIM_MANY = """
-INSERT INTO runs (task, key, status, attempts, started_at, pid, host, owner, claim, lease_until)
-SELECT ?1, value, 'running', 0, ?2, ?3, ?4, ?5, ?6, ?7 FROM json_each(?8) WHERE true
+INSERT INTO runs (task, key, status, attempts, started_at, pid, host, owner, claim)
+SELECT ?1, value, 'running', 0, ?2, ?3, ?4, ?5, ?6 FROM json_each(?7) WHERE true
 ON CONFLICT (task, key) DO UPDATE SET""" + _CLAIM_SET.format(
     started="excluded.started_at", pid="excluded.pid", host="excluded.host", owner="excluded.owner",
-    claim="excluded.claim", lease="excluded.lease_until",
+    claim="excluded.claim",
 ) + """
 WHERE runs.status IN ('failed', 'stopped') OR (runs.status = 'running' AND runs.owner = excluded.owner)
 """
 
-# The rows of a batch that _CLAIM_MANY did not claim, as one JSON array (one row to fetch).
+# The rows of a batch that _CLAIM_MANY did not claim, with their owners, as one JSON array.
 _SELECT_UNCLAIMED = """
-SELECT json_group_array(json_array(key, status, owner, claim, lease_until,
-       CASE WHEN status = 'succeeded' AND length(result) <= ?4 THEN hex(result) END))
-FROM runs WHERE task = ?1 AND key IN (SELECT value FROM json_each(?2)) AND claim IS NOT ?3
+SELECT json_group_array(json_array(r.key, r.status, r.owner, r.claim, o.machine, o.pid, o.pid_start, o.lease_until,
+       CASE WHEN r.status = 'succeeded' AND length(r.result) <= ?5 THEN hex(r.result) END))
+FROM runs AS r LEFT JOIN owners AS o ON o.owner = r.owner
+WHERE r.task = ?1 AND r.key IN (SELECT value FROM json_each(?2)) AND NOT (r.owner IS ?3 AND r.claim IS ?4)
 """
 
 # Claim one row if it is still as it was seen (a dead owner's claim, or a result to redo).
 _TAKE_OVER = "UPDATE runs SET" + _CLAIM_SET.format(
-    started="?1", pid="?2", host="?3", owner="?4", claim="?5", lease="?6"
-) + "WHERE task = ?7 AND key = ?8 AND status = ?9 AND claim IS ?10"
+    started="?1", pid="?2", host="?3", owner="?4", claim="?5"
+) + "WHERE task = ?6 AND key = ?7 AND status = ?8 AND owner IS ?9 AND claim IS ?10"
 
+# Per row of a batch of successes: attempts, offset and size of its result in the batch's blob,
+# start and end (microseconds after the batch's base time; -1: unknown) and the claim number
+# (-1: none), as fixed-width ASCII in one BLOB. json_extract would parse a row once per field;
+# substr on a BLOB is a constant-time slice.
+_SUCCESS_FIELDS = b"%06d%012d%012d%014d%014d%010d"
 _SUCCEED_MANY = """
 INSERT INTO runs (task, key, status, attempts, result, started_at, finished_at, duration, pid, host, owner, claim)
-SELECT ?1, json_extract(value, '$[0]'), 'succeeded', json_extract(value, '$[1]'),
-       substr(?2, json_extract(value, '$[2]'), json_extract(value, '$[3]')),
-       json_extract(value, '$[4]'), json_extract(value, '$[5]'),
-       json_extract(value, '$[5]') - json_extract(value, '$[4]'), ?3, ?4, ?5, json_extract(value, '$[6]')
-FROM json_each(?6) WHERE true
+SELECT ?1, k, 'succeeded', a, substr(?2, o, l), ?6 + s / 1e6, ?6 + f / 1e6, (f - s) / 1e6, ?3, ?4, ?5, c
+FROM (SELECT value AS k,
+             CAST(substr(?7, key * 68 + 1, 6) AS INTEGER) AS a,
+             CAST(substr(?7, key * 68 + 7, 12) AS INTEGER) AS o,
+             CAST(substr(?7, key * 68 + 19, 12) AS INTEGER) AS l,
+             NULLIF(CAST(substr(?7, key * 68 + 31, 14) AS INTEGER), -1) AS s,
+             CAST(substr(?7, key * 68 + 45, 14) AS INTEGER) AS f,
+             NULLIF(CAST(substr(?7, key * 68 + 59, 10) AS INTEGER), -1) AS c
+      FROM json_each(?8))
+WHERE true
 ON CONFLICT (task, key) DO UPDATE SET
     status = 'succeeded', attempts = excluded.attempts, result = excluded.result, error_type = NULL,
     error_message = NULL, traceback = NULL, call = NULL, started_at = excluded.started_at,
     finished_at = excluded.finished_at, duration = excluded.duration, pid = excluded.pid,
-    host = excluded.host, owner = excluded.owner, claim = excluded.claim, lease_until = NULL
+    host = excluded.host, owner = excluded.owner, claim = excluded.claim
 """
 
+_OWNER_COLUMNS = "o.machine, o.pid, o.pid_start, o.lease_until"
 _RECORD_COLUMNS = (
-    "task, key, status, attempts, error_type, error_message, traceback, call, "
-    "started_at, finished_at, duration, pid, host, owner, lease_until"
+    "r.task, r.key, r.status, r.attempts, r.error_type, r.error_message, r.traceback, r.call, "
+    "r.started_at, r.finished_at, r.duration, r.pid, r.host, " + _OWNER_COLUMNS
 )
+_RUNS_WITH_OWNERS = "runs AS r LEFT JOIN owners AS o ON o.owner = r.owner"
 
 
 # ---- keys ---------------------------------------------------------------------------------
@@ -227,22 +257,21 @@ _HOST = socket.gethostname()
 _MACHINE = _machine()
 
 
-def _new_owner() -> str:
-    pid = os.getpid()
-    return f"{_MACHINE}|{pid}|{_process_start(pid)}|{secrets.token_hex(4)}"
+_OWN_START = _process_start(os.getpid())
 
 
-def _owner_alive(owner: str | None, lease_until: float | None, now: float) -> bool:
-    """Whether the owner of a claim may still be running it."""
-    try:
-        machine, pid_text, start, _ = (owner or "").rsplit("|", 3)
-        pid = int(pid_text)
-    except ValueError:
-        return lease_until is not None and lease_until > now
+def _owner_alive(machine: str | None, pid: int | None, pid_start: str | None, lease_until: float | None, now: float) -> bool:
+    """Whether the owner of a claim (its row in ``owners``; None if gone) may still be running it.
+
+    On this machine its process decides: gone, a zombie, or another process now using its
+    pid (a different start time) is dead. From elsewhere only the lease it renews can tell.
+    """
+    if machine is None or pid is None:
+        return False
     if machine != _MACHINE:
         return lease_until is not None and lease_until > now
     if pid == os.getpid():
-        return start == _process_start(pid)
+        return pid_start == _OWN_START
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
@@ -253,7 +282,7 @@ def _owner_alive(owner: str | None, lease_until: float | None, now: float) -> bo
     if fields:
         if fields[0] in (b"Z", b"X"):  # a zombie has finished running anything
             return False
-        return not start or fields[19].decode() == start
+        return not pid_start or fields[19].decode() == pid_start
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -302,8 +331,8 @@ class RunRecord:
 
 
 def _record_from_row(row: tuple[Any, ...], now: float) -> RunRecord:
-    task, key, status, attempts, etype, emsg, tb, call, started, finished, duration, pid, host, owner, lease = row
-    if status == "running" and not _owner_alive(owner, lease, now):
+    task, key, status, attempts, etype, emsg, tb, call, started, finished, duration, pid, host, *owner = row
+    if status == "running" and not _owner_alive(*owner, now):
         status = "interrupted"
     return RunRecord(task, key, status, attempts, etype, emsg, tb, call, started, finished, duration, pid, host)
 
@@ -340,6 +369,17 @@ def _traceback_text(exc: BaseException) -> str:
 def _type_name(cls: type) -> str:
     module = cls.__module__
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+def _filters(task: str | None, status: str | None, prefix: str) -> tuple[list[str], list[Any]]:
+    where, params = [], []
+    if task is not None:
+        where.append(f"{prefix}task = ?")
+        params.append(task)
+    if status is not None:
+        where.append(f"{prefix}status = ?")
+        params.append("running" if status == "interrupted" else status)
+    return where, params
 
 
 def _task_name(task: Any) -> str | None:
@@ -398,12 +438,14 @@ class Ledger:
             rows = conn.execute(
                 "SELECT task, status, count(*) FROM runs WHERE status != 'running' GROUP BY task, status"
             ).fetchall()
-            running = conn.execute("SELECT task, owner, lease_until FROM runs WHERE status = 'running'").fetchall()
+            running = conn.execute(
+                f"SELECT r.task, {_OWNER_COLUMNS} FROM {_RUNS_WITH_OWNERS} WHERE r.status = 'running'"
+            ).fetchall()
         for task, status, n in rows:
             counts.setdefault(task, {})[status] = n
         now = time.time()
-        for task, owner, lease in running:
-            status = "running" if _owner_alive(owner, lease, now) else "interrupted"
+        for task, *owner in running:
+            status = "running" if _owner_alive(*owner, now) else "interrupted"
             per_task = counts.setdefault(task, {})
             per_task[status] = per_task.get(status, 0) + 1
         return {task: {s: per[s] for s in _STATUSES if s in per} for task, per in sorted(counts.items())}
@@ -411,17 +453,11 @@ class Ledger:
     def runs(self, task: str | Task[..., Any] | None = None, status: Status | str | None = None) -> list[RunRecord]:
         """The recorded calls, oldest first, optionally of one task (a name or the task) and one status."""
         name, wanted = _task_name(task), _status_name(status)
-        where, params = [], []
-        if name is not None:
-            where.append("task = ?")
-            params.append(name)
-        if wanted is not None:
-            where.append("status = ?")
-            params.append("running" if wanted == "interrupted" else wanted)
-        sql = f"SELECT {_RECORD_COLUMNS} FROM runs"
+        where, params = _filters(name, wanted, "r.")
+        sql = f"SELECT {_RECORD_COLUMNS} FROM {_RUNS_WITH_OWNERS}"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY rowid"
+        sql += " ORDER BY r.rowid"
         store = self._store
         with store._db_lock:
             rows = store._connection().execute(sql, params).fetchall()
@@ -436,7 +472,9 @@ class Ledger:
         store = self._store
         with store._db_lock:
             rows = store._connection().execute(
-                f"SELECT {_RECORD_COLUMNS} FROM runs WHERE status = 'failed' ORDER BY finished_at DESC LIMIT ?", (limit,)
+                f"SELECT {_RECORD_COLUMNS} FROM {_RUNS_WITH_OWNERS} WHERE r.status = 'failed' "
+                "ORDER BY r.finished_at DESC LIMIT ?",
+                (limit,),
             ).fetchall()
         now = time.time()
         return [_record_from_row(row, now) for row in rows]
@@ -473,22 +511,16 @@ class Ledger:
         it while no process is running calls on this ledger.
         """
         name, wanted = _task_name(task), _status_name(status)
-        where, params = [], []
-        if name is not None:
-            where.append("task = ?")
-            params.append(name)
-        if wanted is not None:
-            where.append("status = ?")
-            params.append("running" if wanted == "interrupted" else wanted)
         store = self._store
         with store._db_lock:
             conn = store._connection()
             if wanted in ("running", "interrupted"):
+                where, params = _filters(name, wanted, "r.")
                 now = time.time()
                 rows = conn.execute(
-                    "SELECT task, key, owner, lease_until FROM runs WHERE " + " AND ".join(where), params
+                    f"SELECT r.task, r.key, {_OWNER_COLUMNS} FROM {_RUNS_WITH_OWNERS} WHERE " + " AND ".join(where), params
                 ).fetchall()
-                doomed = [(t, k) for t, k, o, lease in rows if _owner_alive(o, lease, now) == (wanted == "running")]
+                doomed = [(t, k) for t, k, *owner in rows if _owner_alive(*owner, now) == (wanted == "running")]
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     conn.executemany("DELETE FROM runs WHERE task = ? AND key = ? AND status = 'running'", doomed)
@@ -498,6 +530,7 @@ class Ledger:
                     raise
                 count = len(doomed)
             else:
+                where, params = _filters(name, wanted, "")
                 sql = "DELETE FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
                 count = conn.execute(sql, params).rowcount
         if wanted in (None, "succeeded"):
@@ -552,6 +585,7 @@ def _store_for(path: str) -> _Store:
     with _stores_lock:
         store = _stores.get(real)
         if store is not None and store._same_file():
+            store._check_file(path)  # it may have been changed since, by another program
             return store
         store = _Store(path, real)
         store._open()
@@ -582,23 +616,28 @@ class _Store:
         self._reset_state()
         self._done: dict[str, dict[str, bytes | None]] = {}  # task -> succeeded key -> result (None: large)
         self._unloadable: set[tuple[str, str]] = set()  # stored results that cannot be unpickled here
-        # Taken by taskrun.shutdown(): claims are settled before the pools stop, records flushed after.
-        self._claims_phase = _Phase(self._settle_claims, -1)
+        # taskrun.shutdown() settles the claims before the pools stop (a feeder of the pools), and
+        # commits the outcomes after they did (a pool that shuts down last).
+        self._claims_phase = _Phase(self._settle_claims, 1)
         self._records_phase = _Phase(self.shutdown, 1)
 
     def _reset_state(self) -> None:
         self._db_lock = threading.RLock()
+        self._batch_lock = threading.RLock()  # one batch is processed at a time
         self._state = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
-        self._queue: list[tuple[Any, ...]] = []
+        self._queue: collections.deque[tuple[Any, ...]] = collections.deque()
         self._thread: threading.Thread | None = None
         self._idle = False  # the thread waits on _cond: notify it
         self._closing = False  # the thread ends once its queue is empty
         self._gate_closed = False  # shutting down: new claims end STOPPED
         self._active: dict[tuple[str, str], BaseTaskRun[Any]] = {}  # the run in this process for each key
-        self._claims: dict[BaseTaskRun[Any], str] = {}  # run -> claim it holds in the file
+        self._claims: dict[BaseTaskRun[Any], int] = {}  # run -> batch number of the claim it holds
+        self._deferred: collections.deque[BaseTaskRun[Any]] = collections.deque()  # to claim once runs finish
+        self._finished_lately: collections.deque[tuple[float, int]] = collections.deque()  # (when, how many)
         self._watching: dict[tuple[str, str], BaseTaskRun[Any]] = {}  # keys another process is running
-        self._owner = _new_owner()
+        self._owner = secrets.token_hex(8)  # this process, in the file's owners table
+        self._registered = False
         self._batches = itertools.count(1)
 
     def __repr__(self) -> str:
@@ -652,9 +691,7 @@ class _Store:
         try:
             conn = sqlite3.connect(f"{_file_uri(path)}?mode=ro", uri=True, timeout=BUSY_TIMEOUT)
             try:
-                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+                app_id, version, tables = _identity(conn)
             finally:
                 conn.close()
         except sqlite3.Error as exc:
@@ -672,21 +709,14 @@ class _Store:
 
     def _initialize(self, conn: sqlite3.Connection) -> None:
         """Check what the file is before writing to it, then make it a ledger if it is empty."""
-        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if app_id != APPLICATION_ID:
-            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-            _check_identity(self.path, app_id, version, tables)
-        elif version > SCHEMA_VERSION:
-            _check_identity(self.path, app_id, version, [])
+        app_id, version, tables = _identity(conn)
+        _check_identity(self.path, app_id, version, tables)
         _configure(conn)
         if app_id == APPLICATION_ID and version == SCHEMA_VERSION:
             return
         conn.execute("BEGIN IMMEDIATE")  # another process may be creating it too
         try:
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+            app_id, version, tables = _identity(conn)
             _check_identity(self.path, app_id, version, tables)
             if app_id != APPLICATION_ID or version < SCHEMA_VERSION:
                 for statement in _SCHEMA.split(";"):
@@ -778,9 +808,7 @@ class _Store:
             if run._finishing:
                 return True
             run._finishing = True
-        with self._state:
-            if self._active.get(ident) is run:  # type: ignore[arg-type]
-                del self._active[ident]  # type: ignore[arg-type]
+        self._unactivate(run)
         run.cached = True
         run._publish(Status.SKIPPED, value)
         return True
@@ -796,13 +824,12 @@ class _Store:
         """Claim ``run``'s key, or wait for the run of this process that holds it."""
         ident: tuple[str, str] = (run.name, run.key)  # type: ignore[assignment]
         while True:
-            with self._state:
-                if run._finishing:
-                    return
-                owner = self._active.get(ident)
-                if owner is None or owner is run:
-                    self._active[ident] = run
-                    break
+            if run._finishing:
+                return
+            # Atomic: of two threads calling the same key, one becomes its run here.
+            owner = self._active.setdefault(ident, run)
+            if owner is run:
+                break
             if not run.inline:
                 owner.add_done_callback(lambda _owner: self._after_owner(run))
                 return
@@ -829,68 +856,106 @@ class _Store:
                 return
             time.sleep(POLL_INTERVAL)  # another process runs it: look again
 
+    def _unactivate(self, run: BaseTaskRun[Any]) -> None:
+        """``run`` no longer holds its key in this process (each run gets here once)."""
+        ident = (run.name, run.key)
+        if self._active.get(ident) is run:  # type: ignore[arg-type]
+            del self._active[ident]  # type: ignore[arg-type]
+
     # ---- finished runs -------------------------------------------------------------------
 
     def _record(self, run: BaseTaskRun[Any], status: Status, value: Any, exc: BaseException | None) -> None:
-        now = time.time()
-        stored, result = status.value, None
-        error_type = error_message = tb = call = None
-        if status is Status.SUCCEEDED:
+        finished = time.time()
+        stored, blob, error = _STATUS_NAMES[status], None, None
+        if status is _SUCCEEDED:
             try:
-                result = _dumps_result(value)
-            except Exception as error:
-                stored, call = "failed", _describe_call(run)
-                error_type = _type_name(SerializationError)
-                error_message = (
+                blob = pickle.dumps(value, RESULT_PROTOCOL)
+            except Exception:
+                blob = None
+            try:
+                if blob is None:
+                    blob = _dumps_result(value)
+            except Exception as why:
+                stored = "failed"
+                message = (
                     f"the result of {run.id} ({type(value).__name__}) could not be pickled for the ledger: "
-                    f"{type(error).__name__}: {error}; the caller got it, but the call runs again next time"
+                    f"{type(why).__name__}: {why}; the caller got it, but the call runs again next time"
                 )
-                logger.warning("ledger %s: %s", self.path, error_message)
+                error = (_type_name(SerializationError), message, None, _describe_call(run))
+                logger.warning("ledger %s: %s", self.path, message)
         elif exc is not None:
-            error_type, error_message = _type_name(type(exc)), str(exc)
-            tb, call = _traceback_text(exc), _describe_call(run)
-        started = run.started_at
-        row = [
-            run.name, run.key, stored, run.attempts, result, error_type, error_message, tb, call,
-            started, now, None if started is None else now - started, os.getpid(), _HOST, self._owner, None,
-        ]
+            error = (_type_name(type(exc)), str(exc), _traceback_text(exc), _describe_call(run))
         if status is Status.STOPPED:
-            # Nothing is lost if this record is: a stopped call runs again either way.
-            self._release(run)
+            # Published at once: nothing is lost if this record is, a stopped call runs again anyway.
+            self._unactivate(run)
+            self._unwatch(run)
             run._publish(status, value, exc)
-            self._submit((_RECORD, run, row, None))
-        elif run.inline:
-            self._process([(_RECORD, run, row, (status, value, exc))], inline=True)
+            self._submit((_RECORD, run, stored, blob, run.started_at, finished, error, None))
         else:
-            self._submit((_RECORD, run, row, (status, value, exc)))
+            item = (_RECORD, run, stored, blob, run.started_at, finished, error, (status, value, exc))
+            if run.inline:
+                self._process([item], inline=True)
+            else:
+                self._submit(item)
 
-    def _release(self, run: BaseTaskRun[Any]) -> None:
+    def _unwatch(self, run: BaseTaskRun[Any]) -> None:
         ident = (run.name, run.key)
         with self._state:
-            if self._active.get(ident) is run:  # type: ignore[arg-type]
-                del self._active[ident]  # type: ignore[arg-type]
             if self._watching.get(ident) is run:  # type: ignore[arg-type]
                 del self._watching[ident]  # type: ignore[arg-type]
 
     # ---- the queue and the ledger thread -------------------------------------------------
 
     def _submit(self, item: tuple[Any, ...]) -> None:
-        """Queue a claim or a record for the ledger thread (started by claims); without it, do it now."""
+        """Queue a claim or a record for the ledger thread (claims start it); without it, do it here."""
+        if self._thread is not None and not self._gate_closed:
+            self._queue.append(item)
+            if self._idle:
+                with self._cond:
+                    self._cond.notify()
+            if self._thread is None:  # it ended meanwhile: nobody else will take the item
+                self._drain()
+            return
         is_claim = item[0] is _CLAIM
         with self._cond:
             if is_claim and self._gate_closed:
-                run = item[1]
+                stopped = item[1]
             elif self._thread is not None or (is_claim and self._start_thread()):
                 self._queue.append(item)
-                if self._idle:
-                    self._cond.notify()
+                self._cond.notify()
                 return
             else:
-                run = None
-        if run is not None:
-            run._conclude(Status.STOPPED, exc=TaskStopped(f"{run.id} was not started: taskrun is shutting down"))
+                stopped = None
+        if stopped is not None:
+            stopped._conclude(Status.STOPPED, exc=TaskStopped(f"{stopped.id} was not started: taskrun is shutting down"))
         else:
             self._process([item], inline=True)
+
+    def _drain(self) -> None:
+        """Process what is queued, here (used once the ledger thread has ended)."""
+        while self._queue:
+            self._take_batch()
+
+    def _take_batch(self) -> None:
+        """Take up to MAX_BATCH queued items and process them (with the claims waiting in memory).
+
+        Taken under the batch lock, so that once shutdown holds it no claim is between the
+        queue and its pool.
+        """
+        queue = self._queue
+        with self._batch_lock:
+            items = []
+            try:
+                for _ in range(min(len(queue), MAX_BATCH)):
+                    items.append(queue.popleft())
+            except IndexError:  # another thread drained it meanwhile
+                pass
+            if items or self._deferred:
+                self._process(items)
+            # Claims that found stored results free their places at once, with no record to
+            # wake this thread: claim on while there is room.
+            while self._deferred and self._claims_wanted() > 0:
+                self._process([])
 
     def _start_thread(self) -> bool:
         self._closing = False
@@ -898,33 +963,32 @@ class _Store:
             target=self._loop, name=f"taskrun-ledger-{self._name}-{next(_thread_numbers)}", daemon=True
         )
         self._thread.start()
-        _lifecycle.get_pool(("ledger-claims", self), lambda: self._claims_phase)  # type: ignore[arg-type]
-        _lifecycle.get_pool(("ledger-records", self), lambda: self._records_phase)  # type: ignore[arg-type]
+        _lifecycle.register_feeder(self._claims_phase)
+        _lifecycle.get_pool(("ledger", self), lambda: self._records_phase)  # type: ignore[arg-type]
         return True
 
     def _loop(self) -> None:
-        cond = self._cond
+        cond, queue = self._cond, self._queue
         now = time.monotonic()
         next_beat = now + LEASE / 3
         next_poll = now + POLL_INTERVAL
         while True:
-            with cond:
-                while not self._queue:
-                    if self._closing:
-                        self._thread = None
-                        return
-                    now = time.monotonic()
-                    wake = min(next_beat, next_poll) if self._watching else next_beat
-                    if now >= wake:
-                        break
+            if not queue:
+                with cond:
+                    # Producers append without the lock, then notify if _idle: set it before looking.
                     self._idle = True
-                    cond.wait(wake - now)
+                    if not queue:
+                        if self._closing:
+                            self._thread = None
+                            self._idle = False
+                            break
+                        now = time.monotonic()
+                        wake = min(next_beat, next_poll) if self._watching else next_beat
+                        if wake > now:
+                            cond.wait(wake - now)
                     self._idle = False
-                items = self._queue[:MAX_BATCH]
-                del self._queue[:MAX_BATCH]
             try:
-                if items:
-                    self._process(items)
+                self._take_batch()
                 now = time.monotonic()
                 if now >= next_beat:
                     next_beat = now + LEASE / 3
@@ -934,74 +998,119 @@ class _Store:
                     self._poll()
             except Exception:
                 logger.exception("ledger %s: the ledger thread failed; it goes on", self.path)
+        self._drain()  # whatever came in while it was ending
 
-    def _process(self, items: list[tuple[Any, ...]], inline: bool = False) -> bool:
-        """Commit a batch of claims and records in one transaction, then act on it.
+    def _process(self, items: list[tuple[Any, ...]], inline: bool = False, claim_all: bool = False) -> bool:
+        """Commit a batch of records and claims, then act on it.
 
         Records become durable, then their runs are published; granted claims start their
-        runs; keys found succeeded finish theirs from the stored result. Returns False for a
-        lone inline claim that must wait for another process.
+        runs; keys found succeeded finish theirs from the stored result. Claims beyond what
+        the runners will start soon wait in memory (see :meth:`_claims_wanted`), unless
+        ``inline`` or ``claim_all``. Returns False for a lone inline claim that must wait
+        for another process.
         """
-        claims: list[BaseTaskRun[Any]] = []
-        records: list[tuple[Any, ...]] = []
-        with self._state:
+        with self._batch_lock:
+            claims: list[BaseTaskRun[Any]] = []
+            records: list[tuple[Any, ...]] = []
+            held = self._claims
             for item in items:
                 if item[0] is _CLAIM:
-                    if not item[1]._finishing:
-                        claims.append(item[1])
+                    claims.append(item[1])
                 else:
-                    item[2][15] = self._claims.pop(item[1], None)  # the claim this record settles
-                    records.append(item)
-        grants: dict[BaseTaskRun[Any], str] = {}
-        cached: list[tuple[BaseTaskRun[Any], bytes | None]] = []
-        watch: list[BaseTaskRun[Any]] = []
-        if claims or records:
+                    records.append(item + (held.pop(item[1], None),))  # with the claim the record settles
+            if records:
+                self._finished_lately.append((time.monotonic(), len(records)))
+            if not inline:
+                deferred = self._deferred
+                if deferred:
+                    claims[:0] = deferred
+                    deferred.clear()
+                if not claim_all:
+                    wanted = self._claims_wanted()
+                    if len(claims) > wanted:
+                        deferred.extend(claims[wanted:])
+                        del claims[wanted:]
+            claims = [run for run in claims if not run._finishing]
+            grants: dict[BaseTaskRun[Any], int] = {}
+            cached: list[tuple[BaseTaskRun[Any], bytes | None]] = []
+            watch: list[BaseTaskRun[Any]] = []
             try:
-                grants, cached, watch = self._commit(claims, [item[2] for item in records])
+                if claims or records:
+                    self._commit(claims, records, grants, cached, watch)
             except Exception as exc:
                 self._commit_failed(exc, claims, records)
                 return True
-        with self._state:
-            self._claims.update(grants)
-            for _kind, run, row, _publish in records:
-                ident = (row[0], row[1])
-                if row[2] == "succeeded":
-                    done = self._done.get(row[0])
+            held.update(grants)
+            if watch and not inline:
+                with self._state:
+                    for run in watch:
+                        self._watching[(run.name, run.key)] = run  # type: ignore[index]
+            done_by_task, active = self._done, self._active
+            for record in records:
+                run = record[1]
+                ident = (run.name, run.key)
+                if record[2] == "succeeded":
+                    done = done_by_task.get(run.name)
                     if done is not None:
-                        done[row[1]] = row[4] if len(row[4]) <= CACHE_LIMIT else None
-                if self._active.get(ident) is run:
-                    del self._active[ident]
-            if not inline:
-                for run in watch:
-                    self._watching[(run.name, run.key)] = run  # type: ignore[index]
-        for _kind, run, _row, publish in records:
-            if publish is not None:
-                run._publish(*publish)
-        for run in grants:
-            run._begin_attempt()
-        for run, blob in cached:
-            if not self._finish_cached(run, blob):
-                self._admit(run)  # the stored result cannot be loaded here: run it
-        return not (inline and watch)
+                        blob = record[3]
+                        done[run.key] = blob if len(blob) <= CACHE_LIMIT else None  # type: ignore[index]
+                if active.get(ident) is run:  # type: ignore[arg-type]
+                    del active[ident]  # type: ignore[arg-type]
+                publish = record[7]
+                if publish is not None:
+                    run._publish(*publish)
+            for run in grants:
+                run._begin_attempt()
+            for run, blob in cached:
+                if not self._finish_cached(run, blob):
+                    self._admit(run)  # the stored result cannot be loaded here: run it
+            return not (inline and watch)
+
+    def _claims_wanted(self) -> int:
+        """How many more keys to claim now: about what the runners will start soon.
+
+        Claimed runs not started yet are kept under the larger of twice the running ones
+        (plus a few) and the number that finished in the last AHEAD seconds. Slow calls then
+        leave the rest of a batch to other processes on the same ledger, while a burst of
+        tiny calls still claims in big batches.
+        """
+        now = time.monotonic()
+        lately = self._finished_lately
+        while lately and lately[0][0] < now - AHEAD:
+            lately.popleft()
+        finished = sum(n for _t, n in lately)
+        held = len(self._claims)
+        if finished >= held + 8:
+            return finished - held  # a lower bound that needs no count of the running ones
+        running = waiting = 0
+        for run in list(self._claims):
+            if run._status is _PENDING:
+                waiting += 1
+            else:
+                running += 1
+        return max(0, max(2 * running + 8, finished) - waiting)
 
     def _commit(
-        self, claims: list[BaseTaskRun[Any]], rows: list[list[Any]]
-    ) -> tuple[dict[BaseTaskRun[Any], str], list[tuple[BaseTaskRun[Any], bytes | None]], list[BaseTaskRun[Any]]]:
+        self,
+        claims: list[BaseTaskRun[Any]],
+        records: list[tuple[Any, ...]],
+        grants: dict[BaseTaskRun[Any], int],
+        cached: list[tuple[BaseTaskRun[Any], bytes | None]],
+        watch: list[BaseTaskRun[Any]],
+    ) -> None:
         """Write the records, then claim the keys; each statement commits on its own (atomically)."""
-        grants: dict[BaseTaskRun[Any], str] = {}
-        cached: list[tuple[BaseTaskRun[Any], bytes | None]] = []
-        watch: list[BaseTaskRun[Any]] = []
         with self._db_lock:
             conn = self._connection()
-            if rows:
-                self._retrying(lambda: self._write_records(conn, rows))
+            if records:
+                self._retrying(lambda: self._write_records(conn, records))
             if claims:
+                if not self._registered:
+                    self._retrying(lambda: self._register(conn))
                 by_task: dict[str, list[BaseTaskRun[Any]]] = {}
                 for run in claims:
                     by_task.setdefault(run.name, []).append(run)
                 for task, runs in by_task.items():
                     self._retrying(lambda: self._claim(conn, task, runs, grants, cached, watch))  # noqa: B023
-        return grants, cached, watch
 
     def _retrying(self, step: Callable[[], None]) -> None:
         """Run ``step``, again while another connection holds the file's write lock past BUSY_TIMEOUT."""
@@ -1017,22 +1126,35 @@ class _Store:
                     logger.warning("ledger %s is locked by another connection (%s); still trying", self.path, exc)
                     warned = True
 
-    def _write_records(self, conn: sqlite3.Connection, rows: list[list[Any]]) -> None:
-        succeeded: dict[str, list[list[Any]]] = {}
+    def _write_records(self, conn: sqlite3.Connection, records: list[tuple[Any, ...]]) -> None:
+        """Successes go in one statement per task; the rest (failures, stops) in one transaction."""
+        succeeded: dict[str, list[tuple[Any, ...]]] = {}
         others = []
-        for row in rows:
-            if row[2] == "succeeded":
-                succeeded.setdefault(row[0], []).append(row)
+        pid, owner = os.getpid(), self._owner
+        for record in records:
+            if record[2] == "succeeded":
+                succeeded.setdefault(record[1].name, []).append(record)
             else:
-                others.append(row)
-        for task, task_rows in succeeded.items():
-            offset, packed = 1, []
-            for row in task_rows:
-                size = len(row[4])
-                packed.append([row[1], row[3], offset, size, row[9], row[10], row[15]])
+                _kind, run, status, _blob, started, finished, error, _publish, claim = record
+                etype, emsg, tb, call = error or (None, None, None, None)
+                others.append((
+                    run.name, run.key, status, run.attempts, None, etype, emsg, tb, call, started, finished,
+                    None if started is None else finished - started, pid, _HOST, owner, claim,
+                ))
+        for task, rows in succeeded.items():
+            base = min(row[4] if row[4] is not None else row[5] for row in rows)
+            offset, fields = 1, []
+            for _kind, run, _status, blob, started, finished, _error, _publish, claim in rows:
+                size = len(blob)
+                fields.append(_SUCCESS_FIELDS % (
+                    run.attempts, offset, size, -1 if started is None else round((started - base) * 1e6),
+                    round((finished - base) * 1e6), -1 if claim is None else claim,
+                ))
                 offset += size
-            blob = b"".join([row[4] for row in task_rows])
-            conn.execute(_SUCCEED_MANY, (task, blob, os.getpid(), _HOST, self._owner, json.dumps(packed)))
+            conn.execute(_SUCCEED_MANY, (
+                task, b"".join([row[3] for row in rows]), pid, _HOST, owner, base, b"".join(fields),
+                json.dumps([row[1].key for row in rows]),
+            ))
         if others:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -1048,7 +1170,7 @@ class _Store:
         conn: sqlite3.Connection,
         task: str,
         runs: list[BaseTaskRun[Any]],
-        grants: dict[BaseTaskRun[Any], str],
+        grants: dict[BaseTaskRun[Any], int],
         cached: list[tuple[BaseTaskRun[Any], bytes | None]],
         watch: list[BaseTaskRun[Any]],
     ) -> None:
@@ -1060,28 +1182,28 @@ class _Store:
         """
         now = time.time()
         owner, pid = self._owner, os.getpid()
-        token = f"{owner}#{next(self._batches)}"
-        keys = [run.key for run in runs]
-        claimed = conn.execute(_CLAIM_MANY, (task, now, pid, _HOST, owner, token, now + LEASE, json.dumps(keys))).rowcount
+        batch = next(self._batches)
+        keys = json.dumps([run.key for run in runs])
+        claimed = conn.execute(_CLAIM_MANY, (task, now, pid, _HOST, owner, batch, keys)).rowcount
         others: dict[str, list[Any]] = {}
-        if claimed != len(keys):
-            packed = conn.execute(_SELECT_UNCLAIMED, (task, json.dumps(keys), token, CACHE_LIMIT)).fetchone()[0]
+        if claimed != len(runs):
+            packed = conn.execute(_SELECT_UNCLAIMED, (task, keys, owner, batch, CACHE_LIMIT)).fetchone()[0]
             others = {row[0]: row for row in json.loads(packed or "[]")}
         for run in runs:
             row = others.get(run.key)  # type: ignore[arg-type]
             if row is None:
-                grants[run] = token
+                grants[run] = batch
                 continue
-            _key, status, row_owner, row_claim, row_lease, hex_result = row
+            _key, status, row_owner, row_claim, *row_owner_info, hex_result = row
             ident = (task, run.key)
             if status == "succeeded" and ident not in self._unloadable:
                 cached.append((run, None if hex_result is None else bytes.fromhex(hex_result)))
                 continue
-            if status == "running" and row_owner != owner and _owner_alive(row_owner, row_lease, now):
+            if status == "running" and row_owner != owner and _owner_alive(*row_owner_info, now):
                 watch.append(run)
                 continue
             taken = conn.execute(
-                _TAKE_OVER, (now, pid, _HOST, owner, token, now + LEASE, task, run.key, status, row_claim)
+                _TAKE_OVER, (now, pid, _HOST, owner, batch, task, run.key, status, row_owner, row_claim)
             ).rowcount
             if not taken:
                 watch.append(run)  # the row changed meanwhile: look again shortly
@@ -1089,22 +1211,19 @@ class _Store:
             if status == "running":
                 logger.info("ledger %s: %s (key %s) was interrupted (its process is gone); running it again",
                             self.path, task, run.key)
-            grants[run] = token
+            grants[run] = batch
 
     def _commit_failed(self, exc: Exception, claims: list[BaseTaskRun[Any]], records: list[tuple[Any, ...]]) -> None:
         """The file cannot be written: publish outcomes anyway (not recorded) and fail the claims."""
         logger.error("ledger %s: could not commit %d record(s) and %d claim(s): %s: %s",
                      self.path, len(records), len(claims), type(exc).__name__, exc)
-        with self._state:
-            for _kind, run, row, _publish in records:
-                ident = (row[0], row[1])
-                if self._active.get(ident) is run:
-                    del self._active[ident]
-        for _kind, run, _row, publish in records:
-            if publish is not None:
-                run._publish(*publish)
+        for record in records:
+            self._unactivate(record[1])
+        for record in records:
+            if record[7] is not None:
+                record[1]._publish(*record[7])
         for run in claims:
-            self._release(run)
+            self._unactivate(run)
             error = LedgerError(f"{run.id} was not run: its ledger {self.path!r} could not be written ({exc})")
             run._conclude(Status.FAILED, exc=error)
 
@@ -1117,13 +1236,17 @@ class _Store:
             conn = self._connection()
             for ident, _run in watching:
                 rows[ident] = conn.execute(
-                    "SELECT status, owner, lease_until FROM runs WHERE task = ? AND key = ?", ident
+                    f"SELECT r.status, r.owner, {_OWNER_COLUMNS} FROM {_RUNS_WITH_OWNERS} WHERE r.task = ? AND r.key = ?",
+                    ident,
                 ).fetchone()
         now = time.time()
         ready = []
         for ident, run in watching:
             row = rows[ident]
-            if run._finishing or row is None or row[0] != "running" or not _owner_alive(row[1], row[2], now):
+            if (
+                run._finishing or row is None or row[0] != "running" or row[1] == self._owner
+                or not _owner_alive(*row[2:], now)
+            ):
                 ready.append((ident, run))
         if not ready:
             return
@@ -1131,34 +1254,59 @@ class _Store:
             for ident, run in ready:
                 if self._watching.get(ident) is run:
                     del self._watching[ident]
-        with self._cond:
-            self._queue.extend((_CLAIM, run) for _ident, run in ready if not run._finishing)
+        for _ident, run in ready:
+            if not run._finishing:
+                self._submit((_CLAIM, run))
+
+    def _register(self, conn: sqlite3.Connection) -> None:
+        """Enter this process in ``owners`` (before its first claim) and drop owners that are gone."""
+        now = time.time()
+        dead = [o for o, *info in conn.execute("SELECT owner, machine, pid, pid_start, lease_until FROM owners")
+                if not _owner_alive(*info, now)]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany("DELETE FROM owners WHERE owner = ?", [(o,) for o in dead])
+            conn.execute(
+                "INSERT OR REPLACE INTO owners (owner, host, machine, pid, pid_start, lease_until) VALUES (?, ?, ?, ?, ?, ?)",
+                (self._owner, _HOST, _MACHINE, os.getpid(), _OWN_START, now + LEASE),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._registered = True
 
     def _renew(self) -> None:
-        """Extend the lease of every claim this process holds."""
-        if not self._claims:
+        """Extend this process's lease: its claims stay valid for owners on other machines."""
+        if not self._registered:
             return
         try:
             with self._db_lock:
                 self._connection().execute(
-                    "UPDATE runs SET lease_until = ? WHERE owner = ? AND status = 'running'", (time.time() + LEASE, self._owner)
+                    "UPDATE owners SET lease_until = ? WHERE owner = ?", (time.time() + LEASE, self._owner)
                 )
         except sqlite3.OperationalError as exc:
-            logger.warning("ledger %s: could not renew the claims' lease: %s", self.path, exc)
+            logger.warning("ledger %s: could not renew this process's lease: %s", self.path, exc)
 
     # ---- shutdown and fork ---------------------------------------------------------------
 
     def _settle_claims(self, wait: bool) -> None:
         """Before the pools stop: start the queued claims (wait) or stop them; stop the watched runs."""
         with self._cond:
-            self._gate_closed = True
-            claims = [item for item in self._queue if item[0] is _CLAIM]
-            self._queue = [item for item in self._queue if item[0] is not _CLAIM]
-        if wait and claims:
-            self._process(claims)
-        else:
-            for _kind, run in claims:
-                run._conclude(Status.STOPPED, exc=TaskStopped(f"{run.id} was not started: taskrun is shutting down"))
+            self._gate_closed = True  # from now on new claims end STOPPED
+        with self._batch_lock:  # the ledger thread is between batches: its claims have started
+            queue, items = self._queue, []
+            while queue:
+                items.append(queue.popleft())
+            if not wait:
+                claimed = [item[1] for item in items if item[0] is _CLAIM] + list(self._deferred)
+                self._deferred.clear()
+                for run in claimed:
+                    run._conclude(Status.STOPPED, exc=TaskStopped(f"{run.id} was not started: taskrun is shutting down"))
+                items = [item for item in items if item[0] is not _CLAIM]
+            if items or self._deferred:
+                self._process(items, claim_all=True)  # the pools run what is queued before they stop
         self._stop_watched()
 
     def _stop_watched(self) -> None:
@@ -1169,15 +1317,37 @@ class _Store:
             run._conclude(Status.STOPPED, exc=TaskStopped(reason))
 
     def shutdown(self, wait: bool = True) -> None:
-        """After the pools stopped: commit and publish what is queued, end the thread, close the file."""
+        """After the pools stopped: commit and publish what is queued, end the thread, close the file.
+
+        Runs still holding a claim (their pool started too late to be shut down) are waited
+        for (``wait``) or stopped; claims nobody will start end STOPPED.
+        """
         with self._cond:
             self._gate_closed = True
+        with self._batch_lock:
+            queue, leftover = self._queue, list(self._deferred)
+            self._deferred.clear()
+            for _ in range(len(queue)):
+                item = queue.popleft()
+                if item[0] is _CLAIM:
+                    leftover.append(item[1])
+                else:
+                    queue.append(item)  # records stay for the thread
+        for run in leftover:
+            run._conclude(Status.STOPPED, exc=TaskStopped(f"{run.id} was not started: taskrun is shutting down"))
+        for run in list(self._claims):
+            if not wait:
+                run.stop()
+            elif not run.wait(60):
+                logger.warning("ledger %s: %s still runs after 60 s of shutdown; not waiting for it", self.path, run.id)
+        with self._cond:
             self._closing = True
             thread = self._thread
             self._cond.notify()
         if thread is not None and thread is not threading.current_thread():
             thread.join(60)
         self._stop_watched()
+        _lifecycle.unregister_feeder(self._claims_phase)
         with self._cond:
             self._gate_closed = False
             if self._thread is None and self._conn is not None:
@@ -1193,7 +1363,17 @@ class _Store:
 
 
 def _configure(conn: sqlite3.Connection) -> None:
-    conn.execute("PRAGMA journal_mode = WAL")
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            # Another process creating the file holds a lock; SQLite reports this at once,
+            # without waiting as it does for other statements.
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
     conn.execute("PRAGMA synchronous = NORMAL")
 
 
@@ -1201,6 +1381,16 @@ def _file_uri(path: str) -> str:
     from urllib.parse import quote
 
     return "file:" + quote(os.path.abspath(path))
+
+
+def _identity(conn: sqlite3.Connection) -> tuple[int, int, list[str]]:
+    """Application id, schema version and table names, read in one statement: one snapshot of a file
+    another process may be creating right now."""
+    app_id, version, names = conn.execute(
+        "SELECT (SELECT application_id FROM pragma_application_id()), (SELECT user_version FROM pragma_user_version()),"
+        " (SELECT json_group_array(name) FROM (SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name))"
+    ).fetchone()
+    return app_id, version, json.loads(names)
 
 
 def _check_identity(path: str, app_id: int, version: int, tables: list[str]) -> None:
@@ -1221,9 +1411,9 @@ def _check_identity(path: str, app_id: int, version: int, tables: list[str]) -> 
 
 
 def _after_fork_in_child() -> None:
-    global _stores_lock, _MACHINE
+    global _stores_lock, _OWN_START
     _stores_lock = threading.Lock()
-    _MACHINE = _machine()
+    _OWN_START = _process_start(os.getpid())
     for store in list(_stores.values()):
         store._after_fork_in_child()
 
@@ -1231,10 +1421,3 @@ def _after_fork_in_child() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
-
-def iter_counts(summary: dict[str, dict[str, int]]) -> Iterable[tuple[str, dict[str, int]]]:
-    """Rows of a summary with every status present (zeros filled) and a total, for display."""
-    for task, per in summary.items():
-        row = {s: per.get(s, 0) for s in _STATUSES}
-        row["total"] = sum(per.values())
-        yield task, row

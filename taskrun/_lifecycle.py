@@ -71,20 +71,29 @@ def shutdown(wait: bool = True) -> None:
     ``wait=True`` lets started runs finish; ``wait=False`` stops them. Pools start again on
     the next call.
     """
+    # shutdown_order (default 0): the ledger starts its claimed runs after map's feeders stopped
+    # (feeder, 1), and commits their outcomes after the pools finished them (pool, 1).
+    stopped: set[Pool] = set()
+    while True:  # first, so that nothing is fed into a pool after it is shut down
+        with _lock:  # a feeder may register while another one stops: it is stopped in the next round
+            feeders = sorted(_feeders - stopped, key=_shutdown_order)
+        if not feeders:
+            break
+        for feeder in feeders:
+            feeder.shutdown(wait=wait)
+            stopped.add(feeder)
     with _lock:
-        feeders = list(_feeders)
-    for feeder in feeders:  # first, so that nothing is fed into a pool after it is shut down
-        feeder.shutdown(wait=wait)
-    with _lock:
-        pools = list(_pools.values())
+        pools = sorted(_pools.values(), key=_shutdown_order)
         _pools.clear()
-    # shutdown_order: the ledger settles its claims before the pools stop (-1), commits after (1).
-    pools.sort(key=lambda pool: getattr(pool, "shutdown_order", 0))
     try:
         for pool in pools:
             pool.shutdown(wait=wait)
     finally:
         timer.shutdown()
+
+
+def _shutdown_order(pool: Pool) -> int:
+    return getattr(pool, "shutdown_order", 0)  # type: ignore[no-any-return]
 
 
 def _at_exit() -> None:
