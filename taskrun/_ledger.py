@@ -417,6 +417,10 @@ class Ledger:
     def __repr__(self) -> str:
         return f"Ledger({self.path!r})"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A ledger travels (to a worker process, with a task) as its file, opened again there.
+        return (Ledger, (os.path.abspath(self.path),))
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Ledger) and other._store is self._store
 

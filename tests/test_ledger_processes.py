@@ -201,3 +201,21 @@ def test_a_batch_killed_midway_resumes_and_reruns_no_succeeded_key(env):
     assert set(rerun) == set(keys) - done_before
     assert all(resumed[str(x)]["cached"] for x in done_before)
     assert stored(env["db"], "succeeded") == set(keys)
+
+
+def test_a_process_task_can_call_a_ledger_task(tmp_path):
+    """The function of a spawn task refers to a ledger task: the ledger goes along as its path."""
+    from taskrun import Ledger, MultiprocessTaskRun, ThreadTaskRun, task
+
+    ledger_path = tmp_path / "runs.db"
+
+    @task(ledger=str(ledger_path), runner=ThreadTaskRun, name="square")
+    def square(x):
+        return x * x
+
+    @task(runner=MultiprocessTaskRun.configure(start_method="spawn", max_workers=1))
+    def outer(x):
+        return square(x).get_result(30) + 1
+
+    assert outer(3).get_result(60) == 10
+    assert Ledger(ledger_path).summary()["square"]["succeeded"] == 1

@@ -265,3 +265,24 @@ def test_task_and_errors_are_exported():
         cls = getattr(taskrun, name)
         assert cls is getattr(taskrun.errors, name)
         assert issubclass(cls, taskrun.TaskrunError)
+
+
+def test_a_task_pickles_as_its_function_and_options(tmp_path):
+    """A task referred to by another task's function travels to workers: rebuilt, not copied."""
+    import pickle
+
+    import cloudpickle
+
+    from taskrun import Ledger, MultiprocessTaskRun
+
+    runner = MultiprocessTaskRun.configure(max_workers=3, start_method="spawn")
+    original = task(runner=runner, retries=2, timeout=5.0, ledger=Ledger(tmp_path / "runs.db"), name="named")(
+        lambda x: x * 2
+    )
+    copy = pickle.loads(cloudpickle.dumps(original))
+    assert copy is not original
+    assert copy.fn(21) == 42
+    assert (copy.name, copy.retries, copy.timeout) == ("named", 2, 5.0)
+    assert copy.runner is runner  # configure() with the same settings gives the same class
+    assert copy.ledger == original.ledger
+    assert copy.ledger.path == str(tmp_path / "runs.db")
