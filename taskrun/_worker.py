@@ -2,10 +2,11 @@
 
 Messages are pickled tuples. Parent to worker: ``(CALLS, [(call_id, fn_id, fn_bytes | None,
 args_bytes), ...])`` and ``(CANCEL, call_id)``; end of file means exit. Worker to parent:
-``(kind, call_id, payload)`` with the kinds below, one message per finished call, in the
-order the calls arrived, so the parent always knows which call a dead worker was running.
-With ``max_tasks_per_worker`` the worker forks a fresh child to serve each run of calls and
-reports ``(DIED, None, exitcode)`` when one ends without finishing.
+``(kind, call_id, payload, seconds)`` with the kinds below (``seconds``: how long the call
+ran), one message per finished call, in the order the calls arrived, so the parent always
+knows which call a dead worker was running. With ``max_tasks_per_worker`` the worker forks a
+fresh child to serve each run of calls and reports ``(DIED, None, exitcode, 0.0)`` when one
+ends without finishing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import select
 import signal
 import sys
 import threading
+import time
 import traceback
 import warnings
 from collections import deque
@@ -65,7 +67,7 @@ class _ForwardHandler(logging.Handler):
             if record.exc_info:
                 fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
             fields["exc_info"] = None
-            self.sender.send((LOG, None, fields))
+            self.sender.send((LOG, None, fields, 0.0))
         except Exception:
             self.handleError(record)
 
@@ -87,7 +89,7 @@ def _forward_logging(sender: _Sender, levels: dict[str, int]) -> None:
             pickle.dumps(category)
         except Exception:
             category = UserWarning
-        sender.send((WARN, None, (str(message), category, filename, lineno)))
+        sender.send((WARN, None, (str(message), category, filename, lineno), 0.0))
 
     warnings.showwarning = show_warning
 
@@ -165,7 +167,7 @@ def _fork_servers(call_conn: Any, sender: _Sender, max_calls: int) -> None:
         os.close(done_r)
         _, status = os.waitpid(pid, 0)
         if not clean:
-            sender.send((DIED, None, os.waitstatus_to_exitcode(status)))
+            sender.send((DIED, None, os.waitstatus_to_exitcode(status), 0.0))
         for _fd, events in hangup.poll(0):
             if events & select.POLLHUP and not events & select.POLLIN:
                 os.close(spare[1])  # the parent closed the call pipe and nothing is left: let the spare go
@@ -225,21 +227,23 @@ def _serve(call_conn: Any, sender: _Sender, max_calls: int | None) -> None:
                 cancelled.discard(call_id)
                 if fn_bytes is not None:
                     fns[fn_id] = cloudpickle.loads(fn_bytes)
-                sender.send((SKIPPED, call_id, None))
+                sender.send((SKIPPED, call_id, None, 0.0))
                 continue
+            began = time.perf_counter()
             kind, value = _run_call(fns, fn_id, fn_bytes, args_bytes)
+            seconds = time.perf_counter() - began
             calls_done += 1
             if kind == RAISED:
                 kind, value = _exception_payload(value)
-                sender.send((kind, call_id, value))
+                sender.send((kind, call_id, value, seconds))
                 continue
             try:
-                sender.send((OK, call_id, value))
+                sender.send((OK, call_id, value, seconds))
             except Exception as why:
                 reason = (
                     f"the task's result of type {type(value).__qualname__} could not be pickled to send back "
                     f"({type(why).__name__}: {why})"
                 )
-                sender.send((UNPICKLABLE, call_id, (reason, "")))
+                sender.send((UNPICKLABLE, call_id, (reason, ""), seconds))
     except (EOFError, OSError):
         pass  # the parent closed our pipe: time to go

@@ -522,3 +522,18 @@ def test_configure_rejects_bad_settings():
     with pytest.raises(TypeError, match="max_tasks_per_worker"):
         MultiprocessTaskRun.configure(max_tasks_per_worker=1.5)
     assert MultiprocessTaskRun.start_method is None  # configure() never changes the base class
+
+
+def test_a_long_call_does_not_hold_queued_calls_behind_it():
+    """Calls that take a while go to workers one at a time: the worker on the long call takes no backlog."""
+    slow_runner = runner("fork")
+
+    @task(runner=slow_runner)
+    def nap(seconds):
+        time.sleep(seconds)
+        return os.getpid()
+
+    nap(0.05).get_result(WAIT)  # one measured call: the pool now knows calls here take a while
+    pids = nap.map([1.0] + [0.05] * 19).results(timeout=WAIT)
+    long_call_pid = pids[0]
+    assert pids.count(long_call_pid) <= 2, f"the worker busy with the long call also ran {pids.count(long_call_pid) - 1} others"

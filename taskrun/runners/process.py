@@ -35,7 +35,13 @@ logger = logging.getLogger("taskrun")
 
 _START_METHODS = ("fork", "spawn", "forkserver")
 #: Most calls sent to one worker ahead of time when there is a backlog.
-MAX_BATCH = 64
+MAX_BATCH = 256
+#: Seconds of work a worker is given ahead of time when there is a backlog: enough to keep it
+#: busy while the parent's threads take turns with the GIL, short enough to balance the end
+#: of a batch of long calls (they go one at a time).
+AHEAD_SECONDS = 0.01
+#: A worker's own cost of one call (receive, unpickle, pickle, send), added to its run time.
+CALL_OVERHEAD = 20e-6
 #: Bytes of calls a busy worker may have waiting in its pipe; more could block the supervisor.
 PIPE_BUDGET = 32 * 1024
 #: Seconds between SIGTERM and SIGKILL when a worker is ended.
@@ -267,6 +273,7 @@ class ProcessPool:
         self.pending: deque[_Call] = deque()
         self.submitted: deque[_Call] = deque()  # appended without the lock while no worker has room
         self.has_room = True  # a worker is idle, or another may start
+        self.call_seconds = 0.005  # moving average of a call's duration in a worker, with its overhead
         self.outbox: list[tuple[Any, ...]] = []
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
@@ -473,7 +480,8 @@ class ProcessPool:
         # Fresh processes (max_tasks_per_worker) take one call at a time: a queued call would
         # otherwise wait in a process that is about to be replaced.
         if len(pending) > len(free) and self.max_tasks is None:
-            depth = max(1, min(MAX_BATCH, len(pending) // max(1, len(free))))
+            ahead = int(AHEAD_SECONDS / self.call_seconds)
+            depth = max(1, min(MAX_BATCH, ahead, len(pending) // max(1, len(free))))
         for worker in free:
             if not pending:
                 break
@@ -552,7 +560,7 @@ class ProcessPool:
 
     def _handle(self, worker: _Worker, data: bytes | bytearray) -> None:
         try:
-            kind, call_id, payload = pickle.loads(data)
+            kind, call_id, payload, seconds = pickle.loads(data)
         except Exception as exc:
             call = next(iter(worker.in_flight.values()), None)
             if call is not None:
@@ -572,6 +580,7 @@ class ProcessPool:
         call = worker.in_flight.get(call_id)
         if call is None:
             return  # its run was stopped (a cancelled call's acknowledgement lands here too)
+        self.call_seconds += 0.2 * (seconds + CALL_OVERHEAD - self.call_seconds)
         self._finish_call(worker, call)
         attempt = call.attempt
         if kind == _worker.OK:
