@@ -151,7 +151,7 @@ class BaseTaskRun(Generic[R]):
         self.cached = False
         self.key: str | None = None
         self._lock = threading.Lock()
-        self._cond: threading.Condition | None = None  # made by the first waiter
+        self._waiters: list[threading.Lock] | None = None  # one held lock per blocked wait(); released when finished
         self._status = Status.PENDING
         self._finishing = False  # the outcome is decided; publishing may still be under way
         self._result: Any = None
@@ -223,10 +223,21 @@ class BaseTaskRun(Generic[R]):
         """Block until the run has finished or ``timeout`` seconds pass; True if it finished."""
         if self._status in FINISHED:
             return True
+        waiter = threading.Lock()
+        waiter.acquire()
         with self._lock:
-            if self._cond is None:
-                self._cond = threading.Condition(self._lock)
-            return self._cond.wait_for(self.done, timeout)
+            if self._status in FINISHED:
+                return True
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+        if timeout is None:
+            waiter.acquire()
+        elif not waiter.acquire(True, max(0.0, timeout)):
+            with self._lock:
+                if self._waiters is not None and waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        return self._status in FINISHED
 
     def get_result(self, timeout: float | None = None, *, wait: bool = True, raise_exceptions: bool = True) -> R:
         """The run's value, waiting for it first.
@@ -465,8 +476,9 @@ class BaseTaskRun(Generic[R]):
             self.finished_at = time.time()
             callbacks, self._callbacks = self._callbacks, None
             self._current = None
-            if self._cond is not None:
-                self._cond.notify_all()
+            waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            waiter.release()
         for fn in callbacks or ():
             self._invoke_callback(fn)
 
