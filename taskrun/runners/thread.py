@@ -6,6 +6,7 @@ import itertools
 import os
 import queue
 import threading
+from collections import deque
 from typing import Any, ClassVar
 
 from .. import _lifecycle
@@ -77,7 +78,7 @@ class _Worker:
             self.attempt = None
             if self.abandoned:
                 break
-            pool.idle.release()
+            pool.idle.append(None)
         pool.worker_exited(self)
 
     def abandon(self, attempt: Attempt) -> None:
@@ -94,7 +95,9 @@ class ThreadPool:
     def __init__(self, max_workers: int) -> None:
         self.max_workers = max_workers
         self.queue: queue.SimpleQueue[Attempt | None] = queue.SimpleQueue()
-        self.idle = threading.Semaphore(0)
+        # One token per thread that finished a call and went back to the queue. deque appends and
+        # pops are atomic, so threads never contend for a lock just to say they are free.
+        self.idle: deque[None] = deque()
         self.lock = threading.Lock()
         self.workers: set[_Worker] = set()  # threads that take work (not abandoned)
         self.all_workers: set[_Worker] = set()
@@ -104,7 +107,9 @@ class ThreadPool:
         if self.closed:
             raise RuntimeError("this ThreadTaskRun pool was shut down")
         self.queue.put(attempt)
-        if not self.idle.acquire(blocking=False):
+        try:
+            self.idle.pop()
+        except IndexError:
             with self.lock:
                 if len(self.workers) < self.max_workers:
                     self._start_worker()
