@@ -51,6 +51,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         task: Task[..., R],
         *,
         window: int,
+        explicit_window: bool = True,
         stop_when: Callable[[], object] | None,
         bar: Any = None,
     ) -> None:
@@ -60,7 +61,12 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         self._lock = threading.Lock()  # entered directly (cheaper than the condition) on the per-item paths
         self._cond = threading.Condition(self._lock)
         self._waiting = 0  # threads blocked on _cond: notify only when someone listens
+        self._watching = 0  # of those, the ones that want every completion (as_completed, iteration)
+        self._feeder_waits = False  # the feeder waits for room in the window
         self._window = window
+        # With the default window the feeder refills in halves, not a call at a time: one wake-up
+        # per many runs. An explicit max_concurrency is refilled slot by slot.
+        self._refill_at = window - 1 if explicit_window else window // 2
         self._in_flight = 0
         self._finished = 0
         self._failed = 0
@@ -98,7 +104,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         while True:
             with self._lock:
                 while i >= len(runs) and self._feeding:
-                    self._wait(None)
+                    self._wait(None, watching=True)
                 feeding = self._feeding
             while i < len(runs):
                 yield runs[i]
@@ -150,7 +156,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                     if remaining is not None and remaining <= 0:
                         left = len(self._runs) - self._finished
                         raise TimeoutError(f"{self._label()}: {left} run(s) or more unfinished after {timeout} s")
-                    self._wait(remaining)
+                    self._wait(remaining, watching=True)
                 done = self._done
                 batch = completed[i:]
             i += len(batch)
@@ -158,12 +164,14 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
             if done and i >= len(completed):
                 return
 
-    def _wait(self, timeout: float | None) -> None:
+    def _wait(self, timeout: float | None, watching: bool = False) -> None:
         self._waiting += 1
+        self._watching += watching
         try:
             self._cond.wait(timeout)
         finally:
             self._waiting -= 1
+            self._watching -= watching
 
     # ---- stopping and counting ------------------------------------------------------------
 
@@ -213,8 +221,11 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         try:
             for item in items:
                 with lock:
-                    while self._in_flight >= window and self._halt is None:
-                        self._wait(None)
+                    if self._in_flight >= window and self._halt is None:
+                        self._feeder_waits = True
+                        while self._in_flight > self._refill_at and self._halt is None:
+                            self._wait(None)
+                        self._feeder_waits = False
                     halt = self._halt
                     if halt is not None and halt is not _STOP_WHEN:
                         break  # stopped or shut down: leave the rest of the input unread
@@ -319,7 +330,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                 self._cached += 1
             self._completed.append(run)
             finished = self._finished == len(self._runs) and not self._feeding
-            if self._waiting:
+            if self._watching or (self._feeder_waits and self._in_flight <= self._refill_at):
                 self._cond.notify_all()
         if self._stop_when is not None and self._halt is None:
             # Asked here too, before this worker takes its next call, so that runs already queued
@@ -404,7 +415,9 @@ def start_map(
     except TypeError:
         raise TypeError(f"{task.name}.{method}() needs an iterable of items, got {type(items).__name__}") from None
     bar = _make_bar(task, items) if progress else None
-    group = RunGroup(task, window=max_concurrency or DEFAULT_WINDOW, stop_when=stop_when, bar=bar)
+    group = RunGroup(
+        task, window=max_concurrency or DEFAULT_WINDOW, explicit_window=max_concurrency is not None, stop_when=stop_when, bar=bar
+    )
     if task.runner.inline:
         group._feed(iterator, star)
         return group

@@ -26,6 +26,7 @@ class Pool(Protocol):
 
 
 _pools: dict[Hashable, Pool] = {}
+pools = _pools  # read without the lock on hot paths; changed only under it
 _lock = threading.Lock()
 _feeders: set[Pool] = set()  # map() feeder threads: stopped before the pools they feed
 

@@ -348,8 +348,9 @@ class BaseTaskRun(Generic[R]):
         except Exception as exc:
             attempt.set_exception(exc)
 
-    def _attempt_started(self, attempt: Attempt) -> None:
-        now = time.time()
+    def _attempt_started(self, attempt: Attempt, now: float | None = None) -> None:
+        if now is None:
+            now = time.time()
         with self._lock:
             if self._finishing or attempt is not self._current or attempt._started_at is not None:
                 return

@@ -79,9 +79,14 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
         else:
             positive_int_or_none("MultiprocessTaskRun", name, value)
 
+    _pool_used: ProcessPool | None = None  # the pool of this run's first attempt
+
     @classmethod
     def _pool(cls) -> ProcessPool:
-        return _lifecycle.get_pool(cls, lambda: ProcessPool(cls))  # type: ignore[return-value]
+        pool = _lifecycle.pools.get(cls)
+        if pool is None:
+            pool = _lifecycle.get_pool(cls, lambda: ProcessPool(cls))
+        return pool  # type: ignore[return-value]
 
     def prepare(self) -> None:
         task = self.task
@@ -101,7 +106,7 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
 
     def start_attempt(self, attempt: Attempt) -> None:
         # Retries go to the pool of the first attempt while it lives (it may be finishing at exit).
-        pool = getattr(self, "_pool_used", None)
+        pool = self._pool_used
         if pool is None or pool.closing in ("now", "closed"):
             pool = self._pool_used = self._pool()
         pool.submit(attempt)
@@ -497,24 +502,27 @@ class ProcessPool:
         return started
 
     def _send_batch(self, worker: _Worker, depth: int) -> None:
-        pending, fresh = self.pending, self.max_tasks is not None
+        pending, fresh, in_flight = self.pending, self.max_tasks is not None, worker.in_flight
         batch: list[tuple[int, int, bytes | None, bytes]] = []
         calls: list[_Call] = []
         size = 0
-        while pending and len(worker.in_flight) + len(batch) < depth:
+        room = depth - len(in_flight)
+        while pending and len(batch) < room:
             call = pending[0]
             attempt = call.attempt
-            if attempt.reported:
+            if attempt._reported:
                 pending.popleft()
                 continue
-            if attempt.timeout is not None and (worker.in_flight or batch):
-                break  # a call with a timeout starts at once, never queued behind another
             run = attempt.run
-            fn_id, fn_bytes = run.task._process_payload  # type: ignore[attr-defined]
+            task = run.task
+            timeout = task.timeout
+            if timeout is not None and (in_flight or batch):
+                break  # a call with a timeout starts at once, never queued behind another
+            fn_id, fn_bytes = task._process_payload  # type: ignore[attr-defined]
             send_fn = None if fn_id in worker.fns_sent and not fresh else fn_bytes
             args_bytes = run._args_bytes  # type: ignore[attr-defined]
             call_size = len(args_bytes) + (len(send_fn) if send_fn is not None else 0) + 64
-            if (worker.in_flight or batch) and worker.bytes_in_flight + size + call_size > PIPE_BUDGET:
+            if (in_flight or batch) and worker.bytes_in_flight + size + call_size > PIPE_BUDGET:
                 break
             pending.popleft()
             if send_fn is not None:
@@ -523,7 +531,7 @@ class ProcessPool:
             calls.append(call)
             call.size = call_size
             size += call_size
-            if attempt.timeout is not None:
+            if timeout is not None:
                 break
         if not batch:
             return
@@ -534,10 +542,11 @@ class ProcessPool:
             worker.fns_sent.clear()
             return
         worker.bytes_in_flight += size
+        now = time.time()
         for call in calls:
             call.worker = worker
-            worker.in_flight[call.id] = call
-            call.attempt.mark_started()
+            in_flight[call.id] = call
+            call.attempt.run._attempt_started(call.attempt, now)
 
     def _read_once(self, worker: _Worker) -> None:
         """Handle what one read brings (the pipe was reported readable); poll reports the rest."""
