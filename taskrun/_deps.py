@@ -23,19 +23,12 @@ _CONTAINERS = (list, tuple, dict, set, frozenset)
 
 def find_upstream(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[BaseTaskRun[Any]] | None:
     """The distinct handles among the arguments (in argument order), or None if there are none."""
-    handle_type = _run.BaseTaskRun
-    found: dict[int, BaseTaskRun[Any]] | None = None
-    for value in (*args, *kwargs.values()) if kwargs else args:
-        if isinstance(value, handle_type):
-            if found is None:
-                found = {}
-            found[id(value)] = value
-        elif type(value) in _CONTAINERS:
-            found = _scan(value, found, handle_type)
+    found = _scan((*args, *kwargs.values()) if kwargs else args, None, _run.BaseTaskRun)
     return list(found.values()) if found else None
 
 
 def _scan(container: Any, found: dict[int, Any] | None, handle_type: type) -> dict[int, Any] | None:
+    """Add the handles in ``container`` (and in the plain containers inside it) to ``found``."""
     for value in container.values() if type(container) is dict else container:
         if isinstance(value, handle_type):
             if found is None:
