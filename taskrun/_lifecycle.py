@@ -62,8 +62,8 @@ def forget_pool(pool: Pool) -> None:
 def drop_pools(runner: type) -> list[Pool]:
     """Forget the pools of ``runner`` and of its configured subclasses; the caller shuts them down."""
     with _lock:
-        mine = [cls for cls in _pools if issubclass(cls, runner)]
-        return [_pools.pop(cls) for cls in mine]
+        mine = [key for key in _pools if isinstance(key, type) and issubclass(key, runner)]
+        return [_pools.pop(key) for key in mine]
 
 
 def shutdown(wait: bool = True) -> None:

@@ -532,3 +532,12 @@ def test_when_the_file_cannot_be_written_outcomes_still_arrive_and_claims_fail(d
     assert isinstance(error, LedgerError) and "could not be written" in str(error)
     assert "disk I/O error" in caplog.text
     assert inc(1).get_result(timeout=WAIT) == 2  # stored results still answer from memory
+
+
+def test_a_runner_shuts_down_while_a_ledger_is_open(tmp_path):
+    """Runner.shutdown() ends that runner's pools only, next to a ledger's own threads."""
+    recorded = task(runner=ThreadTaskRun, ledger=str(tmp_path / "runs.db"), name="echo")(lambda x: x)
+    assert recorded(1).get_result(10) == 1
+    ThreadTaskRun.shutdown()
+    assert recorded(2).get_result(10) == 2  # the pool starts again; the ledger still records
+    assert Ledger(tmp_path / "runs.db").summary()["echo"]["succeeded"] == 2
