@@ -6,15 +6,12 @@ import functools
 import math
 import os
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from ._config import runner_from_spec, runner_spec
 from ._group import RunGroup, start_map
 from ._retry import RetryPolicy
 from ._run import BaseTaskRun
-
-if TYPE_CHECKING:
-    pass
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -88,6 +85,12 @@ class Task(Generic[P, R]):
         run: BaseTaskRun[R] = self.runner(self, args, kwargs)
         run._start()
         return run
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        """Used as a method, a task is called with the instance as its first argument."""
+        if instance is None:
+            return self
+        return functools.partial(self, instance)
 
     def map(
         self,

@@ -286,3 +286,16 @@ def test_a_task_pickles_as_its_function_and_options(tmp_path):
     assert copy.runner is runner  # configure() with the same settings gives the same class
     assert copy.ledger == original.ledger
     assert copy.ledger.path == str(tmp_path / "runs.db")
+
+
+def test_a_task_used_as_a_method_gets_its_instance():
+    class Counter:
+        def __init__(self, start):
+            self.start = start
+
+        @task(runner=SequentialTaskRun)
+        def plus(self, n):
+            return self.start + n
+
+    assert Counter(40).plus(2).get_result() == 42
+    assert Counter.plus.name.endswith("Counter.plus")
