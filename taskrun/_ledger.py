@@ -966,6 +966,7 @@ class _Store:
         self._thread = threading.Thread(
             target=self._loop, name=f"taskrun-ledger-{self._name}-{next(_thread_numbers)}", daemon=True
         )
+        self._thread.taskrun_delivers = True  # type: ignore[attr-defined]  # see BaseTaskRun.wait
         self._thread.start()
         _lifecycle.register_feeder(self._claims_phase)
         _lifecycle.get_pool(("ledger", self), lambda: self._records_phase)  # type: ignore[arg-type]

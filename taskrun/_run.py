@@ -223,6 +223,11 @@ class BaseTaskRun(Generic[R]):
         """Block until the run has finished or ``timeout`` seconds pass; True if it finished."""
         if self._status in FINISHED:
             return True
+        if getattr(threading.current_thread(), "taskrun_delivers", False):
+            raise RuntimeError(
+                f"waiting for {self.id} on a taskrun pool's own thread (in a done callback) would block that "
+                "pool for good; wait in your own thread, or chain work by passing the handle to a task"
+            )
         waiter = threading.Lock()
         waiter.acquire()
         with self._lock:

@@ -537,3 +537,28 @@ def test_a_long_call_does_not_hold_queued_calls_behind_it():
     pids = nap.map([1.0] + [0.05] * 19).results(timeout=WAIT)
     long_call_pid = pids[0]
     assert pids.count(long_call_pid) <= 2, f"the worker busy with the long call also ran {pids.count(long_call_pid) - 1} others"
+
+
+def test_waiting_inside_a_done_callback_raises_instead_of_hanging():
+    """A callback on the pool's thread that waits for another run of the pool would block it for good."""
+    one_worker = runner("fork", max_workers=1)
+
+    @task(runner=one_worker)
+    def nap(x):
+        time.sleep(0.3)  # long enough that the callback below is registered before the run ends
+        return x
+
+    seen = []
+
+    def callback(run):
+        try:
+            seen.append(nap(3).get_result(WAIT))
+        except RuntimeError as exc:
+            seen.append(exc)
+
+    first = nap(1)
+    first.add_done_callback(callback)
+    assert first.get_result(WAIT) == 1
+    wait_for(lambda: seen, WAIT, "the callback")
+    assert isinstance(seen[0], RuntimeError) and "done callback" in str(seen[0])
+    assert nap(4).get_result(WAIT) == 4  # the pool still serves

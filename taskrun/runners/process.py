@@ -286,6 +286,7 @@ class ProcessPool:
         self.closing: str | None = None  # "wait", "now", then "closed"
         self.closed = threading.Event()
         self.thread = threading.Thread(target=self._supervise, name="taskrun-process-pool", daemon=True)
+        self.thread.taskrun_delivers = True  # type: ignore[attr-defined]  # see BaseTaskRun.wait
         self.thread.start()
 
     # ---- entry points from any thread ------------------------------------------------------
