@@ -48,6 +48,7 @@ FINISHED = frozenset({Status.SUCCEEDED, Status.FAILED, Status.STOPPED, Status.SK
 
 _local = threading.local()
 _run_numbers = itertools.count(1)
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 
 
 def stop_requested() -> bool:
@@ -147,7 +148,7 @@ class BaseTaskRun(Generic[R]):
         self.args = args
         self.kwargs = kwargs
         self.name: str = task.name
-        self.id: str = f"{task.name}#{next(_run_numbers)}"
+        self._number = next(_run_numbers)
         self.cached = False
         self.key: str | None = None
         self._lock = threading.Lock()
@@ -198,6 +199,11 @@ class BaseTaskRun(Generic[R]):
         return configure(cls, settings)
 
     # ---- the public handle ------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        """Unique id of this run in this process: the task name and a sequence number, ``inc#3``."""
+        return f"{self.name}#{self._number}"
 
     @property
     def status(self) -> Status:
@@ -324,7 +330,11 @@ class BaseTaskRun(Generic[R]):
         Arguments that are handles of other runs are waited for here (see ``_deps``) before
         :meth:`_launch`: without blocking the caller, unless the runner is ``inline``.
         """
-        upstream = _deps.find_upstream(self.args, self.kwargs)
+        args = self.args
+        if not self.kwargs and all(type(arg) in _PLAIN for arg in args):
+            self._launch()  # the usual call: nothing in the arguments can be a handle
+            return
+        upstream = _deps.find_upstream(args, self.kwargs)
         if upstream is None:
             self._launch()
         elif self.inline:
