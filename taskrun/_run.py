@@ -160,7 +160,7 @@ class BaseTaskRun(Generic[R]):
         self._attempts = 0
         self._current: Attempt | None = None
         self._retry_timer: TimerHandle | None = None
-        self._callbacks: list[Callable[[BaseTaskRun[R]], Any]] | None = []
+        self._callbacks: list[Callable[[BaseTaskRun[R]], Any]] | None = None  # made by the first callback
         self.started_at: float | None = None
         self.finished_at: float | None = None
 
@@ -287,7 +287,9 @@ class BaseTaskRun(Generic[R]):
     def add_done_callback(self, fn: Callable[[BaseTaskRun[R]], Any]) -> None:
         """Call ``fn(run)`` once the run has finished; at once if it already has."""
         with self._lock:
-            if self._callbacks is not None:
+            if self._status not in FINISHED:
+                if self._callbacks is None:
+                    self._callbacks = []
                 self._callbacks.append(fn)
                 return
         self._invoke_callback(fn)
@@ -330,11 +332,14 @@ class BaseTaskRun(Generic[R]):
         Arguments that are handles of other runs are waited for here (see ``_deps``) before
         :meth:`_launch`: without blocking the caller, unless the runner is ``inline``.
         """
-        args = self.args
-        if not self.kwargs and all(type(arg) in _PLAIN for arg in args):
-            self._launch()  # the usual call: nothing in the arguments can be a handle
-            return
-        upstream = _deps.find_upstream(args, self.kwargs)
+        if not self.kwargs:
+            for arg in self.args:
+                if type(arg) not in _PLAIN:
+                    break
+            else:
+                self._launch()  # the usual call: nothing in the arguments can be a handle
+                return
+        upstream = _deps.find_upstream(self.args, self.kwargs)
         if upstream is None:
             self._launch()
         elif self.inline:

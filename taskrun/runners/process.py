@@ -79,8 +79,6 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
         else:
             positive_int_or_none("MultiprocessTaskRun", name, value)
 
-    _pool_used: ProcessPool | None = None  # the pool of this run's first attempt
-
     @classmethod
     def _pool(cls) -> ProcessPool:
         pool = _lifecycle.pools.get(cls)
@@ -97,6 +95,7 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
             except Exception as exc:
                 raise SerializationError(f"the function of task {task.name} could not be pickled: {exc}") from exc
             payload = task._process_payload = (next(_fn_ids), fn_bytes)  # type: ignore[attr-defined]
+        self._pool_used: ProcessPool | None = None
         try:
             self._args_bytes = _worker.dumps((self.args, self.kwargs))
         except Exception as exc:
@@ -106,6 +105,8 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
 
     def start_attempt(self, attempt: Attempt) -> None:
         # Retries go to the pool of the first attempt while it lives (it may be finishing at exit).
+        if not hasattr(self, "_args_bytes"):  # a subclass's prepare() did not call ours
+            MultiprocessTaskRun.prepare(self)
         pool = self._pool_used
         if pool is None or pool.closing in ("now", "closed"):
             pool = self._pool_used = self._pool()
