@@ -88,13 +88,12 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
 
     def prepare(self) -> None:
         task = self.task
-        payload = getattr(task, "_process_payload", None)
-        if payload is None:
+        if getattr(task, "_process_payload", None) is None:  # the function is pickled once per task
             try:
                 fn_bytes = cloudpickle.dumps(task.fn, _worker.PROTOCOL)
             except Exception as exc:
                 raise SerializationError(f"the function of task {task.name} could not be pickled: {exc}") from exc
-            payload = task._process_payload = (next(_fn_ids), fn_bytes)  # type: ignore[attr-defined]
+            task._process_payload = (next(_fn_ids), fn_bytes)  # type: ignore[attr-defined]
         self._pool_used: ProcessPool | None = None
         try:
             self._args_bytes = _worker.dumps((self.args, self.kwargs))
@@ -369,16 +368,16 @@ class ProcessPool:
         for item in out:
             kind = item[0]
             try:
-                if kind is _worker.OK:
+                if kind == _worker.OK:
                     item[1].set_result(item[2])
-                elif kind is _worker.RAISED:
+                elif kind == _worker.RAISED:
                     item[1].set_exception(item[2])
-                elif kind is _worker.LOG:
+                elif kind == _worker.LOG:
                     record = logging.makeLogRecord(item[1])
                     target = logging.getLogger(record.name)
                     if target.isEnabledFor(record.levelno):
                         target.handle(record)
-                elif kind is _worker.WARN:
+                elif kind == _worker.WARN:
                     message, category, filename, lineno = item[1]
                     try:
                         warnings.warn_explicit(message, category, filename, lineno)

@@ -32,7 +32,10 @@ class ThreadTaskRun(BaseTaskRun[R]):
 
     @classmethod
     def _pool(cls) -> ThreadPool:
-        return _lifecycle.get_pool(cls, lambda: ThreadPool.for_runner(cls))  # type: ignore[return-value]
+        pool = _lifecycle.pools.get(cls)
+        if pool is None:
+            pool = _lifecycle.get_pool(cls, lambda: ThreadPool.for_runner(cls))
+        return pool  # type: ignore[return-value]
 
     def start_attempt(self, attempt: Attempt) -> None:
         self._pool().submit(attempt)
