@@ -16,6 +16,7 @@ import os
 import pickle
 import select
 import signal
+import struct
 import sys
 import threading
 import time
@@ -29,6 +30,8 @@ import cloudpickle
 CALLS, CANCEL = "calls", "cancel"
 OK, RAISED, SKIPPED, UNPICKLABLE, LOG, WARN, DIED = range(7)
 PROTOCOL = pickle.HIGHEST_PROTOCOL
+SMALL_FRAME = 4000  # bytes: with its header, one pipe write that cannot be split (PIPE_BUF is 4096)
+_frame_header = struct.Struct("!i").pack
 
 
 def dumps(obj: Any) -> bytes:
@@ -40,16 +43,26 @@ def dumps(obj: Any) -> bytes:
 
 
 class _Sender:
-    """The result pipe, shared by the call loop and by log records from any thread of a task."""
+    """The result pipe, shared by the call loop and by log records from any thread of a task.
+
+    Small messages are framed as ``Connection.send_bytes`` frames them (a 4-byte big-endian
+    length, then the bytes) and written in one system call; larger ones go through the
+    connection, which also handles partial writes.
+    """
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
+        self.fd = conn.fileno()
         self.lock = threading.Lock()
 
     def send(self, message: tuple[Any, ...]) -> None:
         data = dumps(message)
+        size = len(data)
         with self.lock:
-            self.conn.send_bytes(data)
+            if size < SMALL_FRAME:
+                os.write(self.fd, _frame_header(size) + data)  # atomic: a pipe write under PIPE_BUF
+            else:
+                self.conn.send_bytes(data)
 
 
 class _ForwardHandler(logging.Handler):
@@ -206,7 +219,8 @@ def _serve(call_conn: Any, sender: _Sender, max_calls: int | None) -> None:
     queued: deque[tuple[int, int, bytes | None, bytes]] = deque()
     cancelled: set[int] = set()
     calls_done = 0
-    call_fd = call_conn.fileno()
+    arrivals = select.poll()
+    arrivals.register(call_conn.fileno(), select.POLLIN)
 
     def take(message: tuple[Any, ...]) -> None:
         if message[0] == CALLS:
@@ -218,7 +232,7 @@ def _serve(call_conn: Any, sender: _Sender, max_calls: int | None) -> None:
         while max_calls is None or calls_done < max_calls:
             if not queued:
                 take(pickle.loads(call_conn.recv_bytes()))
-            while max_calls is None and select.select([call_fd], [], [], 0)[0]:  # cancels arrive while we work
+            while max_calls is None and arrivals.poll(0):  # cancels arrive while we work
                 take(pickle.loads(call_conn.recv_bytes()))
             if not queued:
                 continue

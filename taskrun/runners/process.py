@@ -422,6 +422,7 @@ class ProcessPool:
                     deadlines = [w.kill_at for w in self.workers if w.kill_at is not None]
                     out = self._take_outbox()
                 self._deliver(out)
+                del out  # its runs are the callers' now: do not keep them alive while we wait
                 if finished:
                     break
                 if current != watched:
@@ -613,6 +614,7 @@ class ProcessPool:
         worker.in_flight.pop(call.id, None)
         worker.bytes_in_flight -= call.size
         call.worker = None
+        call.attempt.runner_state = None  # no attempt <-> call cycle: the run is freed without the GC
 
     def _reap(self, worker: _Worker) -> None:
         """A worker exited: drain what it sent, then settle its calls and forget it."""
