@@ -256,8 +256,16 @@ def _machine() -> str:
 _HOST = socket.gethostname()
 _MACHINE = _machine()
 
+_own_start: tuple[int, str] | None = None
 
-_OWN_START = _process_start(os.getpid())
+
+def _own_process_start() -> str:
+    """This process's start time, read once per process (not in every forked child: few need it)."""
+    global _own_start
+    pid = os.getpid()
+    if _own_start is None or _own_start[0] != pid:
+        _own_start = (pid, _process_start(pid))
+    return _own_start[1]
 
 
 def _owner_alive(machine: str | None, pid: int | None, pid_start: str | None, lease_until: float | None, now: float) -> bool:
@@ -271,7 +279,7 @@ def _owner_alive(machine: str | None, pid: int | None, pid_start: str | None, le
     if machine != _MACHINE:
         return lease_until is not None and lease_until > now
     if pid == os.getpid():
-        return pid_start == _OWN_START
+        return pid_start == _own_process_start()
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()
@@ -1273,7 +1281,7 @@ class _Store:
             conn.executemany("DELETE FROM owners WHERE owner = ?", [(o,) for o in dead])
             conn.execute(
                 "INSERT OR REPLACE INTO owners (owner, host, machine, pid, pid_start, lease_until) VALUES (?, ?, ?, ?, ?, ?)",
-                (self._owner, _HOST, _MACHINE, os.getpid(), _OWN_START, now + LEASE),
+                (self._owner, _HOST, _MACHINE, os.getpid(), _own_process_start(), now + LEASE),
             )
             conn.execute("COMMIT")
         except BaseException:
@@ -1416,11 +1424,11 @@ def _check_identity(path: str, app_id: int, version: int, tables: list[str]) -> 
 
 
 def _after_fork_in_child() -> None:
-    global _stores_lock, _OWN_START
+    global _stores_lock
     _stores_lock = threading.Lock()
-    _OWN_START = _process_start(os.getpid())
-    for store in list(_stores.values()):
-        store._after_fork_in_child()
+    if _stores:
+        for store in list(_stores.values()):
+            store._after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):

@@ -11,6 +11,7 @@ ends without finishing.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pickle
@@ -193,6 +194,7 @@ def _fork_server(call_conn: Any, sender: _Sender, max_calls: int) -> tuple[int, 
     """Fork a child that waits for a go byte, serves ``max_calls`` calls and says it finished."""
     go_r, go_w = os.pipe()
     done_r, done_w = os.pipe()
+    gc.freeze()  # the child's collections then skip (and never write to) every object it inherits
     pid = os.fork()
     if pid == 0:
         os.close(go_w)
