@@ -109,17 +109,21 @@ def _forward_logging(sender: _Sender, levels: dict[str, int]) -> None:
     warnings.showwarning = show_warning
 
 
-def _read_exactly(fd: int, size: int) -> bytes:
+def _read_exactly(fd: int, size: int) -> bytes | bytearray:
     data = os.read(fd, size)
     if len(data) == size:
         return data
-    buffer = bytearray(data)
-    while len(buffer) < size:
-        chunk = os.read(fd, size - len(buffer))
-        if not chunk:
+    if not data:
+        raise EOFError("the parent closed the call pipe in the middle of a message")
+    buffer = bytearray(size)  # a big message: read the rest straight into place
+    buffer[: len(data)] = data
+    view = memoryview(buffer)[len(data) :]
+    while len(view):
+        n = os.readv(fd, [view])
+        if n == 0:
             raise EOFError("the parent closed the call pipe in the middle of a message")
-        buffer += chunk
-    return bytes(buffer)
+        view = view[n:]
+    return buffer
 
 
 def _receive(fd: int) -> Any:

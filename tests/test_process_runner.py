@@ -6,6 +6,7 @@ the test "I have started" by writing a file (atomically) that the test polls for
 deadline. Every test ends with no child process left (see ``_no_child_processes``).
 """
 
+import hashlib
 import logging
 import os
 import signal
@@ -90,6 +91,10 @@ def getpid():
 
 def double(x):
     return 2 * x
+
+
+def sha256_hex(data):
+    return hashlib.sha256(data).hexdigest()
 
 
 def big_bytes(size):
@@ -200,6 +205,18 @@ def test_100mb_result_comes_back_intact(method):
     assert data[-3:] == bytes([253, 254, 255])
     del data
     assert run.status is Status.SUCCEEDED
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("fresh", [None, 1], ids=["reused", "fresh"])
+def test_100mb_argument_reaches_the_worker_intact(method, fresh):
+    data = bytes(range(256)) * (100 * 1024 * 1024 // 256)
+    digest = task(runner=runner(method, max_tasks_per_worker=fresh))(sha256_hex)
+    assert digest(data).get_result(timeout=WAIT) == hashlib.sha256(data).hexdigest()
+    # Small calls after the big one: the worker is still reading its pipe message by message.
+    assert digest.map([b"", b"x" * 70_000]).results(timeout=WAIT) == [
+        hashlib.sha256(b"").hexdigest(), hashlib.sha256(b"x" * 70_000).hexdigest()
+    ]
 
 
 @pytest.mark.parametrize("method", METHODS)
