@@ -217,7 +217,6 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         lock = self._lock
         window = self._window
         stop_when = self._stop_when
-        on_done = self._on_done
         try:
             for item in items:
                 with lock:
@@ -238,6 +237,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                 else:
                     args = (item,)
                 run = runner(task, args, {})
+                run._group = self  # its end is counted in _on_done
                 runs.append(run)
                 if halt is None and stop_when is not None:
                     self._may_start()
@@ -250,7 +250,6 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                         run._start()
                     except Exception as exc:  # rejected (e.g. arguments a worker cannot receive): this item fails
                         run._conclude(Status.FAILED, exc=exc)
-                run.add_done_callback(on_done)
         except BaseException as exc:
             self._error = exc
             logger.error("%s: reading the input raised %s: %s; no more items are read", self._label(), type(exc).__name__, exc)

@@ -161,6 +161,7 @@ class BaseTaskRun(Generic[R]):
         self._current: Attempt | None = None
         self._retry_timer: TimerHandle | None = None
         self._callbacks: list[Callable[[BaseTaskRun[R]], Any]] | None = None  # made by the first callback
+        self._group: Any = None  # the RunGroup of the map() that made this run: told first when it finishes
         self.started_at: float | None = None
         self.finished_at: float | None = None
 
@@ -496,10 +497,13 @@ class BaseTaskRun(Generic[R]):
             self._exception = exc
             self.finished_at = time.time()
             callbacks, self._callbacks = self._callbacks, None
+            group, self._group = self._group, None
             self._current = None
             waiters, self._waiters = self._waiters, None
         for waiter in waiters or ():
             waiter.release()
+        if group is not None:
+            self._invoke_callback(group._on_done)
         for fn in callbacks or ():
             self._invoke_callback(fn)
 
