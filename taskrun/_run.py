@@ -45,6 +45,7 @@ class Status(str, Enum):
 
 
 FINISHED = frozenset({Status.SUCCEEDED, Status.FAILED, Status.STOPPED, Status.SKIPPED})
+_PENDING, _RUNNING, _SUCCEEDED = Status.PENDING, Status.RUNNING, Status.SUCCEEDED  # enum lookups cost on hot paths
 
 _local = threading.local()
 _run_numbers = itertools.count(1)
@@ -153,7 +154,7 @@ class BaseTaskRun(Generic[R]):
         self.key: str | None = None
         self._lock = threading.Lock()
         self._waiters: list[threading.Lock] | None = None  # one held lock per blocked wait(); released when finished
-        self._status = Status.PENDING
+        self._status = _PENDING
         self._finishing = False  # the outcome is decided; publishing may still be under way
         self._result: Any = None
         self._exception: BaseException | None = None
@@ -376,8 +377,8 @@ class BaseTaskRun(Generic[R]):
             if self._finishing or attempt is not self._current or attempt._started_at is not None:
                 return
             attempt._started_at = now
-            if self._status is Status.PENDING:
-                self._status = Status.RUNNING
+            if self._status is _PENDING:
+                self._status = _RUNNING
                 self.started_at = now
         timeout = self.task.timeout
         if timeout is not None and self.preemptive_timeout:
@@ -415,7 +416,10 @@ class BaseTaskRun(Generic[R]):
         if finished:
             if attempt._timeout_timer is not None:
                 attempt._timeout_timer.cancel()
-            self._record(Status.SUCCEEDED, value, None)
+            if self.key is None:
+                self._publish(_SUCCEEDED, value)
+            else:
+                self.task.ledger._record(self, _SUCCEEDED, value, None)  # the ledger launched this run
             return
         self._attempt_outcome(attempt, ok, value)
 
@@ -503,7 +507,10 @@ class BaseTaskRun(Generic[R]):
         for waiter in waiters or ():
             waiter.release()
         if group is not None:
-            self._invoke_callback(group._on_done)
+            try:
+                group._on_done(self)
+            except Exception:
+                logger.exception("%s: its map group failed to count it", self.id)
         for fn in callbacks or ():
             self._invoke_callback(fn)
 

@@ -34,6 +34,7 @@ from ..errors import RemoteTraceback, SerializationError, TaskrunError, TaskStop
 logger = logging.getLogger("taskrun")
 
 _START_METHODS = ("fork", "spawn", "forkserver")
+_OK = _worker.OK
 #: Most calls sent to one worker ahead of time when there is a backlog.
 MAX_BATCH = 256
 #: Seconds of work a worker is given ahead of time when there is a backlog: enough to keep it
@@ -67,6 +68,8 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
     start_method: ClassVar[str | None] = None
     max_workers: ClassVar[int | None] = None
     max_tasks_per_worker: ClassVar[int | None] = None
+    _args_bytes: bytes | None = None  # the pickled (args, kwargs), made by prepare()
+    _pool_used: ProcessPool | None = None  # the pool of the first attempt, which retries go to
 
     @staticmethod
     def validate_setting(name: str, value: Any) -> None:
@@ -94,21 +97,23 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
             except Exception as exc:
                 raise SerializationError(f"the function of task {task.name} could not be pickled: {exc}") from exc
             task._process_payload = (next(_fn_ids), fn_bytes)  # type: ignore[attr-defined]
-        self._pool_used: ProcessPool | None = None
         try:
-            self._args_bytes = _worker.dumps((self.args, self.kwargs))
-        except Exception as exc:
-            raise SerializationError(
-                f"the arguments of {self.id} could not be pickled to send to a worker process: {exc}"
-            ) from exc
+            self._args_bytes = pickle.dumps((self.args, self.kwargs), _worker.PROTOCOL)
+        except Exception:
+            try:
+                self._args_bytes = cloudpickle.dumps((self.args, self.kwargs), _worker.PROTOCOL)
+            except Exception as exc:
+                raise SerializationError(
+                    f"the arguments of {self.id} could not be pickled to send to a worker process: {exc}"
+                ) from exc
 
     def start_attempt(self, attempt: Attempt) -> None:
         # Retries go to the pool of the first attempt while it lives (it may be finishing at exit).
-        if not hasattr(self, "_args_bytes"):  # a subclass's prepare() did not call ours
-            MultiprocessTaskRun.prepare(self)
         pool = self._pool_used
         if pool is None or pool.closing in ("now", "closed"):
-            pool = self._pool_used = self._pool()
+            if self._args_bytes is None:  # a subclass's prepare() did not call ours
+                MultiprocessTaskRun.prepare(self)
+            pool = self._pool_used = _lifecycle.pools.get(type(self)) or self._pool()  # type: ignore[assignment]
         pool.submit(attempt)
 
     def stop_attempt(self, attempt: Attempt) -> None:
@@ -156,8 +161,12 @@ class _FrameReader:
         if not chunk:
             self.eof = True
             return []
-        buffer = self.buffer
-        buffer += chunk
+        buffer: bytes | bytearray
+        if self.buffer:
+            buffer = self.buffer
+            buffer += chunk
+        else:
+            buffer = chunk  # the usual case, whole frames: sliced straight out of what was read
         frames: list[bytes | bytearray] = []
         pos, end = 0, len(buffer)
         while end - pos >= 4:
@@ -170,7 +179,7 @@ class _FrameReader:
                 header = 12
             start = pos + header
             if end - start >= size:
-                frames.append(bytes(buffer[start : start + size]))
+                frames.append(buffer[start : start + size])
                 pos = start + size
             elif size > self.CHUNK:  # a big frame: read the rest straight into place, now
                 frame = bytearray(size)
@@ -182,7 +191,11 @@ class _FrameReader:
                 break
             else:
                 break
-        del buffer[:pos]
+        if buffer is chunk:
+            if pos < end:
+                self.buffer = bytearray(chunk[pos:])
+        else:
+            del buffer[:pos]
         return frames
 
     def _read_into(self, view: memoryview) -> None:
@@ -368,8 +381,9 @@ class ProcessPool:
         for item in out:
             kind = item[0]
             try:
-                if kind == _worker.OK:
-                    item[1].set_result(item[2])
+                if kind == _OK:
+                    attempt = item[1]
+                    attempt.run._attempt_finished(attempt, True, item[2])
                 elif kind == _worker.RAISED:
                     item[1].set_exception(item[2])
                 elif kind == _worker.LOG:
@@ -509,6 +523,7 @@ class ProcessPool:
         calls: list[_Call] = []
         size = 0
         room = depth - len(in_flight)
+        task = fn_id = send_fn = timeout = None  # of the previous call: a batch is mostly one task's
         while pending and len(batch) < room:
             call = pending[0]
             attempt = call.attempt
@@ -516,23 +531,26 @@ class ProcessPool:
                 pending.popleft()
                 continue
             run = attempt.run
-            task = run.task
-            timeout = task.timeout
+            if run.task is not task:
+                task = run.task
+                timeout = task.timeout
+                fn_id, fn_bytes = task._process_payload  # type: ignore[attr-defined]
+                send_fn = None if fn_id in worker.fns_sent and not fresh else fn_bytes
             if timeout is not None and (in_flight or batch):
                 break  # a call with a timeout starts at once, never queued behind another
-            fn_id, fn_bytes = task._process_payload  # type: ignore[attr-defined]
-            send_fn = None if fn_id in worker.fns_sent and not fresh else fn_bytes
             args_bytes = run._args_bytes  # type: ignore[attr-defined]
-            call_size = len(args_bytes) + (len(send_fn) if send_fn is not None else 0) + 64
+            call_size = len(args_bytes) + 64 if send_fn is None else len(args_bytes) + len(send_fn) + 64
             if (in_flight or batch) and worker.bytes_in_flight + size + call_size > PIPE_BUDGET:
                 break
             pending.popleft()
-            if send_fn is not None:
-                worker.fns_sent.add(fn_id)
-            batch.append((call.id, fn_id, send_fn, args_bytes))
+            batch.append((call.id, fn_id, send_fn, args_bytes))  # type: ignore[arg-type]
             calls.append(call)
             call.size = call_size
             size += call_size
+            if send_fn is not None:
+                worker.fns_sent.add(fn_id)  # type: ignore[arg-type]
+                if not fresh:
+                    send_fn = None
             if timeout is not None:
                 break
         if not batch:
@@ -548,7 +566,8 @@ class ProcessPool:
         for call in calls:
             call.worker = worker
             in_flight[call.id] = call
-            call.attempt.run._attempt_started(call.attempt, now)
+            attempt = call.attempt
+            attempt.run._attempt_started(attempt, now)
 
     def _read_once(self, worker: _Worker) -> None:
         """Handle what one read brings (the pipe was reported readable); poll reports the rest."""
@@ -588,14 +607,16 @@ class ProcessPool:
                 self._finish_call(worker, call)
                 self.outbox.append((_worker.RAISED, call.attempt, self._died(worker, call, payload)))
             return
-        call = worker.in_flight.get(call_id)
+        call = worker.in_flight.pop(call_id, None)
         if call is None:
             return  # its run was stopped (a cancelled call's acknowledgement lands here too)
         self.call_seconds += 0.2 * (seconds + CALL_OVERHEAD - self.call_seconds)
-        self._finish_call(worker, call)
+        worker.bytes_in_flight -= call.size  # what _finish_call does, on the path of every call
+        call.worker = None
         attempt = call.attempt
-        if kind == _worker.OK:
-            self.outbox.append((_worker.OK, attempt, payload))
+        attempt.runner_state = None
+        if kind == _OK:
+            self.outbox.append((_OK, attempt, payload))
             return
         if kind == _worker.RAISED:
             exc_bytes, tb_text = payload
