@@ -19,6 +19,8 @@ from . import _lifecycle
 from ._run import BaseTaskRun, R, Status
 from .errors import TaskStopped
 
+_FAILED, _STOPPED = Status.FAILED, Status.STOPPED
+
 if TYPE_CHECKING:
     from ._task import Task
 
@@ -67,7 +69,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         # With the default window the feeder refills in halves, not a call at a time: one wake-up
         # per many runs. An explicit max_concurrency is refilled slot by slot.
         self._refill_at = window - 1 if explicit_window else window // 2
-        self._in_flight = 0
+        self._started = 0  # written by the feeder only; unfinished runs: _started - _finished
         self._finished = 0
         self._failed = 0
         self._stopped = 0
@@ -219,16 +221,19 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         stop_when = self._stop_when
         try:
             for item in items:
-                with lock:
-                    if self._in_flight >= window and self._halt is None:
-                        self._feeder_waits = True
-                        while self._in_flight > self._refill_at and self._halt is None:
-                            self._wait(None)
-                        self._feeder_waits = False
-                    halt = self._halt
-                    if halt is not None and halt is not _STOP_WHEN:
-                        break  # stopped or shut down: leave the rest of the input unread
-                    self._in_flight += 1
+                # Without the lock while there is room (a stale _finished only makes it look fuller).
+                halt = self._halt
+                if halt is not None or self._started - self._finished >= window:
+                    with lock:
+                        if self._started - self._finished >= window and self._halt is None:
+                            self._feeder_waits = True
+                            while self._started - self._finished > self._refill_at and self._halt is None:
+                                self._wait(None)
+                            self._feeder_waits = False
+                        halt = self._halt
+                        if halt is not None and halt is not _STOP_WHEN:
+                            break  # stopped or shut down: leave the rest of the input unread
+                self._started += 1
                 if star:
                     try:
                         args = tuple(item)
@@ -319,17 +324,16 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         """A run of the group finished: count it, free its slot, refresh the bar, ask ``stop_when``."""
         status = run._status
         with self._lock:
-            self._in_flight -= 1
             self._finished += 1
-            if status is Status.FAILED:
+            if status is _FAILED:
                 self._failed += 1
-            elif status is Status.STOPPED:
+            elif status is _STOPPED:
                 self._stopped += 1
             if run.cached:
                 self._cached += 1
             self._completed.append(run)
             finished = self._finished == len(self._runs) and not self._feeding
-            if self._watching or (self._feeder_waits and self._in_flight <= self._refill_at):
+            if self._watching or (self._feeder_waits and self._started - self._finished <= self._refill_at):
                 self._cond.notify_all()
         if self._stop_when is not None and self._halt is None:
             # Asked here too, before this worker takes its next call, so that runs already queued
