@@ -956,12 +956,8 @@ class _Store:
         """
         queue = self._queue
         with self._batch_lock:
-            items = []
-            try:
-                for _ in range(min(len(queue), MAX_BATCH)):
-                    items.append(queue.popleft())
-            except IndexError:  # another thread drained it meanwhile
-                pass
+            take = queue.popleft  # every taker holds the batch lock: the queue only grows meanwhile
+            items = [take() for _ in range(min(len(queue), MAX_BATCH))]
             if items or self._deferred:
                 self._process(items)
             # Claims that found stored results free their places at once, with no record to
