@@ -207,21 +207,29 @@ def _fork_servers(call_conn: Any, sender: _Sender, max_calls: int) -> None:
     hangup = select.poll()
     hangup.register(call_conn.fileno(), select.POLLIN)
     spare = _fork_server(call_conn, sender, max_calls)
+    exited: int | None = None  # a child that finished cleanly, reaped once the next one has its go
     while True:
         pid, go_w, done_r = spare
         os.write(go_w, b"1")
         os.close(go_w)
+        if exited is not None:
+            os.waitpid(exited, 0)  # off the path of the next call: its exit overlaps the next child's work
+            exited = None
         spare = _fork_server(call_conn, sender, max_calls)
         clean = os.read(done_r, 1) == b"1"  # b"" (end of file): it died without finishing
         os.close(done_r)
-        _, status = os.waitpid(pid, 0)
-        if not clean:
+        if clean:
+            exited = pid
+        else:
+            _, status = os.waitpid(pid, 0)
             sender.send((DIED, None, os.waitstatus_to_exitcode(status), 0.0))
         for _fd, events in hangup.poll(0):
             if events & select.POLLHUP and not events & select.POLLIN:
                 os.close(spare[1])  # the parent closed the call pipe and nothing is left: let the spare go
                 os.waitpid(spare[0], 0)
                 os.close(spare[2])
+                if exited is not None:
+                    os.waitpid(exited, 0)
                 return
 
 
