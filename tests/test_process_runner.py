@@ -388,6 +388,20 @@ def test_max_tasks_per_worker_1_gives_a_fresh_process_per_call(method):
     assert os.getpid() not in pids
 
 
+def parent_pid() -> int:
+    return os.getppid()
+
+
+def test_fresh_processes_are_reaped_as_they_go():
+    # One worker: each call runs in a child it forked. A finished child is reaped once the next
+    # one has started, so at most one waits as a zombie, however many calls ran.
+    fresh = task(runner=runner("fork", max_workers=1, max_tasks_per_worker=1))(parent_pid)
+    zygotes = {fresh().get_result(timeout=WAIT) for _ in range(6)}
+    assert len(zygotes) == 1
+    zombies = [p for p in psutil.Process(zygotes.pop()).children() if p.status() == psutil.STATUS_ZOMBIE]
+    assert len(zombies) <= 1
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_max_tasks_per_worker_3_reuses_a_process_at_most_3_times(method):
     limited = task(runner=runner(method, max_tasks_per_worker=3))(getpid)
