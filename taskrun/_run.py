@@ -416,10 +416,7 @@ class BaseTaskRun(Generic[R]):
         if finished:
             if attempt._timeout_timer is not None:
                 attempt._timeout_timer.cancel()
-            if self.key is None:
-                self._publish(_SUCCEEDED, value)
-            else:
-                self.task.ledger._record(self, _SUCCEEDED, value, None)  # the ledger launched this run
+            self._record(_SUCCEEDED, value, None)
             return
         self._attempt_outcome(attempt, ok, value)
 
@@ -507,10 +504,7 @@ class BaseTaskRun(Generic[R]):
         for waiter in waiters or ():
             waiter.release()
         if group is not None:
-            try:
-                group._on_done(self)
-            except Exception:
-                logger.exception("%s: its map group failed to count it", self.id)
+            self._invoke_callback(group._on_done)
         for fn in callbacks or ():
             self._invoke_callback(fn)
 

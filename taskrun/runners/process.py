@@ -98,14 +98,11 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
                 raise SerializationError(f"the function of task {task.name} could not be pickled: {exc}") from exc
             task._process_payload = (next(_fn_ids), fn_bytes)  # type: ignore[attr-defined]
         try:
-            self._args_bytes = pickle.dumps((self.args, self.kwargs), _worker.PROTOCOL)
-        except Exception:
-            try:
-                self._args_bytes = cloudpickle.dumps((self.args, self.kwargs), _worker.PROTOCOL)
-            except Exception as exc:
-                raise SerializationError(
-                    f"the arguments of {self.id} could not be pickled to send to a worker process: {exc}"
-                ) from exc
+            self._args_bytes = _worker.dumps((self.args, self.kwargs))
+        except Exception as exc:
+            raise SerializationError(
+                f"the arguments of {self.id} could not be pickled to send to a worker process: {exc}"
+            ) from exc
 
     def start_attempt(self, attempt: Attempt) -> None:
         # Retries go to the pool of the first attempt while it lives (it may be finishing at exit).
@@ -113,7 +110,7 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
         if pool is None or pool.closing in ("now", "closed"):
             if self._args_bytes is None:  # a subclass's prepare() did not call ours
                 MultiprocessTaskRun.prepare(self)
-            pool = self._pool_used = _lifecycle.pools.get(type(self)) or self._pool()  # type: ignore[assignment]
+            pool = self._pool_used = self._pool()
         pool.submit(attempt)
 
     def stop_attempt(self, attempt: Attempt) -> None:
@@ -382,8 +379,7 @@ class ProcessPool:
             kind = item[0]
             try:
                 if kind == _OK:
-                    attempt = item[1]
-                    attempt.run._attempt_finished(attempt, True, item[2])
+                    item[1].set_result(item[2])
                 elif kind == _worker.RAISED:
                     item[1].set_exception(item[2])
                 elif kind == _worker.LOG:
@@ -607,14 +603,12 @@ class ProcessPool:
                 self._finish_call(worker, call)
                 self.outbox.append((_worker.RAISED, call.attempt, self._died(worker, call, payload)))
             return
-        call = worker.in_flight.pop(call_id, None)
+        call = worker.in_flight.get(call_id)
         if call is None:
             return  # its run was stopped (a cancelled call's acknowledgement lands here too)
         self.call_seconds += 0.2 * (seconds + CALL_OVERHEAD - self.call_seconds)
-        worker.bytes_in_flight -= call.size  # what _finish_call does, on the path of every call
-        call.worker = None
+        self._finish_call(worker, call)
         attempt = call.attempt
-        attempt.runner_state = None
         if kind == _OK:
             self.outbox.append((_OK, attempt, payload))
             return
