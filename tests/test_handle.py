@@ -663,3 +663,28 @@ def test_sequential_run_has_finished_when_the_call_returns():
     assert ran_in == [threading.current_thread()]
     assert run.get_result(wait=False) == 1
     assert run.stop() is False
+
+
+def test_a_forked_child_can_run_tasks_while_the_parent_holds_run_locks():
+    """Runs share a fixed set of locks; a child forked while some were held makes its own."""
+    import os
+    import signal
+
+    from taskrun import _run
+
+    double = task(runner=SequentialTaskRun)(lambda x: 2 * x)
+    assert double(1).get_result() == 2  # the lock set exists
+    held = list(_run._locks or [])
+    assert held
+    for lock in held:
+        lock.acquire()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: any run would need one of the held locks without a fresh set
+            signal.alarm(10)
+            os._exit(0 if double(21).get_result() == 42 else 1)
+    finally:
+        for lock in held:
+            lock.release()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
