@@ -2,7 +2,8 @@
 
 burst:  start N calls, then collect all results.
 serial: call, wait for the result, repeat.
-fresh:  a fresh process for every call (taskrun max_tasks_per_worker=1 vs woflo).
+fresh:  a fresh process for every call (taskrun max_tasks_per_worker=1 vs woflo); the last
+        line prints what a bare fork of this process costs, the most forks per second it allows.
 
 Every contender runs once per round, rounds interleave, and the best round counts, so
 load from elsewhere on the machine hits every contender alike. Pools are started before
@@ -17,6 +18,8 @@ import concurrent.futures as cf
 import gc
 import logging
 import multiprocessing
+import os
+import resource
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +49,28 @@ def serial(submit: Callable[[int], Any], result: Callable[[Any], Any]) -> Callab
             result(submit(i))
 
     return run
+
+
+def fork_ceiling(n: int = 200) -> tuple[float, float]:
+    """CPU seconds of a bare ``os.fork()`` + ``os._exit(0)`` of this process: (parent side, child side).
+
+    A runner that forks this process for each call (woflo) pays at least this per call, whatever
+    runs in it: with C cores it starts at most C / total processes per second. taskrun forks a
+    smaller process instead (its pool's worker, forked when the pool started).
+    """
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    parent_before = time.process_time()
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+    parent = (time.process_time() - parent_before) / n
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child = (
+        children_after.ru_utime + children_after.ru_stime - children_before.ru_utime - children_before.ru_stime
+    ) / n
+    return parent, child
 
 
 def main() -> None:
@@ -131,6 +156,7 @@ def main() -> None:
 
     for close in closers:
         close()
+    fork_parent, fork_child = fork_ceiling()
 
     print(f"{WORKERS} workers, best of {opts.rounds} interleaved rounds")
     print(f"{'scenario':<8} {'runner':<22} {'tasks/s':>10} {'taskrun / it':>13}")
@@ -139,6 +165,15 @@ def main() -> None:
         for name, value in rates.items():
             ratio = "" if name == "taskrun" else f"{ours / value:12.2f}x"
             print(f"{scenario:<8} {name:<22} {value:>10.0f} {ratio:>13}")
+    cores = os.cpu_count() or 1
+    ceiling = cores / (fork_parent + fork_child)
+    print(
+        f"fresh ceiling: a bare fork + _exit of this process costs {fork_parent * 1e6:.0f} us (parent) + "
+        f"{fork_child * 1e6:.0f} us (child) of CPU: {cores} cores fork it at most {ceiling:.0f} times/s "
+        "(fresh rates as a share of that: "
+        + ", ".join(f"{name} {rate / ceiling:.0%}" for name, rate in best["fresh"].items())
+        + ")"
+    )
 
 
 if __name__ == "__main__":
