@@ -36,7 +36,7 @@ _feeder_numbers = itertools.count(1)
 
 # Why a group stopped taking new work.
 _STOP_WHEN = "stop_when returned True"
-_STOPPED = "the group was stopped"
+_GROUP_STOPPED = "the group was stopped"
 _SHUTDOWN = "taskrun.shutdown() was called"
 
 
@@ -78,6 +78,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         self._done = False
         self._halt: str | None = None
         self._error: BaseException | None = None
+        self._stop_when_error: Exception | None = None
         self._stop_when = stop_when
         self._stop_when_lock = threading.Lock()
         self._bar = bar
@@ -182,7 +183,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
 
         Returns how many runs this call stopped.
         """
-        self._halt_group(_STOPPED)
+        self._halt_group(_GROUP_STOPPED)
         runs = list(self._runs)
         # Not-started runs first: stopping a running one may free a worker that would start the next.
         stopped = sum(run.stop() for run in runs if run.status is Status.PENDING)
@@ -203,7 +204,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         parts = [f"{n} {name}" for name, n in counts.items() if n]
         state = "feeding" if self._feeding else "done" if self._done else "finishing"
         if self._halt is not None:
-            state += f", stopped: {self._halt}"
+            state += f", stopped: {self._halt_text()}"
         return f"<RunGroup {self.task.name}: {len(self._runs)} runs{', ' if parts else ''}{', '.join(parts)} ({state})>"
 
     def _label(self) -> str:
@@ -249,7 +250,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                 halt = self._halt  # stop_when, or another thread, may have halted the group meanwhile
                 if halt is not None:
                     # After stop_when: the rest of the input becomes runs that end STOPPED, never started.
-                    run._conclude(Status.STOPPED, exc=TaskStopped(f"{run.id} was not started: {halt}"))
+                    run._conclude(Status.STOPPED, exc=TaskStopped(f"{run.id} was not started: {self._halt_text()}"))
                 else:
                     try:
                         run._start()
@@ -275,13 +276,20 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         try:
             stop = bool(self._stop_when())  # type: ignore[misc]
         except Exception as exc:
-            self._error = exc
+            self._error = self._stop_when_error = exc
             logger.error("%s: stop_when raised %s: %s; nothing new starts", self._label(), type(exc).__name__, exc)
             stop = True
         if stop:
             self._halt_group(_STOP_WHEN)
             return False
         return True
+
+    def _halt_text(self) -> str | None:
+        """Why the group took no more work, as shown in its repr and its stopped runs' errors."""
+        error = self._stop_when_error
+        if self._halt is _STOP_WHEN and error is not None:
+            return f"stop_when raised {type(error).__name__}: {error}"
+        return self._halt
 
     def _halt_group(self, reason: str) -> None:
         """Take no new work; after ``stop_when``, also stop the runs that have not started yet.
@@ -300,7 +308,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
             logger.info("%s: stop_when returned True; running calls finish, nothing new starts", self._label())
             for run in list(self._runs):
                 if run.status is Status.PENDING:
-                    run._conclude(Status.STOPPED, exc=TaskStopped(f"{run.id} was not started: {reason}"))
+                    run._conclude(Status.STOPPED, exc=TaskStopped(f"{run.id} was not started: {self._halt_text()}"))
 
     def _end_feeding(self) -> None:
         with self._lock:

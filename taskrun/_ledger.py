@@ -75,7 +75,6 @@ MAX_BATCH = 4096
 #: Seconds of work, at the rate calls have been finishing, that a process claims ahead.
 AHEAD = 0.1
 
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 _MISSING: Any = object()
 _CLAIM = "claim"
 _RECORD = "record"
@@ -597,7 +596,7 @@ def _store_for(path: str) -> _Store:
     with _stores_lock:
         store = _stores.get(real)
         if store is not None and store._same_file():
-            store._check_file(path)  # it may have been changed since, by another program
+            store._recheck()  # it may have been changed since, by another program
             return store
         store = _Store(path, real)
         store._open()
@@ -687,28 +686,45 @@ class _Store:
         self._file_id = self._stat_id()
 
     def _check_file(self, path: str) -> None:
-        """Refuse, without writing anything, a file that is not a ledger this taskrun can use."""
+        """Refuse, without writing anything, a file that is not a ledger this taskrun can use.
+
+        Only SQLite opens the file while it may be a database: POSIX locks belong to the
+        process, so closing a descriptor of the file opened any other way would drop every
+        SQLite lock this process holds on it, and another process could then take the live
+        WAL for abandoned and delete it. ``immutable`` reads leave no -wal or -shm behind.
+        """
+        if not os.access(path, os.R_OK):
+            raise LedgerError(f"cannot read ledger {path!r}: permission denied; check the file's permissions")
         try:
-            with open(path, "rb") as f:
-                header = f.read(100)
-        except OSError as exc:
+            if os.path.getsize(path) == 0:
+                return  # empty: becomes a ledger
+            conn = sqlite3.connect(f"{_file_uri(path)}?mode=ro&immutable=1", uri=True, timeout=BUSY_TIMEOUT)
+        except (OSError, sqlite3.Error) as exc:
             raise LedgerError(f"cannot read ledger {path!r}: {exc}") from exc
-        if not header:
-            return  # empty: becomes a ledger
-        if not header.startswith(_SQLITE_MAGIC):
-            raise LedgerError(
-                f"{path!r} is not a taskrun ledger: it is not an SQLite database (it starts with {header[:16]!r}); "
-                "pass the path of a ledger or of a file that does not exist yet"
-            )
         try:
-            conn = sqlite3.connect(f"{_file_uri(path)}?mode=ro", uri=True, timeout=BUSY_TIMEOUT)
-            try:
-                app_id, version, tables = _identity(conn)
-            finally:
-                conn.close()
-        except sqlite3.Error as exc:
+            app_id, version, tables = _identity(conn)
+        except sqlite3.DatabaseError as exc:
+            if "not a database" in str(exc):
+                raise LedgerError(
+                    f"{path!r} is not a taskrun ledger: it is not an SQLite database (it starts with {_head(path)!r}); "
+                    "pass the path of a ledger or of a file that does not exist yet"
+                ) from exc
             raise LedgerError(f"{path!r} is not a usable taskrun ledger: SQLite cannot read it ({exc})") from exc
+        finally:
+            conn.close()
         _check_identity(path, app_id, version, tables)
+
+    def _recheck(self) -> None:
+        """Check the file again through the open connection (see :meth:`_check_file` for why)."""
+        with self._db_lock:
+            if self._conn is None:
+                self._check_file(self.path)
+                return
+            try:
+                app_id, version, tables = _identity(self._conn)
+            except sqlite3.Error as exc:
+                raise LedgerError(f"{self.path!r} is no longer a usable taskrun ledger: SQLite cannot read it ({exc})") from exc
+        _check_identity(self.path, app_id, version, tables)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
@@ -1384,6 +1400,15 @@ def _configure(conn: sqlite3.Connection) -> None:
                 raise
             time.sleep(0.005)
     conn.execute("PRAGMA synchronous = NORMAL")
+
+
+def _head(path: str) -> bytes:
+    """The first bytes of a file SQLite refused as not a database (so this process holds no lock on it)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(16)
+    except OSError:
+        return b""
 
 
 def _file_uri(path: str) -> str:

@@ -158,6 +158,31 @@ def test_every_outcome_is_committed_before_its_handle_reports_it(db):
     assert [run.get_result() for run in runs] == list(range(1, 51))
 
 
+def test_records_stay_visible_when_other_processes_open_and_close_the_file(db):
+    """Opening the file again (another Ledger here, a reader elsewhere) keeps this process's SQLite locks.
+
+    Closing any descriptor of the file drops them all (POSIX locks belong to the process);
+    another process's reader then takes itself for the last user, checkpoints and deletes the
+    WAL this process still writes to, and later commits reach nobody.
+    """
+
+    @task(runner=ThreadTaskRun, ledger=db, key=str, name="work")
+    def work(x):
+        return x
+
+    assert work(1).get_result(timeout=WAIT) == 1
+    Ledger(db)  # another Ledger object of the same file, as a script's "look inside" code makes
+    reader = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('SELECT count(*) FROM runs').fetchone(); c.close()"
+    subprocess.run([sys.executable, "-c", reader, db], check=True, timeout=WAIT)
+    assert work(2).get_result(timeout=WAIT) == 2
+    count = (
+        "import sqlite3, sys; "
+        "print(sqlite3.connect(sys.argv[1]).execute(\"SELECT count(*) FROM runs WHERE status = 'succeeded'\").fetchone()[0])"
+    )
+    seen = subprocess.run([sys.executable, "-c", count, db], check=True, timeout=WAIT, capture_output=True, text=True)
+    assert seen.stdout.strip() == "2"
+
+
 def test_shutdown_flushes_records_and_a_new_ledger_object_sees_them(db):
     @task(runner=ThreadTaskRun, ledger=db, name="square")
     def square(x):
@@ -426,6 +451,19 @@ def test_a_ledger_from_a_newer_taskrun_asks_for_an_upgrade(db):
     with pytest.raises(LedgerError, match="newer taskrun.*upgrade taskrun"):
         Ledger(db)
     assert fingerprint(db) == before
+
+
+def test_an_sqlite_file_with_a_damaged_body_is_refused_and_left_alone(db):
+    subprocess.run([sys.executable, "-c", "import sys, taskrun; taskrun.Ledger(sys.argv[1])", db], check=True, timeout=WAIT)
+    assert sorted(os.listdir(os.path.dirname(db))) == ["runs.db"]
+    with open(db, "r+b") as f:  # keep the 100-byte header, damage the pages after it
+        f.seek(100)
+        f.write(os.urandom(3000))
+    before = fingerprint(db)
+    with pytest.raises(LedgerError, match=r"runs\.db.*(not a usable taskrun ledger|not a taskrun ledger)"):
+        Ledger(db)
+    assert fingerprint(db) == before
+    assert sorted(os.listdir(os.path.dirname(db))) == ["runs.db"]  # no -wal or -shm made by looking
 
 
 def test_a_directory_that_cannot_be_written_is_refused(tmp_path):

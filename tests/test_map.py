@@ -183,6 +183,8 @@ def test_stop_when_that_raises_stops_the_group_and_is_raised_by_results() -> Non
     assert group.summary()["stopped"] == 5
     with pytest.raises(OSError, match="quota service down"):
         group.results()
+    assert "stopped: stop_when raised OSError: quota service down" in repr(group)
+    assert "stop_when raised OSError" in str(group[0].exception())
 
 
 def test_a_generator_is_read_lazily() -> None:
@@ -313,6 +315,17 @@ def test_progress_bar_shows_counts_and_is_closed_when_the_group_finishes(capfd: 
     assert "5/5" in err
     assert "succeeded=4" in err and "failed=1" in err
     assert err.endswith("\n")  # closed: the final line is finished
+
+
+def test_progress_bar_counts_stopped_runs_as_stopped(capfd: pytest.CaptureFixture[str]) -> None:
+    @task(runner=Threads, name="fetch")
+    def fetch(x: int) -> int:
+        return x
+
+    group = fetch.map(range(5), stop_when=lambda: True, progress=True)
+    assert group.wait(timeout=WAIT)
+    last_line = capfd.readouterr().err.rstrip("\n").split("\r")[-1]
+    assert "succeeded=0" in last_line and "stopped=5" in last_line
 
 
 def test_progress_without_tqdm_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
