@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     status.add_argument("ledger", help="path of the ledger's SQLite file")
     status.add_argument("--json", action="store_true", help="print JSON for scripts instead of a table")
-    status.add_argument("--errors", type=int, default=5, metavar="N", help="how many of the last errors to show (default 5)")
+    status.add_argument("--errors", type=_count, default=5, metavar="N", help="how many of the last errors to show (default 5)")
     args = parser.parse_args(argv)
 
     path = args.ledger
@@ -35,7 +36,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.path.isdir(path):
         return _fail(f"{path!r} is a directory; pass the path of a ledger file")
     try:
-        ledger = Ledger(path)
+        try:
+            ledger = Ledger(path)
+        except LedgerError:
+            if os.access(os.path.dirname(os.path.abspath(path)), os.W_OK | os.X_OK):
+                raise
+            ledger = Ledger._read_only(path)  # a directory we cannot write: read the file as it is
         summary = ledger.summary()
         errors = ledger.last_errors(args.errors) if args.errors > 0 else []
     except LedgerError as exc:
@@ -45,6 +51,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(_as_text(path, summary, errors))
     return 0
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 0 or more, got {text!r}")
+    return value
 
 
 def _fail(message: str) -> int:
@@ -84,7 +100,7 @@ def _as_text(path: str, summary: dict[str, dict[str, int]], errors: list[RunReco
             lines.append(f"  {when}  {record.task}  key {record.key}  (attempts: {record.attempts})")
             if record.call:
                 lines.append(f"    call: {record.call}")
-            lines.append(f"    {record.error}")
+            lines.append(textwrap.indent(record.error or "", "    "))
     return "\n".join(lines)
 
 

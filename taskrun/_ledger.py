@@ -421,6 +421,21 @@ class Ledger:
         self.path = os.fspath(path)
         self._store = _store_for(self.path)
 
+    @classmethod
+    def _read_only(cls, path: str | os.PathLike[str]) -> Ledger:
+        """A ledger opened only to be read, even where its directory cannot be written (the CLI's fallback).
+
+        It reads the file as immutable: what a process that has not ended cleanly left in the
+        -wal file is not seen. Calls of tasks using it fail, as nothing can be recorded.
+        """
+        ledger = cls.__new__(cls)
+        ledger.path = os.fspath(path)
+        store = _Store(ledger.path, os.path.realpath(ledger.path))
+        store._check_file(ledger.path)
+        store._conn = sqlite3.connect(f"{_file_uri(ledger.path)}?mode=ro&immutable=1", uri=True, check_same_thread=False)
+        ledger._store = store
+        return ledger
+
     def __repr__(self) -> str:
         return f"Ledger({self.path!r})"
 
@@ -678,6 +693,14 @@ class _Store:
             self._initialize(conn)
         except sqlite3.Error as exc:
             conn.close()
+            parent = os.path.dirname(os.path.abspath(path))
+            if exists and not os.access(parent, os.W_OK | os.X_OK):
+                name = os.path.basename(path)
+                raise LedgerError(
+                    f"cannot use ledger {path!r}: its directory {parent!r} is not writable, and SQLite writes "
+                    f"{name}-wal and {name}-shm next to the file; make the directory writable or copy the ledger "
+                    f"elsewhere (python -m taskrun status {path} can still read it)"
+                ) from exc
             raise LedgerError(f"cannot use ledger {path!r}: {exc}; check that the file and its directory are writable") from exc
         except BaseException:
             conn.close()

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -13,9 +14,20 @@ import taskrun
 from taskrun import SequentialTaskRun, task
 
 
-def status(*args):
+def status(*args, unprivileged=False):
     command = [sys.executable, "-m", "taskrun", "status", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=30)
+    return subprocess.run(as_user(command) if unprivileged else command, capture_output=True, text=True, timeout=30)
+
+
+def as_user(command):
+    """``command`` with file permissions enforced (root drops the capabilities that bypass them)."""
+    if os.geteuid() != 0:
+        return command
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: file permissions cannot be enforced")
+    caps = "-dac_override,-dac_read_search"
+    return [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}", *command]
 
 
 @pytest.fixture
@@ -102,3 +114,45 @@ def test_usage_errors_exit_2():
     result = subprocess.run([sys.executable, "-m", "taskrun"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "usage:" in result.stderr
+
+
+def test_a_ledger_in_a_directory_that_cannot_be_written_is_readable_by_status_and_refused_by_ledger(tmp_path):
+    directory = str(tmp_path / "readonly")
+    os.mkdir(directory)
+    ledger_path = os.path.join(directory, "runs.db")
+    make = (
+        "import sys, taskrun\n"
+        "@taskrun.task(runner=taskrun.ThreadTaskRun, ledger=sys.argv[1])\ndef one(x): return x\none(1).wait(30)"
+    )
+    subprocess.run([sys.executable, "-c", make, ledger_path], check=True, timeout=30)  # its process ends: no -wal left
+    os.chmod(directory, 0o555)
+    try:
+        result = status(ledger_path, unprivileged=True)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[3].split() == ["one", "1", "0", "0", "0", "0", "1"]
+        code = "import sys, taskrun\ntry:\n    taskrun.Ledger(sys.argv[1])\nexcept taskrun.LedgerError as e:\n    print(e)"
+        opened = subprocess.run(as_user([sys.executable, "-c", code, ledger_path]), capture_output=True, text=True, timeout=30)
+        assert f"its directory {directory!r} is not writable" in opened.stdout, opened.stderr
+        assert sorted(os.listdir(directory)) == ["runs.db"]
+    finally:
+        os.chmod(directory, 0o755)
+
+
+def test_errors_of_several_lines_stay_indented(tmp_path):
+    path = str(tmp_path / "runs.db")
+
+    @task(runner=SequentialTaskRun, ledger=path, name="parse")
+    def parse(text):
+        raise ValueError("bad input\nat line 3")
+
+    parse("x")
+    taskrun.shutdown()
+    lines = status(path).stdout.splitlines()
+    first = lines.index("    ValueError: bad input")
+    assert lines[first + 1] == "    at line 3"
+
+
+def test_a_negative_error_count_is_a_usage_error(ledger_path):
+    result = status(ledger_path, "--errors", "-1")
+    assert result.returncode == 2
+    assert "--errors" in result.stderr and "0 or more" in result.stderr
