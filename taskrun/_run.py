@@ -237,6 +237,10 @@ class BaseTaskRun(Generic[R]):
 
     @property
     def attempts(self) -> int:
+        """Attempts begun so far: one still queued in its runner, or stopped there, does not count."""
+        current = self._current
+        if current is not None and current._started_at is None:
+            return self._attempts - 1
         return self._attempts
 
     @property
@@ -341,8 +345,9 @@ class BaseTaskRun(Generic[R]):
         if self.started_at is not None:
             end = self.finished_at if self.finished_at is not None else time.time()
             parts.append(f"{end - self.started_at:.1f}s")
-        if self._attempts:
-            parts.append(f"attempt {self._attempts}/{self.task.retries + 1}")
+        attempts = self.attempts
+        if attempts:
+            parts.append(f"attempt {attempts}/{self.task.retries + 1}")
         if self.cached:
             parts.append("cached")
         text = " ".join(parts)
@@ -523,7 +528,9 @@ class BaseTaskRun(Generic[R]):
             self.finished_at = time.time()
             callbacks, self._callbacks = self._callbacks, None
             group, self._group = self._group, None
-            self._current = None
+            current, self._current = self._current, None
+            if current is not None and current._started_at is None and status is Status.STOPPED:
+                self._attempts -= 1  # stopped while queued in its runner: never made
             waiters, self._waiters = self._waiters, None
         for waiter in waiters or ():
             waiter.release()

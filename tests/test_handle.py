@@ -568,9 +568,9 @@ def test_thread_pending_handle(gate):
     second = queued()
     assert second.status is Status.PENDING
     assert second.is_running() is True and second.done() is False
-    assert second.attempts in (0, 1)  # queued: its first attempt has not begun executing
+    assert second.attempts == 0  # queued: its first attempt has not begun executing
     assert second.started_at is None and second.finished_at is None and second.duration is None
-    assert re.fullmatch(r"<TaskRun queued#\d+ pending( attempt 1/3)?>", repr(second)), repr(second)
+    assert re.fullmatch(r"<TaskRun queued#\d+ pending>", repr(second)), repr(second)
     assert second.wait(0.01) is False
     with pytest.raises(TaskStillRunning):
         second.get_result(wait=False)
@@ -688,3 +688,24 @@ def test_a_forked_child_can_run_tasks_while_the_parent_holds_run_locks():
             lock.release()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_run_stopped_while_queued_made_no_attempt(gate):
+    one = ThreadTaskRun.configure(max_workers=1)
+    started = threading.Event()
+
+    @task(runner=one, name="blocker")
+    def blocker():
+        started.set()
+        return gate.wait(WAIT)
+
+    first = blocker()
+    assert started.wait(WAIT)
+    second = blocker()
+    assert second.stop() is True
+    assert second.status is Status.STOPPED
+    assert second.attempts == 0 and second.started_at is None
+    assert "attempt" not in repr(second), repr(second)
+    gate.set()
+    assert first.get_result(timeout=WAIT) is True
+    assert first.attempts == 1
