@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from ._run import BaseTaskRun
 
 _CONTAINERS = (list, tuple, dict, set, frozenset)
+_GROUP_TYPES: tuple[type, ...] = ()  # RunGroup, set by its module (which imports this one's importer)
 
 
 def find_upstream(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[BaseTaskRun[Any]] | None:
@@ -36,6 +37,11 @@ def _scan(container: Any, found: dict[int, Any] | None, handle_type: type) -> di
             found[id(value)] = value
         elif type(value) in _CONTAINERS:
             found = _scan(value, found, handle_type)
+        elif isinstance(value, _GROUP_TYPES):
+            raise TypeError(
+                f"an argument is {value!r}, the RunGroup of a map: pass list(group) to make the call wait for "
+                "each of its runs and receive their results, or group.results() to wait for them here"
+            )
     return found
 
 

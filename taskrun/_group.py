@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, overload
 
-from . import _lifecycle
+from . import _deps, _lifecycle
 from ._run import BaseTaskRun, R, Status
 from .errors import TaskStopped
 
@@ -85,6 +85,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         self._bar_lock = threading.Lock()
         self._bar_next = 0.0
         self._thread: threading.Thread | None = None
+        self._feeder: threading.Thread | None = None  # the thread reading the input (the caller for inline runners)
 
     # ---- the sequence ---------------------------------------------------------------------
 
@@ -107,6 +108,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         while True:
             with self._lock:
                 while i >= len(runs) and self._feeding:
+                    self._refuse_own_thread()
                     self._wait(None, watching=True)
                 feeding = self._feeding
             while i < len(runs):
@@ -125,6 +127,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         """Block until the input is read and every run has finished, or ``timeout`` seconds pass."""
         if self._done:
             return True
+        self._refuse_own_thread()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while not self._done:
@@ -159,6 +162,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                     if remaining is not None and remaining <= 0:
                         left = len(self._runs) - self._finished
                         raise TimeoutError(f"{self._label()}: {left} run(s) or more unfinished after {timeout} s")
+                    self._refuse_own_thread()
                     self._wait(remaining, watching=True)
                 done = self._done
                 batch = completed[i:]
@@ -166,6 +170,15 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
             yield from batch
             if done and i >= len(completed):
                 return
+
+    def _refuse_own_thread(self) -> None:
+        """Waiting for the group on its feeder or a pool's thread (in stop_when, a callback) would never end."""
+        thread = threading.current_thread()
+        if thread is self._feeder or getattr(thread, "taskrun_delivers", False):
+            raise RuntimeError(
+                f"waiting for the {self._label()} on a thread it needs (its feeder, or a pool's thread: in stop_when "
+                "or a done callback) would block it for good; read len(group) or group.summary() there instead"
+            )
 
     def _wait(self, timeout: float | None, watching: bool = False) -> None:
         self._waiting += 1
@@ -220,6 +233,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         lock = self._lock
         window = self._window
         stop_when = self._stop_when
+        self._feeder = threading.current_thread()
         try:
             for item in items:
                 # Without the lock while there is room (a stale _finished only makes it look fuller).
@@ -313,6 +327,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
     def _end_feeding(self) -> None:
         with self._lock:
             self._feeding = False
+            self._feeder = None
             finished = self._finished == len(self._runs)
             if self._waiting:
                 self._cond.notify_all()
@@ -400,6 +415,9 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(1)  # a feeder still inside next(items) exits by itself once that returns
+
+
+_deps._GROUP_TYPES = (RunGroup,)
 
 
 def start_map(

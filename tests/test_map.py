@@ -458,3 +458,38 @@ def test_stop_ends_the_reading_of_the_input_after_stop_when() -> None:
         gate.set()
     assert group.wait(timeout=WAIT)  # ends although the input is endless
     assert len(group) == 2 and group.summary()["stopped"] == 2  # the item read after stop() is dropped
+
+
+def test_a_run_group_as_an_argument_asks_for_a_list_of_its_runs() -> None:
+    @task(runner=Threads)
+    def ident(x: int) -> int:
+        return x
+
+    @task(runner=Threads)
+    def total(values: list[int]) -> int:
+        return sum(values)
+
+    group = ident.map(range(4))
+    with pytest.raises(TypeError, match=r"RunGroup of a map: pass list\(group\)"):
+        total(group)
+    assert total(list(group)).get_result(timeout=WAIT) == 6
+
+
+def test_waiting_for_the_group_inside_its_stop_when_raises_instead_of_hanging() -> None:
+    @task(runner=Threads)
+    def ident(x: int) -> int:
+        return x
+
+    made: dict[str, RunGroup[int]] = {}
+    ready = threading.Event()
+
+    def stop_when() -> bool:
+        assert ready.wait(WAIT)
+        made["group"].wait(timeout=1)  # on the feeder thread: it would wait for itself
+        return False
+
+    group = made["group"] = ident.map(range(3), stop_when=stop_when)
+    ready.set()
+    assert group.wait(timeout=WAIT)
+    with pytest.raises(RuntimeError, match="would block it for good"):
+        group.results()
