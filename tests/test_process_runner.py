@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -238,6 +239,44 @@ def test_stop_running_call_ends_worker_quickly_and_pool_goes_on(method, fresh, t
     # the pool replaced the worker
     new_pid = task(runner=R)(getpid)().get_result(timeout=WAIT)
     assert new_pid != pid
+
+
+STOP_RACE = """
+import random, sys, time
+from taskrun import MultiprocessTaskRun, task
+
+@task(runner=MultiprocessTaskRun.configure(max_workers=1, start_method="fork"))
+def short(i):
+    time.sleep(0.001)
+    return i
+
+rng = random.Random(1)
+for i in range(400):
+    run = short(i)
+    time.sleep(rng.uniform(0.0, 0.004))  # stop around the moment the call finishes
+    run.stop()
+    assert run.wait(20), f"run {i} did not end"
+print("done")
+"""
+
+
+def test_stopping_calls_as_they_finish_never_wedges_the_pool():
+    """stop() drains the worker's pipe from the caller's thread; the supervisor, woken for that
+    data, must not then block reading an empty pipe (holding the pool's lock: every call hangs)."""
+    result = subprocess.run([sys.executable, "-c", STOP_RACE], capture_output=True, text=True, timeout=40)
+    assert result.returncode == 0 and result.stdout.strip() == "done", result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_call_stopped_at_once_does_not_wait_for_the_kill(method, tmp_path):
+    """Stopped before its new worker made its process group: SIGTERM still reaches the worker."""
+    sleeper = task(runner=runner(method, max_workers=1))(write_pid_then_sleep)
+    began = time.monotonic()
+    for i in range(6):
+        run = sleeper(tmp_path / f"pid{i}", 30)
+        assert run.stop() is True
+    # SIGKILL only comes after a grace of 1 s per worker: 6 s or more if SIGTERM was lost
+    assert time.monotonic() - began < 4
 
 
 def test_stop_kills_a_worker_that_ignores_sigterm(tmp_path):

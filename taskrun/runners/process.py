@@ -238,8 +238,14 @@ class _Worker:
         for conn in (call_r, result_w, alive_r):
             conn.close()
         self.pid: int = self.process.pid
+        try:
+            os.setpgid(self.pid, self.pid)  # as the worker does first thing: its group exists from now on
+        except OSError:
+            pass  # it already did (or, under spawn, exec'd and must do it itself)
         self.sentinel: int = self.process.sentinel
         self.reader = _FrameReader(self.result_r.fileno())
+        self.results_waiting = select.poll()  # poll(0): does the result pipe hold data right now?
+        self.results_waiting.register(self.reader.fd, select.POLLIN)
 
     @property
     def busy(self) -> bool:
@@ -248,6 +254,13 @@ class _Worker:
     def signal_group(self, signum: int) -> None:
         try:
             os.killpg(self.pid, signum)
+            return
+        except ProcessLookupError:
+            pass  # a worker that has not made its group yet (just started): signal it alone
+        except PermissionError:
+            return
+        try:
+            os.kill(self.pid, signum)
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -566,7 +579,13 @@ class ProcessPool:
             attempt.run._attempt_started(attempt, now)
 
     def _read_once(self, worker: _Worker) -> None:
-        """Handle what one read brings (the pipe was reported readable); poll reports the rest."""
+        """Handle what one read brings (the pipe was reported readable); poll reports the rest.
+
+        The pipe is asked again first: between the supervisor's poll and its taking the lock,
+        stop() in another thread may have drained it, and a read would then block for good.
+        """
+        if not worker.results_waiting.poll(0):
+            return
         try:
             frames = worker.reader.read()
         except (EOFError, OSError):
@@ -578,7 +597,7 @@ class ProcessPool:
         """Read every message the worker has sent so far."""
         reader = worker.reader
         try:
-            while not reader.eof and select.select([reader.fd], [], [], 0)[0]:
+            while not reader.eof and worker.results_waiting.poll(0):
                 for frame in reader.read():
                     self._handle(worker, frame)
         except (EOFError, OSError):
