@@ -6,7 +6,8 @@ args_bytes), ...])`` and ``(CANCEL, call_id)``; end of file means exit. Worker t
 ran), one message per finished call, in the order the calls arrived, so the parent always
 knows which call a dead worker was running. With ``max_tasks_per_worker`` the worker forks a
 fresh child to serve each run of calls and reports ``(DIED, None, exitcode, 0.0)`` when one
-ends without finishing.
+ends without finishing. ``(READY, None, None, 0.0)``, sent once set up, tells the parent that
+calls sent to it begin now (a spawned worker takes a while to start: that is not the calls' time).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import cloudpickle
 
 CALLS, CANCEL = "calls", "cancel"
-OK, RAISED, SKIPPED, UNPICKLABLE, LOG, WARN, DIED = range(7)
+OK, RAISED, SKIPPED, UNPICKLABLE, LOG, WARN, DIED, READY = range(8)
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 SMALL_FRAME = 4000  # bytes: with its header, one pipe write that cannot be split (PIPE_BUF is 4096)
 _frame_header = struct.Struct("!i").pack
@@ -186,6 +187,7 @@ def worker_main(call_conn: Any, result_conn: Any, alive_conn: Any, config: dict[
     threading.Thread(target=_watch_parent, args=(alive_conn,), name="taskrun-parent-watch", daemon=True).start()
     sender = _Sender(result_conn)
     _forward_logging(sender, config["log_levels"])
+    sender.send((READY, None, None, 0.0))
     try:
         if config["max_tasks_per_worker"] is None:
             _serve(call_conn, sender, None)

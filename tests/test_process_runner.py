@@ -399,6 +399,14 @@ def test_forkserver_smoke():
 # ---- timeouts, limits, fresh processes ------------------------------------------------------
 
 
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_new_workers_start_up_does_not_count_against_the_timeout(method):
+    """A spawned worker takes longer to start (about 0.2 s here) than this call may run."""
+    run = task(runner=runner(method, max_workers=1), timeout=0.05)(os.getpid)()  # a builtin: nothing to import
+    assert run.get_result(timeout=WAIT) > 0
+    assert run.status is Status.SUCCEEDED and run.attempts == 1
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_timeout_with_retries_counts_attempts(method):
     run = task(runner=runner(method, max_workers=1), timeout=0.5, retries=2)(sleep_for)(30)

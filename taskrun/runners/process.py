@@ -216,6 +216,7 @@ class _Worker:
         self.fns_sent: set[int] = set()
         self.bytes_in_flight = 0
         self.ending = False  # stopped or timed out: being terminated
+        self.ready = False  # set up and reading calls: calls sent to it begin (and their timeouts run) from then
         self.pool_fresh = pool.max_tasks is not None
         self.kill_at: float | None = None
         self.gone_waiters: list[threading.Event] = []
@@ -571,10 +572,15 @@ class ProcessPool:
             worker.fns_sent.clear()
             return
         worker.bytes_in_flight += size
-        now = time.time()
         for call in calls:
             call.worker = worker
             in_flight[call.id] = call
+        if worker.ready:
+            self._mark_started(calls)
+
+    def _mark_started(self, calls: list[_Call]) -> None:
+        now = time.time()
+        for call in calls:
             attempt = call.attempt
             attempt.run._attempt_started(attempt, now)
 
@@ -612,6 +618,10 @@ class ProcessPool:
                 self._finish_call(worker, call)
                 reason = f"the outcome of {call.attempt.run.id} could not be unpickled here: {exc}"
                 self.outbox.append((_worker.RAISED, call.attempt, SerializationError(reason)))
+            return
+        if kind == _worker.READY:
+            worker.ready = True
+            self._mark_started(list(worker.in_flight.values()))
             return
         if kind == _worker.LOG or kind == _worker.WARN:
             self.outbox.append((kind, payload))
