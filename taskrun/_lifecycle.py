@@ -29,6 +29,13 @@ _pools: dict[Hashable, Pool] = {}
 pools = _pools  # read without the lock on hot paths; changed only under it
 _lock = threading.Lock()
 _feeders: set[Pool] = set()  # map() feeder threads: stopped before the pools they feed
+_runners: dict[type, None] = {}  # runner classes of tasks that override the shutdown(wait) hook, in order
+
+
+def register_runner(runner: type) -> None:
+    """Call ``runner.shutdown(wait)`` in every ``shutdown()`` (and at exit) from now on."""
+    with _lock:
+        _runners.setdefault(runner)
 
 
 def register_feeder(feeder: Pool) -> None:
@@ -89,6 +96,13 @@ def shutdown(wait: bool = True) -> None:
     try:
         for pool in pools:
             pool.shutdown(wait=wait)
+        with _lock:
+            runners = list(_runners)
+        for runner in runners:  # the built-in ones find their pools gone already
+            try:
+                runner.shutdown(wait=wait)  # type: ignore[attr-defined]
+            except Exception:
+                logger.exception("the shutdown hook of runner %s raised", runner.__name__)
     finally:
         timer.shutdown()
 
@@ -114,6 +128,7 @@ def _after_fork_in_child() -> None:
             after_fork()
     _pools.clear()
     _feeders.clear()
+    _runners.clear()  # the parent's runners: nothing of theirs runs in this process
     timer._reset_after_fork()
 
 

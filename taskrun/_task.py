@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
+from . import _lifecycle
 from ._config import runner_from_spec, runner_spec
 from ._group import RunGroup, start_map
 from ._retry import RetryPolicy
@@ -62,6 +63,13 @@ class Task(Generic[P, R]):
             raise TypeError(
                 f"task option runner must be a BaseTaskRun subclass such as ThreadTaskRun, got {runner!r}"
             )
+        elif runner.start_attempt is BaseTaskRun.start_attempt:
+            raise TypeError(
+                f"task option runner {runner.__name__} does not implement start_attempt(attempt); pass a runner "
+                "such as ThreadTaskRun, or a subclass of BaseTaskRun that implements it"
+            )
+        if runner.shutdown.__func__ is not BaseTaskRun.shutdown.__func__:  # type: ignore[attr-defined]
+            _lifecycle.register_runner(runner)  # its shutdown(wait) hook runs with taskrun.shutdown() and at exit
         if key is not None and not callable(key):
             raise TypeError(f"task option key must be a callable(*args, **kwargs) -> str, got {key!r}")
         if ledger is not None:
@@ -150,9 +158,10 @@ def _check_number(option: str, value: Any, minimum: float, inclusive: bool = Tru
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"task option {option} must be a number, got {value!r} ({type(value).__name__})")
     bad = value < minimum if inclusive else value <= minimum
-    if bad or math.isnan(value):
+    if bad or not math.isfinite(value):
         bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
-        raise ValueError(f"task option {option} must be {bound}, got {value!r}")
+        none = " (or None for no limit)" if option == "timeout" else ""
+        raise ValueError(f"task option {option} must be a finite number {bound}{none}, got {value!r}")
 
 
 def _check_retry_on(value: Any) -> tuple[type[BaseException], ...]:

@@ -14,6 +14,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -405,12 +406,49 @@ def test_minimal_runner_await():
     assert asyncio.run(main()) == "awaited"
 
 
-def test_runner_without_start_attempt_fails_the_run_clearly():
+def test_runner_without_start_attempt_is_refused_at_decoration():
     class NoHooks(BaseTaskRun):
         pass
 
-    run = task(runner=NoHooks)(lambda: 1)()
-    assert run.wait(WAIT)
-    assert run.status is Status.FAILED
-    with pytest.raises(NotImplementedError, match="NoHooks must implement start_attempt"):
-        run.get_result()
+    with pytest.raises(TypeError, match=r"runner NoHooks does not implement start_attempt\(attempt\)"):
+        task(runner=NoHooks)(lambda: 1)
+    with pytest.raises(TypeError, match="runner BaseTaskRun does not implement start_attempt"):
+        task(runner=BaseTaskRun)(lambda: 1)
+
+
+class ClosingRun(OwnThreadRun):
+    """A runner holding something to release: its shutdown hook records each call."""
+
+    shutdowns: list = []
+
+    @classmethod
+    def shutdown(cls, wait=True):
+        cls.shutdowns.append(wait)
+
+
+def test_a_custom_runners_shutdown_hook_runs_with_taskrun_shutdown():
+    ClosingRun.shutdowns.clear()
+    assert task(runner=ClosingRun)(lambda: 1)().get_result(timeout=WAIT) == 1
+    taskrun.shutdown()
+    taskrun.shutdown(wait=False)
+    assert ClosingRun.shutdowns == [True, False]
+
+
+def test_a_custom_runners_shutdown_hook_runs_at_exit():
+    script = textwrap.dedent("""
+        import threading
+        from taskrun import BaseTaskRun, task
+
+        class Closing(BaseTaskRun):
+            def start_attempt(self, attempt):
+                threading.Thread(target=attempt.execute).start()
+
+            @classmethod
+            def shutdown(cls, wait=True):
+                print("shutdown", wait, flush=True)
+
+        print(task(runner=Closing)(lambda: "value")().get_result(timeout=30), flush=True)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["value", "shutdown True"]
