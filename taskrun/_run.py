@@ -79,7 +79,12 @@ _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 def stop_requested() -> bool:
     """True inside a task whose run was asked to stop (or timed out); poll it to end early."""
     attempt = getattr(_local, "attempt", None)
-    return attempt is not None and attempt.stop_requested
+    if attempt is None:
+        return False
+    if attempt.stop_requested:
+        return True
+    deadline = attempt._deadline  # an inline attempt past its timeout: it fails anyway, so it may stop
+    return deadline is not None and time.monotonic() >= deadline
 
 
 class Attempt:
@@ -91,7 +96,7 @@ class Attempt:
     ``runner_state`` is free for the runner's own bookkeeping.
     """
 
-    __slots__ = ("run", "number", "stop_requested", "runner_state", "_reported", "_timeout_timer", "_started_at")
+    __slots__ = ("run", "number", "stop_requested", "runner_state", "_reported", "_timeout_timer", "_started_at", "_deadline")
 
     def __init__(self, run: BaseTaskRun[Any], number: int) -> None:
         self.run = run
@@ -101,6 +106,7 @@ class Attempt:
         self._reported = False
         self._timeout_timer: TimerHandle | None = None
         self._started_at: float | None = None
+        self._deadline: float | None = None  # monotonic end of a timeout nobody enforces (inline runners)
 
     @property
     def fn(self) -> Callable[..., Any]:
@@ -410,8 +416,11 @@ class BaseTaskRun(Generic[R]):
                 self._status = _RUNNING
                 self.started_at = now
         timeout = self.task.timeout
-        if timeout is not None and self.preemptive_timeout:
-            attempt._timeout_timer = timer.call_later(timeout, lambda: self._attempt_timed_out(attempt))
+        if timeout is not None:
+            if self.preemptive_timeout:
+                attempt._timeout_timer = timer.call_later(timeout, lambda: self._attempt_timed_out(attempt))
+            else:
+                attempt._deadline = time.monotonic() + timeout
 
     def _attempt_timed_out(self, attempt: Attempt) -> None:
         # Claim the attempt's outcome first: once stop_requested is set, a function that polls it

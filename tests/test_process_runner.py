@@ -610,6 +610,14 @@ def test_multiprocess_runner_as_custom_runner_base():
     ) != os.getpid()
 
 
+def test_settings_read_their_defaults_on_the_class():
+    assert MultiprocessTaskRun.max_workers == (os.cpu_count() or 1)
+    assert MultiprocessTaskRun.start_method == "fork"  # on Linux
+    assert MultiprocessTaskRun.max_tasks_per_worker is None
+    defaults = {"start_method": "fork", "max_workers": os.cpu_count() or 1, "max_tasks_per_worker": None}
+    assert MultiprocessTaskRun.settings == defaults
+
+
 def test_configure_rejects_bad_settings():
     with pytest.raises(TypeError, match="bogus"):
         MultiprocessTaskRun.configure(bogus=1)
@@ -621,7 +629,7 @@ def test_configure_rejects_bad_settings():
         MultiprocessTaskRun.configure(max_workers=0)
     with pytest.raises(TypeError, match="max_tasks_per_worker"):
         MultiprocessTaskRun.configure(max_tasks_per_worker=1.5)
-    assert MultiprocessTaskRun.start_method is None  # configure() never changes the base class
+    assert MultiprocessTaskRun.start_method == "fork"  # configure() never changes the base class
 
 
 def test_a_long_call_does_not_hold_queued_calls_behind_it():

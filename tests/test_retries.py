@@ -261,6 +261,26 @@ def test_sequential_overrun_fails_with_task_timeout_when_it_returns():
     assert len(calls) == 2 and run.attempts == 2  # the timeout was retried like any failure
 
 
+def test_sequential_task_sees_stop_requested_once_its_timeout_passed():
+    polls = []
+
+    @task(runner=SequentialTaskRun, timeout=0.05)
+    def patient():
+        deadline = time.monotonic() + WAIT
+        while not taskrun.stop_requested():  # the timeout ends this loop, not the deadline
+            polls.append(1)
+            assert time.monotonic() < deadline, "stop_requested() never became True"
+            time.sleep(0.005)
+        return "stopped early"
+
+    began = time.monotonic()
+    run = patient()
+    assert time.monotonic() - began < WAIT
+    assert polls and run.status is Status.FAILED
+    assert isinstance(run.exception(), TaskTimeout)
+    assert taskrun.stop_requested() is False  # outside the task
+
+
 def test_timeout_not_retried_when_retry_on_excludes_it(runner):
     def fn():
         if runner is SequentialTaskRun:

@@ -64,10 +64,12 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
     :class:`SerializationError` at call time.
     """
 
-    settings: ClassVar[dict[str, Any]] = {"start_method": None, "max_workers": None, "max_tasks_per_worker": None}
-    start_method: ClassVar[str | None] = None
-    max_workers: ClassVar[int | None] = None
+    start_method: ClassVar[str | None] = _default_start_method()
+    max_workers: ClassVar[int | None] = os.cpu_count() or 1
     max_tasks_per_worker: ClassVar[int | None] = None
+    settings: ClassVar[dict[str, Any]] = {
+        "start_method": start_method, "max_workers": max_workers, "max_tasks_per_worker": max_tasks_per_worker,
+    }
     _args_bytes: bytes | None = None  # the pickled (args, kwargs), made by prepare()
     _pool_used: ProcessPool | None = None  # the pool of the first attempt, which retries go to
 

@@ -23,8 +23,8 @@ class ThreadTaskRun(BaseTaskRun[R]):
     starts a replacement thread so the abandoned one does not cost capacity.
     """
 
-    settings: ClassVar[dict[str, Any]] = {"max_workers": None}
-    max_workers: ClassVar[int | None] = None  # None: min(32, cpu count + 4)
+    max_workers: ClassVar[int | None] = min(32, (os.cpu_count() or 1) + 4)  # None (configured): the same
+    settings: ClassVar[dict[str, Any]] = {"max_workers": max_workers}
 
     @staticmethod
     def validate_setting(name: str, value: Any) -> None:
