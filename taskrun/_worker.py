@@ -154,27 +154,64 @@ def _watch_parent(alive_conn: Any) -> None:
 
 
 def _run_call(fns: dict[int, Any], fn_id: int, fn_bytes: bytes | None, args_bytes: bytes) -> tuple[int, Any]:
+    """Load the function and arguments, then call: ``(OK, value)``, ``(RAISED, exc)`` or ``(UNPICKLABLE, (reason, tb))``."""
     try:
         if fn_bytes is not None:
             fns[fn_id] = cloudpickle.loads(fn_bytes)
+    except Exception as exc:
+        reason = f"the task's function could not be loaded in the worker process: {type(exc).__name__}: {exc}"
+        return UNPICKLABLE, (reason, "")
+    try:
         args, kwargs = pickle.loads(args_bytes)
+    except Exception as exc:
+        reason = f"the call's arguments could not be unpickled in the worker process: {type(exc).__name__}: {exc}"
+        return UNPICKLABLE, (reason, "")
+    try:
         return OK, fns[fn_id](*args, **kwargs)
     except BaseException as exc:  # noqa: B036 - a task's SystemExit is its outcome, not ours
         return RAISED, exc
 
 
+def _rebuild_exception(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any] | None) -> BaseException:
+    """An exception of ``cls`` with these args and attributes, made without calling its ``__init__``."""
+    try:
+        exc = cls.__new__(cls, *args)
+    except TypeError:
+        exc = cls.__new__(cls)
+    exc.args = args
+    if state:
+        exc.__dict__.update(state)
+    return exc
+
+
+class _SameException:
+    """Pickles as a rebuilt copy of an exception whose own pickle does not load (an ``__init__``
+    that does not take its ``args`` back), so the caller still gets its type and message."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        exc = self.exc
+        return (_rebuild_exception, (type(exc), exc.args, getattr(exc, "__dict__", None) or None))
+
+
 def _exception_payload(exc: BaseException) -> tuple[int, Any]:
     tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        data = cloudpickle.dumps(exc, PROTOCOL)
-        cloudpickle.loads(data)  # an exception that pickles but cannot be rebuilt fails here, not in the parent
-        return RAISED, (data, tb_text)
-    except Exception as why:
-        return UNPICKLABLE, (
-            f"the task raised {type(exc).__qualname__}: {exc}, which could not be pickled to send back "
-            f"({type(why).__name__}: {why})",
-            tb_text,
-        )
+    why: Exception | None = None
+    # An attribute that cannot be pickled still fails: a copy without it would not be the same exception.
+    for candidate in (exc, _SameException(exc)):
+        try:
+            data = cloudpickle.dumps(candidate, PROTOCOL)
+            cloudpickle.loads(data)  # an exception that pickles but cannot be rebuilt fails here, not in the parent
+            return RAISED, (data, tb_text)
+        except Exception as error:
+            why = why or error
+    return UNPICKLABLE, (
+        f"the task raised {type(exc).__qualname__}: {exc}, which could not be pickled to send back "
+        f"({type(why).__name__}: {why})",
+        tb_text,
+    )
 
 
 def worker_main(call_conn: Any, result_conn: Any, alive_conn: Any, config: dict[str, Any]) -> None:
@@ -295,8 +332,9 @@ def _serve(call_conn: Any, sender: _Sender, max_calls: int | None) -> None:
             kind, value = _run_call(fns, fn_id, fn_bytes, args_bytes)
             seconds = time.perf_counter() - began
             calls_done += 1
-            if kind == RAISED:
-                kind, value = _exception_payload(value)
+            if kind != OK:
+                if kind == RAISED:
+                    kind, value = _exception_payload(value)
                 sender.send((kind, call_id, value, seconds))
                 continue
             try:

@@ -132,7 +132,7 @@ def return_generator():
 
 
 class TwoArgError(Exception):
-    """Pickles, but cannot be rebuilt: ``__init__`` needs two arguments, ``args`` holds one."""
+    """Its own pickle does not load: ``__init__`` needs two arguments, ``args`` holds one."""
 
     def __init__(self, message, code):
         super().__init__(message)
@@ -155,6 +155,17 @@ def raise_locked_error():
 
 class CustomError(Exception):
     pass
+
+
+def _refuse_to_load():
+    raise RuntimeError("this object cannot be loaded here")
+
+
+class UnloadableArgument:
+    """Pickles (by reference to a loader), but loading it fails, as a missing class would."""
+
+    def __reduce__(self):
+        return (_refuse_to_load, ())
 
 
 def raise_value_error_in_worker(x):
@@ -324,7 +335,7 @@ def test_unpicklable_result_gives_serialization_error(method, body, type_name):
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(
     "body, type_name, message",
-    [(raise_two_arg_error, "TwoArgError", "needs two"), (raise_locked_error, "LockedError", "holds a lock")],
+    [(raise_locked_error, "LockedError", "holds a lock")],
 )
 def test_unpicklable_exception_gives_serialization_error(method, body, type_name, message):
     run = task(runner=runner(method))(body)()
@@ -368,6 +379,34 @@ def test_exception_keeps_type_message_and_worker_traceback(method):
     assert type(exc) is CustomError
     assert str(exc) == "custom message"
     assert "raise_custom_error_in_worker" in exc.__cause__.tb_text
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_an_exception_whose_init_takes_other_arguments_comes_back_as_itself(method):
+    exc = task(runner=runner(method))(raise_two_arg_error)().exception(timeout=WAIT)
+    assert type(exc) is TwoArgError
+    assert str(exc) == "needs two" and exc.code == 7
+    assert "raise_two_arg_error" in exc.__cause__.tb_text
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_arguments_the_worker_cannot_load_are_a_serialization_error(method):
+    run = task(runner=runner(method))(len)(UnloadableArgument())
+    with pytest.raises(SerializationError, match="arguments could not be unpickled in the worker process"):
+        run.get_result(timeout=WAIT)
+
+
+def test_instances_of_classes_from_a_python_c_main_reach_a_spawned_worker():
+    """Notebook-like: the class lives only in this __main__, which a spawned worker cannot import."""
+    script = (
+        "from taskrun import MultiprocessTaskRun, task\n"
+        "class Point:\n    def __init__(self, x):\n        self.x = x\n"
+        "spawn = MultiprocessTaskRun.configure(start_method='spawn', max_workers=1)\n"
+        "print(task(runner=spawn)(lambda p: p.x * 2)(Point(21)).get_result(timeout=60))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "42"
 
 
 @pytest.mark.parametrize("method", METHODS)

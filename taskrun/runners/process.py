@@ -100,7 +100,12 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
                 raise SerializationError(f"the function of task {task.name} could not be pickled: {exc}") from exc
             task._process_payload = (next(_fn_ids), fn_bytes)  # type: ignore[attr-defined]
         try:
-            self._args_bytes = _worker.dumps((self.args, self.kwargs))
+            data = _worker.dumps((self.args, self.kwargs))
+            if b"__main__" in data and (self.start_method or _default_start_method()) != "fork":
+                # pickle refers to classes of __main__ by name; a spawned worker's __main__ lacks
+                # those of a notebook or `python -c`: send them by value.
+                data = cloudpickle.dumps((self.args, self.kwargs), _worker.PROTOCOL)
+            self._args_bytes = data
         except Exception as exc:
             raise SerializationError(
                 f"the arguments of {self.id} could not be pickled to send to a worker process: {exc}"
