@@ -550,7 +550,8 @@ def gate():
     event.set()
 
 
-def test_thread_pending_handle(gate):
+def _occupy_one_thread(gate):
+    """A one-thread runner whose thread is busy until ``gate`` is set: the runner and the busy run."""
     one = ThreadTaskRun.configure(max_workers=1)
     started = threading.Event()
 
@@ -559,12 +560,18 @@ def test_thread_pending_handle(gate):
         started.set()
         return gate.wait(WAIT)
 
+    first = blocker()
+    assert started.wait(WAIT)
+    return one, first
+
+
+def test_thread_pending_handle(gate):
+    one, first = _occupy_one_thread(gate)
+
     @task(runner=one, name="queued", retries=2)
     def queued():
         return "q"
 
-    first = blocker()
-    assert started.wait(WAIT)
     second = queued()
     assert second.status is Status.PENDING
     assert second.is_running() is True and second.done() is False
@@ -691,17 +698,8 @@ def test_a_forked_child_can_run_tasks_while_the_parent_holds_run_locks():
 
 
 def test_a_run_stopped_while_queued_made_no_attempt(gate):
-    one = ThreadTaskRun.configure(max_workers=1)
-    started = threading.Event()
-
-    @task(runner=one, name="blocker")
-    def blocker():
-        started.set()
-        return gate.wait(WAIT)
-
-    first = blocker()
-    assert started.wait(WAIT)
-    second = blocker()
+    one, first = _occupy_one_thread(gate)
+    second = task(runner=one, name="queued")(lambda: "q")()
     assert second.stop() is True
     assert second.status is Status.STOPPED
     assert second.attempts == 0 and second.started_at is None
