@@ -84,11 +84,14 @@ def main() -> None:
     contenders: dict[str, dict[str, Callable[[int], None]]] = {"burst": {}, "serial": {}, "fresh": {}}
     closers: list[Callable[[], Any]] = []
 
+    def pooled(name: str, submit: Callable[[int], Any], result: Callable[[Any], Any]) -> None:
+        contenders["burst"][name] = burst(submit, result)
+        contenders["serial"][name] = serial(submit, result)
+
     tinc = task(runner=MultiprocessTaskRun.configure(max_workers=WORKERS))(inc)
     tinc(0).get_result(60)
     get = lambda run: run.get_result()  # noqa: E731
-    contenders["burst"]["taskrun"] = burst(tinc, get)
-    contenders["serial"]["taskrun"] = serial(tinc, get)
+    pooled("taskrun", tinc, get)
     fresh = task(runner=MultiprocessTaskRun.configure(max_workers=WORKERS, max_tasks_per_worker=1))(inc)
     fresh(0).get_result(60)
     contenders["fresh"]["taskrun"] = burst(fresh, get)
@@ -97,14 +100,12 @@ def main() -> None:
     fork = multiprocessing.get_context("fork")
     ppe = cf.ProcessPoolExecutor(WORKERS, mp_context=fork)
     ppe.submit(inc, 0).result()
-    contenders["burst"]["ProcessPoolExecutor"] = burst(lambda i: ppe.submit(inc, i), lambda f: f.result())
-    contenders["serial"]["ProcessPoolExecutor"] = serial(lambda i: ppe.submit(inc, i), lambda f: f.result())
+    pooled("ProcessPoolExecutor", lambda i: ppe.submit(inc, i), lambda f: f.result())
     closers.append(ppe.shutdown)
 
     mp_pool = fork.Pool(WORKERS)
     mp_pool.apply(inc, (0,))
-    contenders["burst"]["multiprocessing.Pool"] = burst(lambda i: mp_pool.apply_async(inc, (i,)), lambda r: r.get())
-    contenders["serial"]["multiprocessing.Pool"] = serial(lambda i: mp_pool.apply_async(inc, (i,)), lambda r: r.get())
+    pooled("multiprocessing.Pool", lambda i: mp_pool.apply_async(inc, (i,)), lambda r: r.get())
     closers.append(mp_pool.terminate)
 
     try:
@@ -114,8 +115,7 @@ def main() -> None:
     else:
         pebble_pool = pebble.ProcessPool(max_workers=WORKERS)
         pebble_pool.schedule(inc, (0,)).result()
-        contenders["burst"]["pebble"] = burst(lambda i: pebble_pool.schedule(inc, (i,)), lambda f: f.result())
-        contenders["serial"]["pebble"] = serial(lambda i: pebble_pool.schedule(inc, (i,)), lambda f: f.result())
+        pooled("pebble", lambda i: pebble_pool.schedule(inc, (i,)), lambda f: f.result())
         closers.append(pebble_pool.stop)
 
     try:
@@ -125,8 +125,7 @@ def main() -> None:
     else:
         loky_ex = loky.get_reusable_executor(max_workers=WORKERS)
         loky_ex.submit(inc, 0).result()
-        contenders["burst"]["loky"] = burst(lambda i: loky_ex.submit(inc, i), lambda f: f.result())
-        contenders["serial"]["loky"] = serial(lambda i: loky_ex.submit(inc, i), lambda f: f.result())
+        pooled("loky", lambda i: loky_ex.submit(inc, i), lambda f: f.result())
         closers.append(loky_ex.shutdown)
 
     try:

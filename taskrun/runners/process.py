@@ -33,7 +33,6 @@ from ..errors import RemoteTraceback, SerializationError, TaskrunError, TaskStop
 
 logger = logging.getLogger("taskrun")
 
-_START_METHODS = ("fork", "spawn", "forkserver")
 _OK = _worker.OK
 #: Most calls sent to one worker ahead of time when there is a backlog.
 MAX_BATCH = 256
@@ -101,7 +100,7 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
             task._process_payload = (next(_fn_ids), fn_bytes)  # type: ignore[attr-defined]
         try:
             data = _worker.dumps((self.args, self.kwargs))
-            if b"__main__" in data and (self.start_method or _default_start_method()) != "fork":
+            if (self.start_method or _default_start_method()) != "fork" and b"__main__" in data:
                 # pickle refers to classes of __main__ by name; a spawned worker's __main__ lacks
                 # those of a notebook or `python -c`: send them by value.
                 data = cloudpickle.dumps((self.args, self.kwargs), _worker.PROTOCOL)
