@@ -38,6 +38,7 @@ _feeder_numbers = itertools.count(1)
 _STOP_WHEN = "stop_when returned True"
 _GROUP_STOPPED = "the group was stopped"
 _SHUTDOWN = "taskrun.shutdown() was called"
+_ENDS_READING = (_GROUP_STOPPED, _SHUTDOWN)
 
 
 class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
@@ -56,6 +57,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         explicit_window: bool = True,
         stop_when: Callable[[], object] | None,
         bar: Any = None,
+        sized_input: bool = True,
     ) -> None:
         self.task = task
         self._runs: list[BaseTaskRun[R]] = []
@@ -77,10 +79,13 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         self._feeding = True
         self._done = False
         self._halt: str | None = None
+        self._cut_short = False  # stopped before the whole input was read
         self._error: BaseException | None = None
         self._stop_when_error: Exception | None = None
         self._stop_when = stop_when
-        self._stop_when_lock = threading.Lock()
+        # After stop_when, the rest of a sized input (a list, a range) still becomes stopped
+        # handles; a generator is read no further, as it may never end.
+        self._sized_input = sized_input
         self._bar = bar
         self._bar_lock = threading.Lock()
         self._bar_next = 0.0
@@ -107,10 +112,10 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         i = 0
         while True:
             with self._lock:
-                while i >= len(runs) and self._feeding:
+                while i >= len(runs) and self._feeding and not self._settled():
                     self._refuse_own_thread()
                     self._wait(None, watching=True)
-                feeding = self._feeding
+                feeding = self._feeding and not self._settled()
             while i < len(runs):
                 yield runs[i]
                 i += 1
@@ -121,16 +126,20 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
 
     def done(self) -> bool:
         """True once the input is exhausted (or the group stopped) and every run has finished."""
-        return self._done
+        return self._settled()
+
+    def _settled(self) -> bool:
+        """Done; or stopped, with every run made so far finished (a feeder still inside the input makes no more)."""
+        return self._done or (self._halt in _ENDS_READING and self._finished >= len(self._runs))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the input is read and every run has finished, or ``timeout`` seconds pass."""
-        if self._done:
+        if self._settled():
             return True
         self._refuse_own_thread()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while not self._done:
+            while not self._settled():
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -142,12 +151,18 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
 
         With ``raise_exceptions=True`` the first failure in input order is raised (a stopped
         run raises ``TaskStopped``); with False failures are returned in place of values.
-        If reading the input or ``stop_when`` raised, that exception is raised here.
+        If reading the input or ``stop_when`` raised, that exception is raised here; so is
+        ``TaskStopped`` if ``stop()`` left part of the input unread (unless ``raise_exceptions=False``).
         """
         if not self.wait(timeout):
             raise TimeoutError(f"{self._label()} did not finish within {timeout} s; its runs go on")
         if self._error is not None:
             raise self._error
+        if raise_exceptions and self._cut_short:
+            raise TaskStopped(
+                f"{self._label()} was stopped ({self._halt_text()}) before its input was all read; the "
+                f"{len(self._runs)} handles made are in the group, results(raise_exceptions=False) returns their values"
+            )
         return [run.get_result(raise_exceptions=raise_exceptions) for run in self._runs]
 
     def as_completed(self, timeout: float | None = None) -> Iterator[BaseTaskRun[R]]:
@@ -157,14 +172,14 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         i = 0
         while True:
             with self._lock:
-                while i >= len(completed) and not self._done:
+                while i >= len(completed) and not self._settled():
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         left = len(self._runs) - self._finished
                         raise TimeoutError(f"{self._label()}: {left} run(s) or more unfinished after {timeout} s")
                     self._refuse_own_thread()
                     self._wait(remaining, watching=True)
-                done = self._done
+                done = self._settled()
                 batch = completed[i:]
             i += len(batch)
             yield from batch
@@ -196,6 +211,8 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
 
         Returns how many runs this call stopped.
         """
+        if self._feeding:
+            self._cut_short = True
         self._halt_group(_GROUP_STOPPED)
         runs = list(self._runs)
         # Not-started runs first: stopping a running one may free a worker that would start the next.
@@ -215,7 +232,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
     def __repr__(self) -> str:
         counts = self.summary()
         parts = [f"{n} {name}" for name, n in counts.items() if n]
-        state = "feeding" if self._feeding else "done" if self._done else "finishing"
+        state = "done" if self._settled() else "feeding" if self._feeding else "finishing"
         if self._halt is not None:
             state += f", stopped: {self._halt_text()}"
         return f"<RunGroup {self.task.name}: {len(self._runs)} runs{', ' if parts else ''}{', '.join(parts)} ({state})>"
@@ -247,6 +264,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                             self._feeder_waits = False
                         halt = self._halt
                         if halt is not None and halt is not _STOP_WHEN:
+                            self._cut_short = True
                             break  # stopped or shut down: leave the rest of the input unread
                 self._started += 1
                 if star:
@@ -265,6 +283,8 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                 if halt is not None:
                     # After stop_when: the rest of the input becomes runs that end STOPPED, never started.
                     run._conclude(Status.STOPPED, exc=TaskStopped(f"{run.id} was not started: {self._halt_text()}"))
+                    if not self._sized_input:
+                        break
                 else:
                     try:
                         run._start()
@@ -279,12 +299,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
             self._end_feeding()
 
     def _may_start(self) -> bool:
-        """Ask ``stop_when`` (the feeder's check before a run starts); False if it says stop."""
-        with self._stop_when_lock:
-            return self._ask_stop_when()
-
-    def _ask_stop_when(self) -> bool:
-        """Ask ``stop_when`` once, holding its lock; on True (or an error) halt the group. True: go on."""
+        """Ask ``stop_when`` once, before a run starts; on True (or an error) halt the group. True: go on."""
         if self._halt is not None:
             return False
         try:
@@ -306,10 +321,11 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         return self._halt
 
     def _halt_group(self, reason: str) -> None:
-        """Take no new work; after ``stop_when``, also stop the runs that have not started yet.
+        """Take no new work.
 
         The first reason sticks, except that ``stop()`` and shutdown also end the reading of
         the input that continues after ``stop_when`` (to mark the remaining items stopped).
+        Runs ``stop_when`` let in go on: the window keeps them no more than the pool's workers.
         """
         with self._lock:
             if self._halt is not None and not (self._halt is _STOP_WHEN and reason is not _STOP_WHEN):
@@ -320,9 +336,6 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                 self._cond.notify_all()
         if reason is _STOP_WHEN and first:
             logger.info("%s: stop_when returned True; running calls finish, nothing new starts", self._label())
-            for run in list(self._runs):
-                if run.status is Status.PENDING:
-                    run._conclude(Status.STOPPED, exc=TaskStopped(f"{run.id} was not started: {self._halt_text()}"))
 
     def _end_feeding(self) -> None:
         with self._lock:
@@ -344,7 +357,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                 self._cond.notify_all()
 
     def _on_done(self, run: BaseTaskRun[Any]) -> None:
-        """A run of the group finished: count it, free its slot, refresh the bar, ask ``stop_when``."""
+        """A run of the group finished: count it, free its slot, refresh the bar."""
         status = run._status
         with self._lock:
             self._finished += 1
@@ -356,13 +369,12 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                 self._cached += 1
             self._completed.append(run)
             finished = self._finished == len(self._runs) and not self._feeding
-            if self._watching or (self._feeder_waits and self._started - self._finished <= self._refill_at):
+            if (
+                self._watching
+                or (self._feeder_waits and self._started - self._finished <= self._refill_at)
+                or (self._waiting and self._halt in _ENDS_READING and self._finished == len(self._runs))
+            ):
                 self._cond.notify_all()
-        if self._stop_when is not None and self._halt is None:
-            # Asked here too, before this worker takes its next call, so that runs already queued
-            # in the pool do not start once stop_when says stop.
-            with self._stop_when_lock:
-                self._ask_stop_when()
         if finished:
             self._finish()
         elif self._bar is not None:
@@ -444,8 +456,18 @@ def start_map(
     except TypeError:
         raise TypeError(f"{task.name}.{method}() needs an iterable of items, got {type(items).__name__}") from None
     bar = _make_bar(task, items) if progress else None
+    window = max_concurrency or DEFAULT_WINDOW
+    workers = getattr(task.runner, "max_workers", None)
+    if stop_when is not None and type(workers) is int and workers < window:
+        # No run waits in the pool's queue: stop_when is then asked right before each run starts.
+        window = workers
     group = RunGroup(
-        task, window=max_concurrency or DEFAULT_WINDOW, explicit_window=max_concurrency is not None, stop_when=stop_when, bar=bar
+        task,
+        window=window,
+        explicit_window=max_concurrency is not None or stop_when is not None,
+        stop_when=stop_when,
+        bar=bar,
+        sized_input=hasattr(items, "__len__"),
     )
     if task.runner.inline:
         group._feed(iterator, star)

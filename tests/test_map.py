@@ -432,32 +432,78 @@ def test_an_empty_input_gives_a_finished_empty_group() -> None:
     assert group.done() and len(group) == 0 and list(group.as_completed(timeout=WAIT)) == []
 
 
-def test_stop_ends_the_reading_of_the_input_after_stop_when() -> None:
-    gate = threading.Event()
-    at_third = threading.Event()
+def test_stop_when_on_an_endless_generator_ends_the_group() -> None:
+    """A generator is read no further once stop_when says stop (it may never end); a sized input is (see above)."""
     read = 0
 
     def endless():
         nonlocal read
         while True:
             read += 1
-            if read == 3:
-                at_third.set()
-                gate.wait(WAIT)  # hold the feeder here until the group has been stopped
             yield read
 
     @task(runner=Threads)
     def ident(x: int) -> int:
         return x
 
-    group = ident.map(endless(), max_concurrency=1, stop_when=lambda: True)
+    group = ident.map(endless(), max_concurrency=1, stop_when=lambda: read > 3)
+    assert group.wait(timeout=WAIT)
+    assert read == 4  # the item that met stop_when was read, nothing after it
+    assert [run.status for run in group] == [Status.SUCCEEDED] * 3 + [Status.STOPPED]
+    assert group.results(raise_exceptions=False)[:3] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("runner", [Threads, SequentialTaskRun], ids=["threads", "sequential"])
+def test_stop_when_is_asked_once_before_each_run_so_a_quota_can_count_calls(runner: type) -> None:
+    asked = 0
+
+    def quota() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked > 5  # five runs, then stop
+
+    @task(runner=runner)
+    def ident(x: int) -> int:
+        return x
+
+    group = ident.map(range(20), stop_when=quota)
+    assert group.wait(timeout=WAIT)
+    assert group.summary()["succeeded"] == 5 and group.summary()["stopped"] == 15
+    assert asked == 6
+
+
+def test_stop_does_not_wait_for_an_input_that_blocks() -> None:
+    gate = threading.Event()
+    blocked = threading.Event()
+
+    def slow_input():
+        yield 1
+        yield 2
+        blocked.set()
+        gate.wait(WAIT)  # the feeder sits here, inside the input, when the group is stopped
+        yield 3
+
+    @task(runner=Threads)
+    def ident(x: int) -> int:
+        return x
+
+    group = ident.map(slow_input())
     try:
-        assert at_third.wait(WAIT)
-        assert group.stop() == 0  # nothing was running: stop_when stopped every item before it started
+        assert blocked.wait(WAIT)
+        assert len(group) == 2 and [run.get_result(timeout=WAIT) for run in group[:2]] == [1, 2]
+        group.stop()
+        assert group.wait(timeout=WAIT) and group.done()
+        assert not gate.is_set()  # it did not wait for the input
+        with pytest.raises(TaskStopped, match="before its input was all read"):
+            group.results()
+        assert group.results(raise_exceptions=False) == [1, 2]
+        assert [run.get_result() for run in group] == [1, 2]  # iteration ends too
     finally:
         gate.set()
-    assert group.wait(timeout=WAIT)  # ends although the input is endless
-    assert len(group) == 2 and group.summary()["stopped"] == 2  # the item read after stop() is dropped
+    deadline = time.monotonic() + WAIT
+    while group._feeding and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(group) == 2  # the item read after stop() is dropped
 
 
 def test_a_run_group_as_an_argument_asks_for_a_list_of_its_runs() -> None:

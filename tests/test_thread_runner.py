@@ -113,6 +113,29 @@ def test_failures_do_not_cost_threads():
     assert len(names) == 1
 
 
+@pytest.mark.parametrize("exc_type", [KeyboardInterrupt, SystemExit])
+def test_a_task_raising_keyboardinterrupt_or_systemexit_fails_and_keeps_its_thread(exc_type):
+    names = set()
+    runner = ThreadTaskRun.configure(max_workers=1)
+
+    @task(runner=runner)
+    def interrupted():
+        names.add(threading.current_thread().name)
+        raise exc_type()
+
+    @task(runner=runner)
+    def ok():
+        names.add(threading.current_thread().name)
+        return "ok"
+
+    for _ in range(3):
+        run = interrupted()
+        assert run.wait(WAIT) and run.status is Status.FAILED
+        assert isinstance(run.exception(), exc_type)
+    assert ok().get_result(timeout=WAIT) == "ok"  # the one thread still serves
+    assert len(names) == 1
+
+
 def test_pools_are_per_configured_class(gate):
     """A busy pool of one configured runner does not hold up another's."""
     busy = ThreadTaskRun.configure(max_workers=1)

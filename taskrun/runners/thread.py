@@ -77,7 +77,10 @@ class _Worker:
                 continue
             self.attempt = attempt
             attempt.runner_state = self
-            attempt.execute()
+            try:
+                attempt.execute()
+            except KeyboardInterrupt:
+                pass  # the run failed with it; a pool thread has no caller to interrupt, and must not die
             self.attempt = None
             if self.abandoned:
                 break
