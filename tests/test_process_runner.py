@@ -686,6 +686,60 @@ def test_a_long_call_does_not_hold_queued_calls_behind_it():
     assert pids.count(long_call_pid) <= 2, f"the worker busy with the long call also ran {pids.count(long_call_pid) - 1} others"
 
 
+def block_on_fifo(started, fifo):
+    """Say "started", then block until the test writes a byte to the named pipe."""
+    write_atomic(started, str(os.getpid()))
+    with open(fifo, "rb") as f:
+        f.read(1)
+    return "released"
+
+
+def test_calls_sent_ahead_stay_pending_until_the_worker_gets_to_them(tmp_path):
+    one = runner("fork", max_workers=1)
+    gated, tiny = task(runner=one)(block_on_fifo), task(runner=one)(double)
+    tiny.map(range(300)).results(timeout=WAIT)  # the pool has seen calls are short: it sends them ahead
+    started_a, fifo_a, started_b, fifo_b = (tmp_path / name for name in ("started_a", "fifo_a", "started_b", "fifo_b"))
+    os.mkfifo(fifo_a)
+    os.mkfifo(fifo_b)
+    holder = gated(str(started_a), str(fifo_a))  # occupies the worker while the rest queue in the parent
+    read_pid(started_a)
+    first = gated(str(started_b), str(fifo_b))
+    queued = [tiny(i) for i in range(3)]
+    with open(fifo_a, "wb") as f:
+        f.write(b"x")  # the worker is free: the backlog goes out in one batch, `first` in front
+    assert holder.get_result(WAIT) == "released"
+    read_pid(started_b)
+    pool = one._pool()
+    assert sum(len(w.in_flight) for w in pool.workers) == 4  # first and the three queued behind it
+    assert first.status is Status.RUNNING
+    assert all(run.status is Status.PENDING and run.attempts == 0 and run.started_at is None for run in queued)
+    released_at = time.time()
+    with open(fifo_b, "wb") as f:
+        f.write(b"x")
+    assert first.get_result(WAIT) == "released"
+    assert [run.get_result(WAIT) for run in queued] == [0, 2, 4]
+    for run in queued:
+        assert run.started_at >= released_at, "a call sent ahead counted its time in the queue as running"
+        assert run.duration < 1.0
+
+
+def test_a_cold_pool_sends_calls_one_at_a_time(tmp_path):
+    """Before any call has come back, the pool cannot know calls are short: none waits behind a long one."""
+    two = runner("fork")
+    gated, tiny = task(runner=two)(block_on_fifo), task(runner=two)(double)
+    started, fifo = tmp_path / "started", tmp_path / "fifo"
+    os.mkfifo(fifo)
+    runs = [gated(str(started), str(fifo))] + [tiny(i) for i in range(5)]
+    try:
+        assert [run.get_result(WAIT) for run in runs[1:]] == [0, 2, 4, 6, 8]  # the other worker did them all
+        assert runs[0].status is Status.RUNNING
+    finally:
+        read_pid(started)
+        with open(fifo, "wb") as f:
+            f.write(b"x")
+    assert runs[0].get_result(WAIT) == "released"
+
+
 def test_waiting_inside_a_done_callback_raises_instead_of_hanging():
     """A callback on the pool's thread that waits for another run of the pool would block it for good."""
     one_worker = runner("fork", max_workers=1)

@@ -308,7 +308,9 @@ class ProcessPool:
         self.pending: deque[_Call] = deque()
         self.submitted: deque[_Call] = deque()  # appended without the lock while no worker has room
         self.has_room = True  # a worker is idle, or another may start
-        self.call_seconds = 0.005  # moving average of a call's duration in a worker, with its overhead
+        # Moving average of a call's duration in a worker, with its overhead. It starts at a
+        # value that sends calls one at a time, until calls have shown they are short.
+        self.call_seconds = AHEAD_SECONDS
         self.outbox: list[tuple[Any, ...]] = []
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
@@ -578,17 +580,23 @@ class ProcessPool:
             worker.fns_sent.clear()
             return
         worker.bytes_in_flight += size
+        was_idle = not in_flight
         for call in calls:
             call.worker = worker
             in_flight[call.id] = call
-        if worker.ready:
-            self._mark_started(calls)
+        if worker.ready and was_idle:
+            self._mark_started(worker)
 
-    def _mark_started(self, calls: list[_Call]) -> None:
-        now = time.time()
-        for call in calls:
+    @staticmethod
+    def _mark_started(worker: _Worker) -> None:
+        """The worker's first call in flight is the one it executes: it turns RUNNING (and its timeout starts).
+
+        Calls sent ahead stay PENDING behind it; each begins when the one before it is reported.
+        """
+        for call in worker.in_flight.values():
             attempt = call.attempt
-            attempt.run._attempt_started(attempt, now)
+            attempt.run._attempt_started(attempt)
+            return
 
     def _read_once(self, worker: _Worker) -> None:
         """Handle what one read brings (the pipe was reported readable); poll reports the rest.
@@ -627,7 +635,7 @@ class ProcessPool:
             return
         if kind == _worker.READY:
             worker.ready = True
-            self._mark_started(list(worker.in_flight.values()))
+            self._mark_started(worker)
             return
         if kind == _worker.LOG or kind == _worker.WARN:
             self.outbox.append((kind, payload))
@@ -643,6 +651,8 @@ class ProcessPool:
             return  # its run was stopped (a cancelled call's acknowledgement lands here too)
         self.call_seconds += 0.2 * (seconds + CALL_OVERHEAD - self.call_seconds)
         self._finish_call(worker, call)
+        if worker.in_flight:
+            self._mark_started(worker)
         attempt = call.attempt
         if kind == _OK:
             self.outbox.append((_OK, attempt, payload))
