@@ -35,22 +35,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"no ledger at {path!r}: the file does not exist")
     if os.path.isdir(path):
         return _fail(f"{path!r} is a directory; pass the path of a ledger file")
-    try:
+    if os.path.getsize(path) == 0:
+        summary, errors = {}, []  # an empty file: Ledger() would make it a ledger; status only looks
+    else:
         try:
-            ledger = Ledger(path)
-        except LedgerError:
-            if os.access(os.path.dirname(os.path.abspath(path)), os.W_OK | os.X_OK):
-                raise
-            ledger = Ledger._read_only(path)  # a directory we cannot write: read the file as it is
-        summary = ledger.summary()
-        errors = ledger.last_errors(args.errors) if args.errors > 0 else []
-    except LedgerError as exc:
-        return _fail(str(exc))
+            summary, errors = _read(path, args.errors)
+        except LedgerError as exc:
+            return _fail(str(exc).replace(_LEDGER_ADVICE, "pass the path of a ledger"))
     if args.json:
         print(json.dumps(_as_json(path, summary, errors), indent=2))
     else:
         print(_as_text(path, summary, errors))
     return 0
+
+
+# What the ledger tells Ledger() users about a file it refuses; status never makes a ledger.
+_LEDGER_ADVICE = "pass the path of a ledger or of a file that does not exist yet"
+
+
+def _read(path: str, last_errors: int) -> tuple[dict[str, dict[str, int]], list[RunRecord]]:
+    try:
+        ledger = Ledger(path)
+    except LedgerError:
+        if os.access(os.path.dirname(os.path.abspath(path)), os.W_OK | os.X_OK):
+            raise
+        ledger = Ledger._read_only(path)  # a directory we cannot write: read the file as it is
+    return ledger.summary(), ledger.last_errors(last_errors) if last_errors > 0 else []
 
 
 def _count(text: str) -> int:

@@ -10,6 +10,8 @@ _lock = threading.Lock()
 
 
 def configure(cls: type, settings: dict[str, Any]) -> Any:
+    if not settings:
+        return cls  # nothing to set: the same runner, and the same pool
     known = cls.settings  # type: ignore[attr-defined]
     unknown = sorted(set(settings) - set(known))
     if unknown:

@@ -71,7 +71,7 @@ def _upstream_error(run: BaseTaskRun[Any], upstream: BaseTaskRun[Any]) -> Upstre
         how = f"was {upstream.status.value}"
     exc = UpstreamFailed(f"{run.id} did not run: the run it depends on, {upstream.id}, {how}")
     exc.upstream_id = upstream.id  # type: ignore[attr-defined]
-    exc.upstream_status = upstream.status.value  # type: ignore[attr-defined]
+    exc.upstream_status = upstream.status  # type: ignore[attr-defined]
     exc.__cause__ = cause
     return exc
 

@@ -196,6 +196,8 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
             )
 
     def _wait(self, timeout: float | None, watching: bool = False) -> None:
+        if timeout is not None and timeout >= threading.TIMEOUT_MAX:
+            timeout = None  # float("inf"): wait for good
         self._waiting += 1
         self._watching += watching
         try:

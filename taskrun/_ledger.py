@@ -390,7 +390,12 @@ def _filters(task: str | None, status: str | None, prefix: str) -> tuple[list[st
 
 
 def _task_name(task: Any) -> str | None:
-    return task if task is None or isinstance(task, str) else task.name
+    if task is None or isinstance(task, str):
+        return task
+    name = getattr(task, "name", None)
+    if not isinstance(name, str):
+        raise TypeError(f"task= must be a task or a task's name (a str), got {task!r}")
+    return name
 
 
 def _status_name(status: Any) -> str | None:

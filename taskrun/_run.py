@@ -76,6 +76,12 @@ if hasattr(os, "register_at_fork"):
 _PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
 
 
+def _one_line(text: str, limit: int = 100) -> str:
+    """``text`` on one line, cut to ``limit`` characters: a repr stays readable in a notebook."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def stop_requested() -> bool:
     """True inside a task whose run was asked to stop (or timed out); poll it to end early."""
     attempt = getattr(_local, "attempt", None)
@@ -278,7 +284,7 @@ class BaseTaskRun(Generic[R]):
             if self._waiters is None:
                 self._waiters = []
             self._waiters.append(waiter)
-        if timeout is None:
+        if timeout is None or timeout >= threading.TIMEOUT_MAX:  # float("inf") too: wait for good
             waiter.acquire()
         elif not waiter.acquire(True, max(0.0, timeout)):
             with self._lock:
@@ -358,7 +364,7 @@ class BaseTaskRun(Generic[R]):
             parts.append("cached")
         text = " ".join(parts)
         if status is Status.FAILED and self._exception is not None:
-            text += f": {type(self._exception).__name__}: {self._exception}"
+            text += f": {type(self._exception).__name__}: {_one_line(str(self._exception))}"
         return text + ">"
 
     # ---- the life of a run: start, attempts, retries, the end ---------------------------

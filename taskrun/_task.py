@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
@@ -46,6 +49,11 @@ class Task(Generic[P, R]):
             raise TypeError(f"task() needs a function to wrap, got {fn!r} ({type(fn).__name__})")
         if isinstance(fn, Task):
             fn = fn.fn
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"task() got {getattr(fn, '__qualname__', fn)!r}, an async function: its calls would only make coroutine "
+                "objects, never run them; wrap it in a plain function, e.g. def run(*args): return asyncio.run(fn(*args))"
+            )
         if name is None:
             name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
         if not isinstance(name, str) or not name:
@@ -129,8 +137,17 @@ class Task(Generic[P, R]):
         return start_map(self, items, star=True, max_concurrency=max_concurrency, stop_when=stop_when, progress=progress)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Rebuilt from the function and options in a worker: caches, pools and open ledger
-        # connections stay behind, and configured runner classes are configured again there.
+        # A task its module holds under its own name travels by reference, as functions do (its
+        # function cannot: the module's name for it is the task). Others are rebuilt from the
+        # function and options: caches, pools and open ledger connections stay behind, and
+        # configured runner classes are configured again there.
+        module, qualname = getattr(self, "__module__", None), getattr(self, "__qualname__", None)
+        if module and module != "__main__" and qualname and "<locals>" not in qualname:
+            found: Any = sys.modules.get(module)
+            for part in qualname.split("."):
+                found = getattr(found, part, None)
+            if found is self:
+                return (_import_task, (module, qualname))
         options = {
             "name": self.name, "retries": self.retries, "retry_sleep_time": self.retry_sleep_time,
             "backoff": self.backoff, "jitter": self.jitter, "retry_on": self.retry_on, "timeout": self.timeout,
@@ -140,6 +157,13 @@ class Task(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<Task {self.name} runner={self.runner.__name__}>"
+
+
+def _import_task(module: str, qualname: str) -> Task[Any, Any]:
+    found: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found  # type: ignore[no-any-return]
 
 
 def _rebuild_task(fn: Callable[..., Any], options: dict[str, Any]) -> Task[Any, Any]:

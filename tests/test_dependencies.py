@@ -69,7 +69,7 @@ def test_a_failed_upstream_fails_the_dependent_without_calling_it() -> None:
     message = str(exc)
     assert upstream.id in message and dependent.id in message
     assert "ValueError: bad input" in message
-    assert exc.upstream_id == upstream.id and exc.upstream_status == "failed"  # type: ignore[attr-defined]
+    assert exc.upstream_id == upstream.id and exc.upstream_status is Status.FAILED  # type: ignore[attr-defined]
     assert exc.__cause__ is upstream.exception()
     with pytest.raises(UpstreamFailed):
         dependent.get_result()

@@ -523,6 +523,41 @@ def test_repr_of_a_failed_run_shows_the_error(runner):
     assert re.fullmatch(r"<TaskRun bad#\d+ failed \d+\.\ds attempt 1/1: KeyError: 'nope'>", repr(run)), repr(run)
 
 
+def test_repr_of_a_failed_run_keeps_a_long_error_on_one_short_line(runner):
+    @task(runner=runner, name="bad")
+    def bad():
+        raise ValueError("first line\nsecond line " + "x" * 10_000)
+
+    run = bad()
+    assert run.wait(WAIT)
+    text = repr(run)
+    assert "\n" not in text and len(text) < 200, text
+    assert "ValueError: first line second line xxx" in text and text.endswith("...>")
+
+
+def test_an_infinite_timeout_waits_for_good():
+    gate = threading.Event()
+
+    @task(runner=ThreadTaskRun)
+    def gated(_=None):
+        assert gate.wait(WAIT)
+        return "done"
+
+    run = gated()
+    group = gated.map(range(2))
+    outcomes = []
+    waiter = threading.Thread(
+        target=lambda: outcomes.extend(
+            [run.wait(float("inf")), run.get_result(timeout=float("inf")), group.wait(float("inf")),
+             group.results(timeout=float("inf"))]
+        )
+    )
+    waiter.start()
+    gate.set()
+    waiter.join(WAIT)
+    assert outcomes == [True, "done", True, ["done", "done"]]
+
+
 def test_repr_of_a_retried_run_counts_attempts(runner):
     spy = Spy(runner)
     inside = []

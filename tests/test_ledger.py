@@ -512,6 +512,8 @@ def test_summary_runs_result_forget_and_reset(db):
         ledger.result("42")
     with pytest.raises(ValueError, match="unknown ledger status"):
         ledger.runs(status="finished")
+    with pytest.raises(TypeError, match="task= must be a task or a task's name"):
+        ledger.runs(task=5)
 
     assert ledger.forget("2") and not ledger.forget("2")
     assert not check(2).cached  # forgotten: it runs again

@@ -107,7 +107,18 @@ def test_status_of_a_file_that_is_not_a_ledger_is_an_error_and_leaves_it_alone(t
     result = status(path)
     assert result.returncode == 2
     assert "data.db" in result.stderr and "not a taskrun ledger" in result.stderr
+    assert "does not exist yet" not in result.stderr  # status never makes a ledger: no such advice
     assert (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns) == before
+
+
+def test_status_of_an_empty_file_reports_no_calls_and_leaves_it_empty(tmp_path):
+    path = tmp_path / "empty.db"
+    path.touch()
+    for args in ([path], [path, "--json"]):
+        result = status(*args)
+        assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["total"] == 0
+    assert path.stat().st_size == 0 and os.listdir(tmp_path) == ["empty.db"]  # not made a ledger
 
 
 def test_usage_errors_exit_2():

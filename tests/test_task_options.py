@@ -292,6 +292,40 @@ def test_a_task_pickles_as_its_function_and_options(tmp_path):
     assert copy.ledger.path == str(tmp_path / "runs.db")
 
 
+@task(runner=SequentialTaskRun)
+def module_level_double(x):
+    return 2 * x
+
+
+def test_a_module_level_task_pickles_by_reference_with_the_standard_pickle():
+    import pickle
+
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+        assert pickle.loads(pickle.dumps(module_level_double, protocol)) is module_level_double
+
+
+@pytest.mark.parametrize("kind", ["coroutine", "async generator"])
+def test_an_async_function_is_refused_with_the_fix(kind):
+    if kind == "coroutine":
+
+        async def fetch(url):
+            return url
+
+    else:
+
+        async def fetch(url):
+            yield url
+
+    with pytest.raises(TypeError, match=r"async function.*asyncio\.run"):
+        task(fetch)
+
+
+def test_configure_with_no_settings_is_the_runner_itself():
+    assert ThreadTaskRun.configure() is ThreadTaskRun
+    configured = ThreadTaskRun.configure(max_workers=2)
+    assert configured.configure() is configured
+
+
 def test_a_task_used_as_a_method_gets_its_instance():
     class Counter:
         def __init__(self, start):
