@@ -231,9 +231,26 @@ def worker_main(call_conn: Any, result_conn: Any, alive_conn: Any, config: dict[
         else:
             _fork_servers(call_conn, sender, config["max_tasks_per_worker"])
     finally:
+        _end_own_pools()
         logging.getLogger().handlers.clear()
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def _end_own_pools() -> None:
+    """Shut down the pools tasks started in this worker (tasks calling tasks), as a process's exit would.
+
+    Worker processes end without running atexit handlers, and multiprocess would SIGTERM
+    those pools' workers instead, which their supervisor took for deaths.
+    """
+    from . import _lifecycle
+
+    if not (_lifecycle._pools or _lifecycle._feeders or _lifecycle._runners):
+        return  # the usual case: no task here called another
+    try:
+        _lifecycle.shutdown(wait=True)
+    except BaseException:  # noqa: B036 - ending anyway; nothing here may keep the worker alive
+        logging.getLogger("taskrun").exception("taskrun could not shut down the pools of a worker process")
 
 
 def _fork_servers(call_conn: Any, sender: _Sender, max_calls: int) -> None:
@@ -285,6 +302,7 @@ def _fork_server(call_conn: Any, sender: _Sender, max_calls: int) -> tuple[int, 
         try:
             if os.read(go_r, 1) == b"1":
                 _serve(call_conn, sender, max_calls)
+                _end_own_pools()
                 os.write(done_w, b"1")
         except BaseException:
             code = 1

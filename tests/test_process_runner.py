@@ -740,6 +740,27 @@ def test_a_cold_pool_sends_calls_one_at_a_time(tmp_path):
     assert runs[0].get_result(WAIT) == "released"
 
 
+def start_inner_call_and_return(path):
+    """A task that fires a call of another process task and returns before that call has finished."""
+
+    @task(runner=MultiprocessTaskRun.configure(max_workers=1, start_method="fork"))
+    def write_later(target):
+        time.sleep(0.5)  # the work: still under way when the outer call has returned
+        write_atomic(target, "written")
+
+    write_later(path)
+    return "returned"
+
+
+def test_a_worker_lets_the_calls_its_tasks_started_finish_before_it_ends(tmp_path):
+    """A worker ends like a process does: its own pools finish their calls (atexit does not run there)."""
+    target = tmp_path / "inner"
+    outer = task(runner=runner("fork", max_workers=1))(start_inner_call_and_return)
+    assert outer(str(target)).get_result(WAIT) == "returned"
+    taskrun.shutdown()  # ends the outer worker, which first lets its inner call finish
+    assert target.read_text() == "written"
+
+
 def test_waiting_inside_a_done_callback_raises_instead_of_hanging():
     """A callback on the pool's thread that waits for another run of the pool would block it for good."""
     one_worker = runner("fork", max_workers=1)
