@@ -11,7 +11,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
-from ._ledger import _STATUSES, Ledger, RunRecord
+from ._ledger import _STATUSES, NEW_FILE_ADVICE, Ledger, RunRecord
 from .errors import LedgerError
 
 PROG = "python -m taskrun"
@@ -41,16 +41,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             summary, errors = _read(path, args.errors)
         except LedgerError as exc:
-            return _fail(str(exc).replace(_LEDGER_ADVICE, "pass the path of a ledger"))
+            return _fail(str(exc).replace(NEW_FILE_ADVICE, "pass the path of a ledger"))  # status makes no ledger
     if args.json:
         print(json.dumps(_as_json(path, summary, errors), indent=2))
     else:
         print(_as_text(path, summary, errors))
     return 0
-
-
-# What the ledger tells Ledger() users about a file it refuses; status never makes a ledger.
-_LEDGER_ADVICE = "pass the path of a ledger or of a file that does not exist yet"
 
 
 def _read(path: str, last_errors: int) -> tuple[dict[str, dict[str, int]], list[RunRecord]]:

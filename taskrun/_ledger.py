@@ -75,6 +75,9 @@ MAX_BATCH = 4096
 #: Seconds of work, at the rate calls have been finishing, that a process claims ahead.
 AHEAD = 0.1
 
+#: What a refused file's error advises Ledger() users (``python -m taskrun status`` says less).
+NEW_FILE_ADVICE = "pass the path of a ledger or of a file that does not exist yet"
+
 _MISSING: Any = object()
 _CLAIM = "claim"
 _RECORD = "record"
@@ -735,7 +738,7 @@ class _Store:
             if "not a database" in str(exc):
                 raise LedgerError(
                     f"{path!r} is not a taskrun ledger: it is not an SQLite database (it starts with {_head(path)!r}); "
-                    "pass the path of a ledger or of a file that does not exist yet"
+                    + NEW_FILE_ADVICE
                 ) from exc
             raise LedgerError(f"{path!r} is not a usable taskrun ledger: SQLite cannot read it ({exc})") from exc
         finally:
@@ -1468,7 +1471,7 @@ def _check_identity(path: str, app_id: int, version: int, tables: list[str]) -> 
     what = f"its tables are {', '.join(tables)}" if tables else f"its application id is {app_id:#x}"
     raise LedgerError(
         f"{path!r} is an SQLite database but not a taskrun ledger ({what}); it was left untouched: "
-        "pass the path of a ledger or of a file that does not exist yet"
+        + NEW_FILE_ADVICE
     )
 
 

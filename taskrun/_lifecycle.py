@@ -73,6 +73,11 @@ def drop_pools(runner: type) -> list[Pool]:
         return [_pools.pop(key) for key in mine]
 
 
+def anything_started() -> bool:
+    """True if this process has pools, map feeders or runner shutdown hooks to shut down."""
+    return bool(_pools or _feeders or _runners)
+
+
 def shutdown(wait: bool = True) -> None:
     """Shut down every pool taskrun started and its timer thread; ``map`` stops reading its input.
 

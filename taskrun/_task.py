@@ -7,6 +7,7 @@ import importlib
 import inspect
 import math
 import os
+import pickle
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar, overload
@@ -143,10 +144,7 @@ class Task(Generic[P, R]):
         # configured runner classes are configured again there.
         module, qualname = getattr(self, "__module__", None), getattr(self, "__qualname__", None)
         if module and module != "__main__" and qualname and "<locals>" not in qualname:
-            found: Any = sys.modules.get(module)
-            for part in qualname.split("."):
-                found = getattr(found, part, None)
-            if found is self:
+            if _attribute_path(sys.modules.get(module), qualname) is self:
                 return (_import_task, (module, qualname))
         options = {
             "name": self.name, "retries": self.retries, "retry_sleep_time": self.retry_sleep_time,
@@ -159,11 +157,17 @@ class Task(Generic[P, R]):
         return f"<Task {self.name} runner={self.runner.__name__}>"
 
 
-def _import_task(module: str, qualname: str) -> Task[Any, Any]:
-    found: Any = importlib.import_module(module)
+def _attribute_path(found: Any, qualname: str) -> Any:
     for part in qualname.split("."):
-        found = getattr(found, part)
-    return found  # type: ignore[no-any-return]
+        found = getattr(found, part, None)
+    return found
+
+
+def _import_task(module: str, qualname: str) -> Task[Any, Any]:
+    task = _attribute_path(importlib.import_module(module), qualname)
+    if not isinstance(task, Task):
+        raise pickle.UnpicklingError(f"{module}.{qualname} is no longer a task here")
+    return task
 
 
 def _rebuild_task(fn: Callable[..., Any], options: dict[str, Any]) -> Task[Any, Any]:

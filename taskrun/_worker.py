@@ -245,7 +245,7 @@ def _end_own_pools() -> None:
     """
     from . import _lifecycle
 
-    if not (_lifecycle._pools or _lifecycle._feeders or _lifecycle._runners):
+    if not _lifecycle.anything_started():
         return  # the usual case: no task here called another
     try:
         _lifecycle.shutdown(wait=True)

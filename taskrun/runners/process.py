@@ -651,10 +651,7 @@ class ProcessPool:
             return  # its run was stopped (a cancelled call's acknowledgement lands here too)
         self.call_seconds += 0.2 * (seconds + CALL_OVERHEAD - self.call_seconds)
         self._finish_call(worker, call)
-        in_flight = worker.in_flight
-        if in_flight:  # the worker has gone on to its next call
-            following = next(iter(in_flight.values())).attempt
-            following.run._attempt_started(following)
+        self._mark_started(worker)  # the worker has gone on to its next call, if it has one
         attempt = call.attempt
         if kind == _OK:
             self.outbox.append((_OK, attempt, payload))
