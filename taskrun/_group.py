@@ -360,16 +360,21 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
 
     def _on_done(self, run: BaseTaskRun[Any]) -> None:
         """A run of the group finished: count it, free its slot, refresh the bar."""
-        status = run._status
+        self._on_done_many((run,))
+
+    def _on_done_many(self, runs: Sequence[BaseTaskRun[Any]]) -> None:
+        """Runs of the group finished (a runner reporting many at once tells them together)."""
         with self._lock:
-            self._finished += 1
-            if status is _FAILED:
-                self._failed += 1
-            elif status is _STOPPED:
-                self._stopped += 1
-            if run.cached:
-                self._cached += 1
-            self._completed.append(run)
+            self._finished += len(runs)
+            for run in runs:
+                status = run._status
+                if status is _FAILED:
+                    self._failed += 1
+                elif status is _STOPPED:
+                    self._stopped += 1
+                if run.cached:
+                    self._cached += 1
+            self._completed.extend(runs)
             finished = self._finished == len(self._runs) and not self._feeding
             if (
                 self._watching

@@ -464,6 +464,39 @@ class BaseTaskRun(Generic[R]):
             return
         self._attempt_outcome(attempt, ok, value)
 
+    def _attempt_succeeded(self, attempt: Attempt, value: Any, began: float | None) -> Any:
+        """``attempt.set_result(value)`` for a runner that reports many outcomes at once (the process pool).
+
+        ``began`` is when the attempt began, for one the runner never marked started (it learned
+        of its start and its end together). When nothing waits on the run -- no waiter, callback,
+        ledger or timeout -- the run is decided and published in one step, and its group is
+        returned instead of told, so the runner can count many runs of a group at once.
+        """
+        with self._lock:
+            if attempt._reported:
+                return None
+            attempt._reported = True
+            if attempt._started_at is None and began is not None:
+                attempt._started_at = began
+                if self.started_at is None:
+                    self.started_at = began
+            if self._finishing or attempt is not self._current:
+                return None
+            quick = (
+                self._waiters is None and self._callbacks is None and self.key is None
+                and attempt._timeout_timer is None and self.task.timeout is None
+            )
+            if quick:
+                self._finishing = True
+                self._status = _SUCCEEDED
+                self._result = value
+                self.finished_at = time.time()
+                self._current = None
+                group, self._group = self._group, None
+                return group
+        self._attempt_outcome(attempt, True, value)
+        return None
+
     def _attempt_outcome(self, attempt: Attempt, ok: bool, value: Any) -> None:
         """The rest of the retry loop, for an attempt whose outcome is claimed (``_reported`` set)."""
         with self._lock:

@@ -784,3 +784,24 @@ def test_waiting_inside_a_done_callback_raises_instead_of_hanging():
     wait_for(lambda: seen, WAIT, "the callback")
     assert isinstance(seen[0], RuntimeError) and "done callback" in str(seen[0])
     assert nap(4).get_result(WAIT) == 4  # the pool still serves
+
+
+def fail_on_odd(x):
+    if x % 2:
+        raise ValueError(f"odd {x}")
+    return x
+
+
+def test_calls_whose_start_and_end_are_read_together_have_a_start_and_a_duration():
+    """A worker's results often arrive many to a read; a call the parent never saw start still gets its times."""
+    quick = task(runner=runner("fork", max_workers=1))(fail_on_odd)
+    before = time.time()
+    group = quick.map(range(2000))
+    group.wait(WAIT)
+    after = time.time()
+    assert group.summary()["succeeded"] == 1000 and group.summary()["failed"] == 1000
+    for run in group:
+        assert run.started_at is not None and run.finished_at is not None, run
+        assert before <= run.started_at <= run.finished_at <= after, run
+        assert run.attempts == 1
+    assert isinstance(group[1].exception(), ValueError)

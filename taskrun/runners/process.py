@@ -396,14 +396,31 @@ class ProcessPool:
         return out
 
     def _deliver(self, out: list[tuple[Any, ...]]) -> None:
-        """Hand outcomes, log records and warnings over; runs without the pool lock."""
+        """Hand outcomes, log records and warnings over; runs without the pool lock.
+
+        Successes take the runs' one-step path, and the runs of a ``map`` group are counted
+        by their group together (the outcomes of one read are mostly one group's).
+        """
+        group: Any = None
+        finished: list[BaseTaskRun[Any]] = []
+        finished_by_group: dict[Any, list[BaseTaskRun[Any]]] = {}
         for item in out:
             kind = item[0]
             try:
                 if kind == _OK:
-                    item[1].set_result(item[2])
+                    attempt = item[1]
+                    run = attempt.run
+                    run_group = run._attempt_succeeded(attempt, item[2], item[3])
+                    if run_group is not None:
+                        if run_group is not group:
+                            group = run_group
+                            finished = finished_by_group.setdefault(group, [])
+                        finished.append(run)
                 elif kind == _worker.RAISED:
-                    item[1].set_exception(item[2])
+                    attempt = item[1]
+                    if item[3] is not None and attempt._started_at is None:
+                        attempt.run._attempt_started(attempt, item[3])
+                    attempt.set_exception(item[2])
                 elif kind == _worker.LOG:
                     record = logging.makeLogRecord(item[1])
                     target = logging.getLogger(record.name)
@@ -418,6 +435,11 @@ class ProcessPool:
                                        type(exc).__name__, exc)
             except Exception:  # one bad item must neither lose the others nor end the supervisor
                 logger.exception("taskrun could not deliver a message from a worker process")
+        for group, finished in finished_by_group.items():
+            try:
+                group._on_done_many(finished)
+            except Exception:
+                logger.exception("taskrun could not count finished runs in their group")
 
     # ---- the supervisor thread --------------------------------------------------------------
 
@@ -595,7 +617,8 @@ class ProcessPool:
         """
         for call in worker.in_flight.values():
             attempt = call.attempt
-            attempt.run._attempt_started(attempt)
+            if attempt._started_at is None:
+                attempt.run._attempt_started(attempt)
             return
 
     def _read_once(self, worker: _Worker) -> None:
@@ -610,32 +633,57 @@ class ProcessPool:
             frames = worker.reader.read()
         except (EOFError, OSError):
             return
-        for frame in frames:
-            self._handle(worker, frame)
+        self._handle(worker, frames)
 
     def _drain(self, worker: _Worker) -> None:
         """Read every message the worker has sent so far."""
         reader = worker.reader
         try:
             while not reader.eof and worker.results_waiting.poll(0):
-                for frame in reader.read():
-                    self._handle(worker, frame)
+                self._handle(worker, reader.read())
         except (EOFError, OSError):
             pass
 
-    def _handle(self, worker: _Worker, data: bytes | bytearray) -> None:
-        try:
-            kind, call_id, payload, seconds = pickle.loads(data)
-        except Exception as exc:
-            call = next(iter(worker.in_flight.values()), None)
-            if call is not None:
-                self._finish_call(worker, call)
-                reason = f"the outcome of {call.attempt.run.id} could not be unpickled here: {exc}"
-                self.outbox.append((_worker.RAISED, call.attempt, SerializationError(reason)))
+    def _handle(self, worker: _Worker, frames: list[bytes | bytearray]) -> None:
+        """Handle the messages of one read, then mark the call the worker has gone on to started.
+
+        A call whose outcome comes in the same read as the one before it was never marked
+        started: its start is dated back by the time it ran, which the worker sends along.
+        """
+        if not frames:
             return
+        in_flight = worker.in_flight
+        outbox = self.outbox
+        now = time.time()
+        for data in frames:
+            try:
+                kind, call_id, payload, seconds = pickle.loads(data)
+            except Exception as exc:
+                call = next(iter(in_flight.values()), None)
+                if call is not None:
+                    self._finish_call(worker, call)
+                    reason = f"the outcome of {call.attempt.run.id} could not be unpickled here: {exc}"
+                    outbox.append((_worker.RAISED, call.attempt, SerializationError(reason), None))
+                continue
+            if kind == _OK:  # the hot path, inline
+                call = in_flight.pop(call_id, None)
+                if call is None:
+                    continue  # its run was stopped
+                self.call_seconds += 0.2 * (seconds + CALL_OVERHEAD - self.call_seconds)
+                worker.bytes_in_flight -= call.size
+                call.worker = None
+                attempt = call.attempt
+                attempt.runner_state = None  # no attempt <-> call cycle: the run is freed without the GC
+                outbox.append((_OK, attempt, payload, now - seconds))
+            else:
+                self._handle_other(worker, kind, call_id, payload, seconds, now)
+        if worker.ready:
+            self._mark_started(worker)
+
+    def _handle_other(self, worker: _Worker, kind: int, call_id: int | None, payload: Any, seconds: float,
+                      now: float) -> None:
         if kind == _worker.READY:
             worker.ready = True
-            self._mark_started(worker)
             return
         if kind == _worker.LOG or kind == _worker.WARN:
             self.outbox.append((kind, payload))
@@ -644,18 +692,14 @@ class ProcessPool:
             call = next(iter(worker.in_flight.values()), None)
             if call is not None:
                 self._finish_call(worker, call)
-                self.outbox.append((_worker.RAISED, call.attempt, self._died(worker, call, payload)))
+                self.outbox.append((_worker.RAISED, call.attempt, self._died(worker, call, payload), None))
             return
-        call = worker.in_flight.get(call_id)
+        call = worker.in_flight.get(call_id)  # type: ignore[arg-type]
         if call is None:
             return  # its run was stopped (a cancelled call's acknowledgement lands here too)
         self.call_seconds += 0.2 * (seconds + CALL_OVERHEAD - self.call_seconds)
         self._finish_call(worker, call)
-        self._mark_started(worker)  # the worker has gone on to its next call, if it has one
         attempt = call.attempt
-        if kind == _OK:
-            self.outbox.append((_OK, attempt, payload))
-            return
         if kind == _worker.RAISED:
             exc_bytes, tb_text = payload
             try:
@@ -667,7 +711,7 @@ class ProcessPool:
             exc = SerializationError(reason)
         if tb_text:
             exc.__cause__ = RemoteTraceback(tb_text)
-        self.outbox.append((_worker.RAISED, attempt, exc))
+        self.outbox.append((_worker.RAISED, attempt, exc, now - seconds))
 
     def _finish_call(self, worker: _Worker, call: _Call) -> None:
         worker.in_flight.pop(call.id, None)
@@ -689,7 +733,7 @@ class ProcessPool:
         elif calls:
             dead, rest = calls[0], calls[1:]
             self.pending.extendleft(reversed(rest))
-            self.outbox.append((_worker.RAISED, dead.attempt, self._died(worker, dead, exitcode)))
+            self.outbox.append((_worker.RAISED, dead.attempt, self._died(worker, dead, exitcode), None))
         elif self.closing is None:
             logger.warning("taskrun worker process %s died while idle: %s", worker.pid, describe_exit(exitcode))
         if worker.ending or calls:
