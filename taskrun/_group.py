@@ -163,6 +163,8 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                 f"{self._label()} was stopped ({self._halt_text()}) before its input was all read; the "
                 f"{len(self._runs)} handles made are in the group, results(raise_exceptions=False) returns their values"
             )
+        if not self._failed and not self._stopped:  # every run succeeded (or came from the ledger): no raising
+            return [run._result for run in self._runs]
         return [run.get_result(raise_exceptions=raise_exceptions) for run in self._runs]
 
     def as_completed(self, timeout: float | None = None) -> Iterator[BaseTaskRun[R]]:

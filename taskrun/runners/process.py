@@ -512,9 +512,10 @@ class ProcessPool:
         """Send queued calls to workers, starting workers as needed. True if any was started."""
         started = False
         while True:
-            submitted, pending = self.submitted, self.pending
-            while submitted:
-                pending.append(submitted.popleft())
+            try:  # move every submitted call to pending, one atomic popleft at a time, at C speed
+                self.pending.extend(iter(self.submitted.popleft, None))
+            except IndexError:
+                pass
             started |= self._dispatch_pending(idle_only)
             active = [w for w in self.workers if not w.ending]
             self.has_room = self.closing not in ("now", "closed") and (
@@ -559,12 +560,12 @@ class ProcessPool:
 
     def _send_batch(self, worker: _Worker, depth: int) -> None:
         pending, fresh, in_flight = self.pending, self.max_tasks is not None, worker.in_flight
+        was_idle = not in_flight
         batch: list[tuple[int, int, bytes | None, bytes]] = []
-        calls: list[_Call] = []
-        size = 0
         room = depth - len(in_flight)
+        budget = PIPE_BUDGET - worker.bytes_in_flight
         task = fn_id = send_fn = timeout = None  # of the previous call: a batch is mostly one task's
-        while pending and len(batch) < room:
+        while pending and room > 0:
             call = pending[0]
             attempt = call.attempt
             if attempt._reported:
@@ -576,17 +577,19 @@ class ProcessPool:
                 timeout = task.timeout
                 fn_id, fn_bytes = task._process_payload  # type: ignore[attr-defined]
                 send_fn = None if fn_id in worker.fns_sent and not fresh else fn_bytes
-            if timeout is not None and (in_flight or batch):
+            if timeout is not None and in_flight:
                 break  # a call with a timeout starts at once, never queued behind another
             args_bytes = run._args_bytes  # type: ignore[attr-defined]
-            call_size = len(args_bytes) + 64 if send_fn is None else len(args_bytes) + len(send_fn) + 64
-            if (in_flight or batch) and worker.bytes_in_flight + size + call_size > PIPE_BUDGET:
+            size = len(args_bytes) + 64 if send_fn is None else len(args_bytes) + len(send_fn) + 64
+            if size > budget and in_flight:
                 break
             pending.popleft()
             batch.append((call.id, fn_id, send_fn, args_bytes))  # type: ignore[arg-type]
-            calls.append(call)
-            call.size = call_size
-            size += call_size
+            call.size = size
+            budget -= size
+            call.worker = worker
+            in_flight[call.id] = call
+            room -= 1
             if send_fn is not None:
                 worker.fns_sent.add(fn_id)  # type: ignore[arg-type]
                 if not fresh:
@@ -597,15 +600,14 @@ class ProcessPool:
             return
         try:
             worker.call_w.send_bytes(pickle.dumps((_worker.CALLS, batch), _worker.PROTOCOL))
-        except OSError:
-            pending.extendleft(reversed(calls))  # the worker is gone; its sentinel will say so
+        except OSError:  # the worker is gone; its sentinel will say so
+            calls = [in_flight.pop(entry[0]) for entry in batch]
+            for call in calls:
+                call.worker = None
+            pending.extendleft(reversed(calls))
             worker.fns_sent.clear()
             return
-        worker.bytes_in_flight += size
-        was_idle = not in_flight
-        for call in calls:
-            call.worker = worker
-            in_flight[call.id] = call
+        worker.bytes_in_flight = PIPE_BUDGET - budget
         if worker.ready and was_idle:
             self._mark_started(worker)
 
