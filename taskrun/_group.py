@@ -364,18 +364,22 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         """A run of the group finished: count it, free its slot, refresh the bar."""
         self._on_done_many((run,))
 
-    def _on_done_many(self, runs: Sequence[BaseTaskRun[Any]]) -> None:
-        """Runs of the group finished (a runner reporting many at once tells them together)."""
+    def _on_done_many(self, runs: Sequence[BaseTaskRun[Any]], all_succeeded: bool = False) -> None:
+        """Runs of the group finished (a runner reporting many at once tells them together).
+
+        ``all_succeeded``: the runner knows each one ran and succeeded, so there is nothing else to count.
+        """
         with self._lock:
             self._finished += len(runs)
-            for run in runs:
-                status = run._status
-                if status is _FAILED:
-                    self._failed += 1
-                elif status is _STOPPED:
-                    self._stopped += 1
-                if run.cached:
-                    self._cached += 1
+            if not all_succeeded:
+                for run in runs:
+                    status = run._status
+                    if status is _FAILED:
+                        self._failed += 1
+                    elif status is _STOPPED:
+                        self._stopped += 1
+                    if run.cached:
+                        self._cached += 1
             self._completed.extend(runs)
             finished = self._finished == len(self._runs) and not self._feeding
             if (

@@ -464,13 +464,14 @@ class BaseTaskRun(Generic[R]):
             return
         self._attempt_outcome(attempt, ok, value)
 
-    def _attempt_succeeded(self, attempt: Attempt, value: Any, began: float | None) -> Any:
+    def _attempt_succeeded(self, attempt: Attempt, value: Any, began: float | None, ended: float) -> Any:
         """``attempt.set_result(value)`` for a runner that reports many outcomes at once (the process pool).
 
         ``began`` is when the attempt began, for one the runner never marked started (it learned
-        of its start and its end together). When nothing waits on the run -- no waiter, callback,
-        ledger or timeout -- the run is decided and published in one step, and its group is
-        returned instead of told, so the runner can count many runs of a group at once.
+        of its start and its end together); ``ended`` is when the runner learned the outcome.
+        When nothing waits on the run -- no waiter, callback, ledger or timeout -- the run is
+        decided and published in one step, and its group is returned instead of told, so the
+        runner can count many runs of a group at once.
         """
         with self._lock:
             if attempt._reported:
@@ -490,7 +491,7 @@ class BaseTaskRun(Generic[R]):
                 self._finishing = True
                 self._status = _SUCCEEDED
                 self._result = value
-                self.finished_at = time.time()
+                self.finished_at = ended
                 self._current = None
                 group, self._group = self._group, None
                 return group

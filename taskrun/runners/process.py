@@ -44,6 +44,8 @@ AHEAD_SECONDS = 0.01
 CALL_OVERHEAD = 20e-6
 #: Bytes of calls a busy worker may have waiting in its pipe; more could block the supervisor.
 PIPE_BUDGET = 32 * 1024
+#: Bytes of one call's message besides its pickled arguments, as counted against the budget.
+CALL_BYTES = 64
 #: Seconds between SIGTERM and SIGKILL when a worker is ended.
 TERMINATE_GRACE = 1.0
 
@@ -99,7 +101,11 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
                 raise SerializationError(f"the function of task {task.name} could not be pickled: {exc}") from exc
             task._process_payload = (next(_fn_ids), fn_bytes)  # type: ignore[attr-defined]
         try:
-            data = _worker.dumps((self.args, self.kwargs))
+            call = (self.args, self.kwargs)
+            try:
+                data = pickle.dumps(call, _worker.PROTOCOL)  # _worker.dumps, inline: every call comes here
+            except Exception:
+                data = cloudpickle.dumps(call, _worker.PROTOCOL)
             if (self.start_method or _default_start_method()) != "fork" and b"__main__" in data:
                 # pickle refers to classes of __main__ by name; a spawned worker's __main__ lacks
                 # those of a notebook or `python -c`: send them by value.
@@ -116,13 +122,13 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
         if pool is None or pool.closing in ("now", "closed"):
             if self._args_bytes is None:  # a subclass's prepare() did not call ours
                 MultiprocessTaskRun.prepare(self)
-            pool = self._pool_used = self._pool()
+            pool = self._pool_used = _lifecycle.pools.get(type(self)) or self._pool()  # type: ignore[assignment]
         pool.submit(attempt)
 
     def stop_attempt(self, attempt: Attempt) -> None:
-        call = attempt.runner_state
-        if call is not None:
-            call.pool.stop_call(call)
+        pool = self._pool_used
+        if pool is not None and attempt.runner_state is not None:
+            pool.stop_call(attempt)
 
     @classmethod
     def shutdown(cls, wait: bool = True) -> None:
@@ -133,19 +139,6 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
 _fn_ids = itertools.count(1)
 _call_ids = itertools.count(1)
 _worker_numbers = itertools.count(1)
-
-
-class _Call:
-    """The parent's record of one attempt on its way to, in, or back from a worker."""
-
-    __slots__ = ("id", "attempt", "pool", "worker", "size")
-
-    def __init__(self, attempt: Attempt, pool: ProcessPool) -> None:
-        self.id = next(_call_ids)
-        self.attempt = attempt
-        self.pool = pool
-        self.worker: _Worker | None = None
-        self.size = 0
 
 
 class _FrameReader:
@@ -218,7 +211,7 @@ class _Worker:
         call_r, self.call_w = ctx.Pipe(duplex=False)
         self.result_r, result_w = ctx.Pipe(duplex=False)
         alive_r, self.alive_w = ctx.Pipe(duplex=False)
-        self.in_flight: dict[int, _Call] = {}  # in the order sent, which is the order they run
+        self.in_flight: dict[int, Attempt] = {}  # call id -> attempt, in the order sent, which is the order they run
         self.fns_sent: set[int] = set()
         self.bytes_in_flight = 0
         self.ending = False  # stopped or timed out: being terminated
@@ -305,8 +298,8 @@ class ProcessPool:
         self.max_tasks = runner.max_tasks_per_worker
         self.lock = threading.Lock()
         self.workers: list[_Worker] = []
-        self.pending: deque[_Call] = deque()
-        self.submitted: deque[_Call] = deque()  # appended without the lock while no worker has room
+        self.pending: deque[Attempt] = deque()  # the attempts of calls waiting for a worker
+        self.submitted: deque[Attempt] = deque()  # appended without the lock while no worker has room
         self.has_room = True  # a worker is idle, or another may start
         # Moving average of a call's duration in a worker, with its overhead. It starts at a
         # value that sends calls one at a time, until calls have shown they are short.
@@ -324,31 +317,32 @@ class ProcessPool:
     # ---- entry points from any thread ------------------------------------------------------
 
     def submit(self, attempt: Attempt) -> None:
-        call = _Call(attempt, self)
-        attempt.runner_state = call
+        """Queue ``attempt`` as a call to a worker. While the pool holds it, its ``runner_state`` is the call's id."""
+        attempt.runner_state = next(_call_ids)
         if self.closing in ("now", "closed"):
             raise RuntimeError("this MultiprocessTaskRun pool was shut down")
+        queued: Attempt | None = attempt
         if not self.has_room:
             # Every worker is busy: queue without the lock; the supervisor takes it when a
             # result frees a worker. It publishes has_room before it takes from this queue,
             # and we append before we read has_room, so a call is never left behind.
-            self.submitted.append(call)
+            self.submitted.append(attempt)
             if not self.has_room:
                 return
-            call = None
+            queued = None
         with self.lock:
-            if call is not None:
-                self.pending.append(call)
+            if queued is not None:
+                self.pending.append(queued)
             started = self._dispatch(idle_only=True)
             out = self._take_outbox()
         if started:
             self._wake()  # the supervisor must watch the new workers
         self._deliver(out)
 
-    def stop_call(self, call: _Call) -> None:
-        """End ``call`` wherever it is; returns once a running one's worker is gone."""
+    def stop_call(self, attempt: Attempt) -> None:
+        """End the call of ``attempt`` wherever it is; returns once a running one's worker is gone."""
         with self.lock:
-            gone = self._stop(call)
+            gone = self._stop(attempt)
             out = self._take_outbox()
         self._deliver(out)
         if gone is not None:
@@ -358,7 +352,7 @@ class ProcessPool:
 
     def shutdown(self, wait: bool = True) -> None:
         """``wait=True``: finish every call first. ``wait=False``: stop them and end the workers now."""
-        to_stop: list[_Call] = []
+        to_stop: list[Attempt] = []
         with self.lock:
             if self.closing != "closed":
                 if not wait:
@@ -366,8 +360,8 @@ class ProcessPool:
                     to_stop = self._take_all_calls()
                 elif self.closing is None:
                     self.closing = "wait"
-        for call in to_stop:
-            call.attempt.run._conclude(Status.STOPPED, exc=TaskStopped(f"{call.attempt.run.id} was stopped: its pool shut down"))
+        for attempt in to_stop:
+            attempt.run._conclude(Status.STOPPED, exc=TaskStopped(f"{attempt.run.id} was stopped: its pool shut down"))
         self._wake()
         if threading.current_thread() is not self.thread:
             self.closed.wait()
@@ -410,7 +404,7 @@ class ProcessPool:
                 if kind == _OK:
                     attempt = item[1]
                     run = attempt.run
-                    run_group = run._attempt_succeeded(attempt, item[2], item[3])
+                    run_group = run._attempt_succeeded(attempt, item[2], item[3], item[4])
                     if run_group is not None:
                         if run_group is not group:
                             group = run_group
@@ -437,7 +431,7 @@ class ProcessPool:
                 logger.exception("taskrun could not deliver a message from a worker process")
         for group, finished in finished_by_group.items():
             try:
-                group._on_done_many(finished)
+                group._on_done_many(finished, all_succeeded=True)
             except Exception:
                 logger.exception("taskrun could not count finished runs in their group")
 
@@ -495,8 +489,8 @@ class ProcessPool:
                 self.closing = "closed"
                 calls = self._take_all_calls()
             error = TaskrunError(f"the process pool failed ({type(exc).__name__}: {exc}); see the taskrun log")
-            for call in calls:
-                call.attempt.run._conclude(Status.FAILED, exc=error)
+            for attempt in calls:
+                attempt.run._conclude(Status.FAILED, exc=error)
             self._close_workers()
         finally:
             for fd in (self.wake_r, self.wake_w):
@@ -526,7 +520,7 @@ class ProcessPool:
 
     def _dispatch_pending(self, idle_only: bool) -> bool:
         pending = self.pending
-        while pending and pending[0].attempt.reported:  # stopped while queued: never starts
+        while pending and pending[0]._reported:  # stopped while queued: never starts
             pending.popleft()
         if not pending or self.closing in ("now", "closed"):
             return False
@@ -564,10 +558,10 @@ class ProcessPool:
         batch: list[tuple[int, int, bytes | None, bytes]] = []
         room = depth - len(in_flight)
         budget = PIPE_BUDGET - worker.bytes_in_flight
+        sent = 0
         task = fn_id = send_fn = timeout = None  # of the previous call: a batch is mostly one task's
         while pending and room > 0:
-            call = pending[0]
-            attempt = call.attempt
+            attempt = pending[0]
             if attempt._reported:
                 pending.popleft()
                 continue
@@ -580,18 +574,19 @@ class ProcessPool:
             if timeout is not None and in_flight:
                 break  # a call with a timeout starts at once, never queued behind another
             args_bytes = run._args_bytes  # type: ignore[attr-defined]
-            size = len(args_bytes) + 64 if send_fn is None else len(args_bytes) + len(send_fn) + 64
+            size = len(args_bytes) + CALL_BYTES
             if size > budget and in_flight:
                 break
             pending.popleft()
-            batch.append((call.id, fn_id, send_fn, args_bytes))  # type: ignore[arg-type]
-            call.size = size
+            call_id = attempt.runner_state
+            batch.append((call_id, fn_id, send_fn, args_bytes))  # type: ignore[arg-type]
             budget -= size
-            call.worker = worker
-            in_flight[call.id] = call
+            sent += size
+            in_flight[call_id] = attempt
             room -= 1
             if send_fn is not None:
                 worker.fns_sent.add(fn_id)  # type: ignore[arg-type]
+                budget -= len(send_fn)  # counts in this batch only: the worker takes it in at once
                 if not fresh:
                     send_fn = None
             if timeout is not None:
@@ -601,13 +596,10 @@ class ProcessPool:
         try:
             worker.call_w.send_bytes(pickle.dumps((_worker.CALLS, batch), _worker.PROTOCOL))
         except OSError:  # the worker is gone; its sentinel will say so
-            calls = [in_flight.pop(entry[0]) for entry in batch]
-            for call in calls:
-                call.worker = None
-            pending.extendleft(reversed(calls))
+            pending.extendleft(reversed([in_flight.pop(entry[0]) for entry in batch]))
             worker.fns_sent.clear()
             return
-        worker.bytes_in_flight = PIPE_BUDGET - budget
+        worker.bytes_in_flight += sent
         if worker.ready and was_idle:
             self._mark_started(worker)
 
@@ -617,8 +609,7 @@ class ProcessPool:
 
         Calls sent ahead stay PENDING behind it; each begins when the one before it is reported.
         """
-        for call in worker.in_flight.values():
-            attempt = call.attempt
+        for attempt in worker.in_flight.values():
             if attempt._started_at is None:
                 attempt.run._attempt_started(attempt)
             return
@@ -657,28 +648,30 @@ class ProcessPool:
         in_flight = worker.in_flight
         outbox = self.outbox
         now = time.time()
+        seconds = -1.0
+        freed = 0
         for data in frames:
             try:
                 kind, call_id, payload, seconds = pickle.loads(data)
             except Exception as exc:
-                call = next(iter(in_flight.values()), None)
-                if call is not None:
-                    self._finish_call(worker, call)
-                    reason = f"the outcome of {call.attempt.run.id} could not be unpickled here: {exc}"
-                    outbox.append((_worker.RAISED, call.attempt, SerializationError(reason), None))
+                attempt = next(iter(in_flight.values()), None)
+                if attempt is not None:
+                    self._finish_call(worker, attempt)
+                    reason = f"the outcome of {attempt.run.id} could not be unpickled here: {exc}"
+                    outbox.append((_worker.RAISED, attempt, SerializationError(reason), None))
                 continue
             if kind == _OK:  # the hot path, inline
-                call = in_flight.pop(call_id, None)
-                if call is None:
+                attempt = in_flight.pop(call_id, None)
+                if attempt is None:
                     continue  # its run was stopped
-                self.call_seconds += 0.2 * (seconds + CALL_OVERHEAD - self.call_seconds)
-                worker.bytes_in_flight -= call.size
-                call.worker = None
-                attempt = call.attempt
-                attempt.runner_state = None  # no attempt <-> call cycle: the run is freed without the GC
-                outbox.append((_OK, attempt, payload, now - seconds))
+                freed += len(attempt.run._args_bytes) + CALL_BYTES
+                attempt.runner_state = None
+                outbox.append((_OK, attempt, payload, now - seconds, now))
             else:
                 self._handle_other(worker, kind, call_id, payload, seconds, now)
+        worker.bytes_in_flight -= freed
+        if seconds >= 0:  # the last call's time stands for the read's: calls of one read are alike
+            self.call_seconds += 0.2 * (seconds + CALL_OVERHEAD - self.call_seconds)
         if worker.ready:
             self._mark_started(worker)
 
@@ -691,17 +684,15 @@ class ProcessPool:
             self.outbox.append((kind, payload))
             return
         if kind == _worker.DIED:  # a fresh child of this worker ended without finishing its call
-            call = next(iter(worker.in_flight.values()), None)
-            if call is not None:
-                self._finish_call(worker, call)
-                self.outbox.append((_worker.RAISED, call.attempt, self._died(worker, call, payload), None))
+            attempt = next(iter(worker.in_flight.values()), None)
+            if attempt is not None:
+                self._finish_call(worker, attempt)
+                self.outbox.append((_worker.RAISED, attempt, self._died(worker, attempt, payload), None))
             return
-        call = worker.in_flight.get(call_id)  # type: ignore[arg-type]
-        if call is None:
+        attempt = worker.in_flight.get(call_id)  # type: ignore[arg-type]
+        if attempt is None:
             return  # its run was stopped (a cancelled call's acknowledgement lands here too)
-        self.call_seconds += 0.2 * (seconds + CALL_OVERHEAD - self.call_seconds)
-        self._finish_call(worker, call)
-        attempt = call.attempt
+        self._finish_call(worker, attempt)
         if kind == _worker.RAISED:
             exc_bytes, tb_text = payload
             try:
@@ -715,11 +706,12 @@ class ProcessPool:
             exc.__cause__ = RemoteTraceback(tb_text)
         self.outbox.append((_worker.RAISED, attempt, exc, now - seconds))
 
-    def _finish_call(self, worker: _Worker, call: _Call) -> None:
-        worker.in_flight.pop(call.id, None)
-        worker.bytes_in_flight -= call.size
-        call.worker = None
-        call.attempt.runner_state = None  # no attempt <-> call cycle: the run is freed without the GC
+    @staticmethod
+    def _finish_call(worker: _Worker, attempt: Attempt) -> None:
+        """The call of ``attempt`` leaves ``worker`` (and the pool)."""
+        if worker.in_flight.pop(attempt.runner_state, None) is not None:
+            worker.bytes_in_flight -= len(attempt.run._args_bytes) + CALL_BYTES  # type: ignore[attr-defined]
+        attempt.runner_state = None
 
     def _reap(self, worker: _Worker) -> None:
         """A worker exited: drain what it sent, then settle its calls and forget it."""
@@ -728,14 +720,14 @@ class ProcessPool:
         exitcode = worker.process.exitcode
         calls = list(worker.in_flight.values())
         worker.in_flight.clear()
-        for call in calls:
-            call.worker = None
+        worker.bytes_in_flight = 0
         if worker.ending:
             self.pending.extendleft(reversed(calls))  # queued behind the stopped call: never started
         elif calls:
             dead, rest = calls[0], calls[1:]
             self.pending.extendleft(reversed(rest))
-            self.outbox.append((_worker.RAISED, dead.attempt, self._died(worker, dead, exitcode), None))
+            dead.runner_state = None
+            self.outbox.append((_worker.RAISED, dead, self._died(worker, dead, exitcode), None))
         elif self.closing is None:
             logger.warning("taskrun worker process %s died while idle: %s", worker.pid, describe_exit(exitcode))
         if worker.ending or calls:
@@ -746,25 +738,26 @@ class ProcessPool:
             event.set()
 
     @staticmethod
-    def _died(worker: _Worker, call: _Call, exitcode: int | None) -> WorkerDied:
+    def _died(worker: _Worker, attempt: Attempt, exitcode: int | None) -> WorkerDied:
         where = "a fresh process of worker" if worker.pool_fresh else "the worker process"
         return WorkerDied(
-            f"{where} (pid {worker.pid}) running {call.attempt.run.id} died: {describe_exit(exitcode)}", exitcode
+            f"{where} (pid {worker.pid}) running {attempt.run.id} died: {describe_exit(exitcode)}", exitcode
         )
 
-    def _stop(self, call: _Call) -> threading.Event | None:
-        """Stop one call. Returns an event set when its worker is gone, if it had to be ended."""
-        worker = call.worker
-        if worker is None:  # still queued: dispatch skips it
+    def _stop(self, attempt: Attempt) -> threading.Event | None:
+        """Stop the call of ``attempt``. Returns an event set when its worker is gone, if it had to be ended."""
+        call_id = attempt.runner_state
+        worker = next((w for w in self.workers if call_id in w.in_flight), None)
+        if worker is None:  # still queued (dispatch skips it), or already back
             return None
         self._drain(worker)
-        if call.id not in worker.in_flight:  # it finished meanwhile
+        if call_id not in worker.in_flight:  # it finished meanwhile
             return None
         first = next(iter(worker.in_flight))
-        self._finish_call(worker, call)
-        if first != call.id:  # queued in the worker behind another call: tell it to skip this one
+        self._finish_call(worker, attempt)
+        if first != call_id:  # queued in the worker behind another call: tell it to skip this one
             try:
-                worker.call_w.send_bytes(pickle.dumps((_worker.CANCEL, call.id), _worker.PROTOCOL))
+                worker.call_w.send_bytes(pickle.dumps((_worker.CANCEL, call_id), _worker.PROTOCOL))
             except OSError:
                 pass
             return None
@@ -773,8 +766,8 @@ class ProcessPool:
         worker.gone_waiters.append(gone)
         return gone
 
-    def _take_all_calls(self) -> list[_Call]:
-        """Every call the pool holds, queued or in a worker; the workers are ended. No more calls start."""
+    def _take_all_calls(self) -> list[Attempt]:
+        """The attempts of every call the pool holds, queued or in a worker; the workers are ended. No more calls start."""
         calls = list(self.pending) + list(self.submitted)
         self.pending.clear()
         self.submitted.clear()
@@ -782,9 +775,10 @@ class ProcessPool:
         for worker in self.workers:
             calls.extend(worker.in_flight.values())
             worker.in_flight.clear()
+            worker.bytes_in_flight = 0
             self._end_worker(worker)
-        for call in calls:
-            call.worker = None
+        for attempt in calls:
+            attempt.runner_state = None
         return calls
 
     def _end_worker(self, worker: _Worker) -> None:
