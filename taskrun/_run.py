@@ -400,12 +400,18 @@ class BaseTaskRun(Generic[R]):
         self._begin_attempt()
 
     def _begin_attempt(self) -> None:
-        with self._lock:
+        lock = self._lock
+        # Not `with`: on every call's path, `with` on a lock costs twice acquire() and release()
+        # (it makes two bound methods and parses the arguments of __enter__).
+        lock.acquire()
+        try:
             if self._finishing:
                 return
             self._retry_timer = None
             self._attempts += 1
             attempt = self._current = Attempt(self, self._attempts)
+        finally:
+            lock.release()
         try:
             self.start_attempt(attempt)
         except Exception as exc:
@@ -414,13 +420,17 @@ class BaseTaskRun(Generic[R]):
     def _attempt_started(self, attempt: Attempt, now: float | None = None) -> None:
         if now is None:
             now = time.time()
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # see _begin_attempt
+        try:
             if self._finishing or attempt is not self._current or attempt._started_at is not None:
                 return
             attempt._started_at = now
             if self._status is _PENDING:
                 self._status = _RUNNING
                 self.started_at = now
+        finally:
+            lock.release()
         timeout = self.task.timeout
         if timeout is not None:
             if self.preemptive_timeout:
@@ -447,7 +457,9 @@ class BaseTaskRun(Generic[R]):
 
     def _attempt_finished(self, attempt: Attempt, ok: bool, value: Any) -> None:
         """The retry loop: record one attempt's outcome, then finish the run or try again."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # see _begin_attempt
+        try:
             if attempt._reported:
                 return
             attempt._reported = True
@@ -457,6 +469,8 @@ class BaseTaskRun(Generic[R]):
                 if self._finishing or attempt is not self._current:
                     return
                 self._finishing = True
+        finally:
+            lock.release()
         if finished:
             if attempt._timeout_timer is not None:
                 attempt._timeout_timer.cancel()
@@ -473,7 +487,9 @@ class BaseTaskRun(Generic[R]):
         decided and published in one step, and its group is returned instead of told, so the
         runner can count many runs of a group at once.
         """
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # see _begin_attempt
+        try:
             if attempt._reported:
                 return None
             attempt._reported = True
@@ -483,11 +499,8 @@ class BaseTaskRun(Generic[R]):
                     self.started_at = began
             if self._finishing or attempt is not self._current:
                 return None
-            quick = (
-                self._waiters is None and self._callbacks is None and self.key is None
-                and attempt._timeout_timer is None and self.task.timeout is None
-            )
-            if quick:
+            # No timeout (so no timer either), nobody waiting, no ledger: publish here.
+            if self._waiters is None and self._callbacks is None and self.key is None and self.task.timeout is None:
                 self._finishing = True
                 self._status = _SUCCEEDED
                 self._result = value
@@ -495,6 +508,8 @@ class BaseTaskRun(Generic[R]):
                 self._current = None
                 group, self._group = self._group, None
                 return group
+        finally:
+            lock.release()
         self._attempt_outcome(attempt, True, value)
         return None
 
@@ -570,7 +585,9 @@ class BaseTaskRun(Generic[R]):
 
     def _publish(self, status: Status, value: Any = None, exc: BaseException | None = None) -> None:
         """The one place a run's state becomes final; wakes waiters, then runs callbacks."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # see _begin_attempt
+        try:
             self._status = status
             self._result = value
             self._exception = exc
@@ -581,6 +598,8 @@ class BaseTaskRun(Generic[R]):
             if current is not None and current._started_at is None and status is Status.STOPPED:
                 self._attempts -= 1  # stopped while queued in its runner: never made
             waiters, self._waiters = self._waiters, None
+        finally:
+            lock.release()
         for waiter in waiters or ():
             waiter.release()
         if group is not None:
