@@ -142,18 +142,26 @@ _worker_numbers = itertools.count(1)
 
 
 class _FrameReader:
-    """Reads the length-prefixed frames a worker's ``send_bytes`` writes, many per system call."""
+    """Reads the length-prefixed frames a worker's ``send_bytes`` writes, many per system call.
+
+    The pipe is non-blocking: a read never waits, so the supervisor needs no second system
+    call to ask whether data is there (each one lets another thread take the GIL).
+    """
 
     CHUNK = 1 << 16
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        os.set_blocking(fd, False)
         self.buffer = bytearray()
         self.eof = False
 
-    def read(self) -> list[bytes | bytearray]:
-        """One read (call it when the pipe is readable), then every complete frame in the buffer."""
-        chunk = os.read(self.fd, self.CHUNK)
+    def read(self) -> list[bytes | bytearray] | None:
+        """One read, then every complete frame in the buffer; None if the pipe held nothing."""
+        try:
+            chunk = os.read(self.fd, self.CHUNK)
+        except BlockingIOError:
+            return None
         if not chunk:
             self.eof = True
             return []
@@ -196,7 +204,11 @@ class _FrameReader:
 
     def _read_into(self, view: memoryview) -> None:
         while len(view):
-            n = os.readv(self.fd, [view])
+            try:
+                n = os.readv(self.fd, [view])
+            except BlockingIOError:
+                select.select([self.fd], [], [])  # the rest of the message is on its way
+                continue
             if n == 0:
                 self.eof = True
                 raise EOFError("the worker closed its pipe in the middle of a message")
@@ -244,8 +256,6 @@ class _Worker:
             pass  # it already did (or, under spawn, exec'd and must do it itself)
         self.sentinel: int = self.process.sentinel
         self.reader = _FrameReader(self.result_r.fileno())
-        self.results_waiting = select.poll()  # poll(0): does the result pipe hold data right now?
-        self.results_waiting.register(self.reader.fd, select.POLLIN)
 
     @property
     def busy(self) -> bool:
@@ -617,23 +627,25 @@ class ProcessPool:
     def _read_once(self, worker: _Worker) -> None:
         """Handle what one read brings (the pipe was reported readable); poll reports the rest.
 
-        The pipe is asked again first: between the supervisor's poll and its taking the lock,
-        stop() in another thread may have drained it, and a read would then block for good.
+        Between the supervisor's poll and its taking the lock, stop() in another thread may
+        have drained the pipe: the read then finds nothing.
         """
-        if not worker.results_waiting.poll(0):
-            return
         try:
             frames = worker.reader.read()
         except (EOFError, OSError):
             return
-        self._handle(worker, frames)
+        if frames:
+            self._handle(worker, frames)
 
     def _drain(self, worker: _Worker) -> None:
         """Read every message the worker has sent so far."""
         reader = worker.reader
         try:
-            while not reader.eof and worker.results_waiting.poll(0):
-                self._handle(worker, reader.read())
+            while not reader.eof:
+                frames = reader.read()
+                if frames is None:
+                    return
+                self._handle(worker, frames)
         except (EOFError, OSError):
             pass
 
