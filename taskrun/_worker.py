@@ -1,7 +1,8 @@
 """The worker side of the process pool: read calls, run them, send back each outcome.
 
 Messages are pickled tuples. Parent to worker: ``(CALLS, [(call_id, fn_id, fn_bytes | None,
-args_bytes), ...])`` and ``(CANCEL, call_id)``; end of file means exit. Worker to parent:
+args), ...])`` (``args``: the pickled ``(args, kwargs)``, or a tuple of plain positional
+arguments) and ``(CANCEL, call_id)``; end of file means exit. Worker to parent:
 ``(kind, call_id, payload, seconds)`` with the kinds below (``seconds``: how long the call
 ran), one message per finished call, in the order the calls arrived, so the parent always
 knows which call a dead worker was running. With ``max_tasks_per_worker`` the worker forks a
@@ -153,7 +154,9 @@ def _watch_parent(alive_conn: Any) -> None:
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
-def _run_call(fns: dict[int, Any], fn_id: int, fn_bytes: bytes | None, args_bytes: bytes) -> tuple[int, Any]:
+def _run_call(
+    fns: dict[int, Any], fn_id: int, fn_bytes: bytes | None, payload: bytes | tuple[Any, ...]
+) -> tuple[int, Any]:
     """Load the function and arguments, then call: ``(OK, value)``, ``(RAISED, exc)`` or ``(UNPICKLABLE, (reason, tb))``."""
     try:
         if fn_bytes is not None:
@@ -161,11 +164,14 @@ def _run_call(fns: dict[int, Any], fn_id: int, fn_bytes: bytes | None, args_byte
     except Exception as exc:
         reason = f"the task's function could not be loaded in the worker process: {type(exc).__name__}: {exc}"
         return UNPICKLABLE, (reason, "")
-    try:
-        args, kwargs = pickle.loads(args_bytes)
-    except Exception as exc:
-        reason = f"the call's arguments could not be unpickled in the worker process: {type(exc).__name__}: {exc}"
-        return UNPICKLABLE, (reason, "")
+    if type(payload) is tuple:  # plain positional arguments, already unpickled with the batch
+        args, kwargs = payload, {}
+    else:
+        try:
+            args, kwargs = pickle.loads(payload)  # type: ignore[arg-type]
+        except Exception as exc:
+            reason = f"the call's arguments could not be unpickled in the worker process: {type(exc).__name__}: {exc}"
+            return UNPICKLABLE, (reason, "")
     try:
         return OK, fns[fn_id](*args, **kwargs)
     except BaseException as exc:  # noqa: B036 - a task's SystemExit is its outcome, not ours
@@ -318,7 +324,7 @@ def _fork_server(call_conn: Any, sender: _Sender, max_calls: int) -> tuple[int, 
 def _serve(call_conn: Any, sender: _Sender, max_calls: int | None) -> None:
     """Read calls, run them in order and send back each outcome, until end of file or ``max_calls``."""
     fns: dict[int, Any] = {}
-    queued: deque[tuple[int, int, bytes | None, bytes]] = deque()
+    queued: deque[tuple[int, int, bytes | None, bytes | tuple[Any, ...]]] = deque()
     cancelled: set[int] = set()
     calls_done = 0
     call_fd = call_conn.fileno()
@@ -339,7 +345,7 @@ def _serve(call_conn: Any, sender: _Sender, max_calls: int | None) -> None:
                 take(_receive(call_fd))
             if not queued:
                 continue
-            call_id, fn_id, fn_bytes, args_bytes = queued.popleft()
+            call_id, fn_id, fn_bytes, payload = queued.popleft()
             if call_id in cancelled:
                 cancelled.discard(call_id)
                 if fn_bytes is not None:
@@ -347,7 +353,7 @@ def _serve(call_conn: Any, sender: _Sender, max_calls: int | None) -> None:
                 sender.send((SKIPPED, call_id, None, 0.0))
                 continue
             began = time.perf_counter()
-            kind, value = _run_call(fns, fn_id, fn_bytes, args_bytes)
+            kind, value = _run_call(fns, fn_id, fn_bytes, payload)
             seconds = time.perf_counter() - began
             calls_done += 1
             if kind != OK:

@@ -46,6 +46,9 @@ CALL_OVERHEAD = 20e-6
 PIPE_BUDGET = 32 * 1024
 #: Bytes of one call's message besides its pickled arguments, as counted against the budget.
 CALL_BYTES = 64
+#: Arguments of these types (str and bytes up to _PLAIN_MAX long) travel in the batch's own pickle.
+_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+_PLAIN_MAX = 256
 #: Seconds between SIGTERM and SIGKILL when a worker is ended.
 TERMINATE_GRACE = 1.0
 
@@ -71,7 +74,9 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
     settings: ClassVar[dict[str, Any]] = {
         "start_method": start_method, "max_workers": max_workers, "max_tasks_per_worker": max_tasks_per_worker,
     }
-    _args_bytes: bytes | None = None  # the pickled (args, kwargs), made by prepare()
+    # The call's arguments as sent, made by prepare(): the pickled (args, kwargs), or the args
+    # tuple itself when it holds only small plain values (the batch's own pickle carries them).
+    _payload: bytes | tuple[Any, ...] | None = None
     _pool_used: ProcessPool | None = None  # the pool of the first attempt, which retries go to
 
     @staticmethod
@@ -100,8 +105,17 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
             except Exception as exc:
                 raise SerializationError(f"the function of task {task.name} could not be pickled: {exc}") from exc
             task._process_payload = (next(_fn_ids), fn_bytes)  # type: ignore[attr-defined]
+        args, kwargs = self.args, self.kwargs
+        if not kwargs:
+            for arg in args:
+                kind = type(arg)
+                if kind not in _PLAIN or (kind is str or kind is bytes) and len(arg) > _PLAIN_MAX:
+                    break
+            else:
+                self._payload = args
+                return
         try:
-            call = (self.args, self.kwargs)
+            call = (args, kwargs)
             try:
                 data = pickle.dumps(call, _worker.PROTOCOL)  # _worker.dumps, inline: every call comes here
             except Exception:
@@ -109,8 +123,8 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
             if (self.start_method or _default_start_method()) != "fork" and b"__main__" in data:
                 # pickle refers to classes of __main__ by name; a spawned worker's __main__ lacks
                 # those of a notebook or `python -c`: send them by value.
-                data = cloudpickle.dumps((self.args, self.kwargs), _worker.PROTOCOL)
-            self._args_bytes = data
+                data = cloudpickle.dumps(call, _worker.PROTOCOL)
+            self._payload = data
         except Exception as exc:
             raise SerializationError(
                 f"the arguments of {self.id} could not be pickled to send to a worker process: {exc}"
@@ -120,7 +134,7 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
         # Retries go to the pool of the first attempt while it lives (it may be finishing at exit).
         pool = self._pool_used
         if pool is None or pool.closing in ("now", "closed"):
-            if self._args_bytes is None:  # a subclass's prepare() did not call ours
+            if self._payload is None:  # a subclass's prepare() did not call ours
                 MultiprocessTaskRun.prepare(self)
             pool = self._pool_used = _lifecycle.pools.get(type(self)) or self._pool()  # type: ignore[assignment]
         pool.submit(attempt)
@@ -565,7 +579,7 @@ class ProcessPool:
     def _send_batch(self, worker: _Worker, depth: int) -> None:
         pending, fresh, in_flight = self.pending, self.max_tasks is not None, worker.in_flight
         was_idle = not in_flight
-        batch: list[tuple[int, int, bytes | None, bytes]] = []
+        batch: list[tuple[int, int, bytes | None, bytes | tuple[Any, ...]]] = []
         room = depth - len(in_flight)
         budget = PIPE_BUDGET - worker.bytes_in_flight
         sent = 0
@@ -583,13 +597,13 @@ class ProcessPool:
                 send_fn = None if fn_id in worker.fns_sent and not fresh else fn_bytes
             if timeout is not None and in_flight:
                 break  # a call with a timeout starts at once, never queued behind another
-            args_bytes = run._args_bytes  # type: ignore[attr-defined]
-            size = len(args_bytes) + CALL_BYTES
+            payload = run._payload  # type: ignore[attr-defined]
+            size = len(payload) + CALL_BYTES
             if size > budget and in_flight:
                 break
             pending.popleft()
             call_id = attempt.runner_state
-            batch.append((call_id, fn_id, send_fn, args_bytes))  # type: ignore[arg-type]
+            batch.append((call_id, fn_id, send_fn, payload))  # type: ignore[arg-type]
             budget -= size
             sent += size
             in_flight[call_id] = attempt
@@ -676,7 +690,7 @@ class ProcessPool:
                 attempt = in_flight.pop(call_id, None)
                 if attempt is None:
                     continue  # its run was stopped
-                freed += len(attempt.run._args_bytes) + CALL_BYTES
+                freed += len(attempt.run._payload) + CALL_BYTES
                 attempt.runner_state = None
                 outbox.append((_OK, attempt, payload, now - seconds, now))
             else:
@@ -722,7 +736,7 @@ class ProcessPool:
     def _finish_call(worker: _Worker, attempt: Attempt) -> None:
         """The call of ``attempt`` leaves ``worker`` (and the pool)."""
         if worker.in_flight.pop(attempt.runner_state, None) is not None:
-            worker.bytes_in_flight -= len(attempt.run._args_bytes) + CALL_BYTES  # type: ignore[attr-defined]
+            worker.bytes_in_flight -= len(attempt.run._payload) + CALL_BYTES  # type: ignore[attr-defined]
         attempt.runner_state = None
 
     def _reap(self, worker: _Worker) -> None:
