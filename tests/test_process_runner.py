@@ -479,13 +479,14 @@ def parent_pid() -> int:
 
 
 def test_fresh_processes_are_reaped_as_they_go():
-    # One worker: each call runs in a child it forked. A finished child is reaped once the next
-    # one has started, so at most one waits as a zombie, however many calls ran.
+    # One worker: each call runs in a child it forked. A finished child is reaped right after the
+    # next one gets its go, so zombies never pile up, however many calls ran: at most the child
+    # that just finished and, if the worker has not got to reaping it yet, the one before.
     fresh = task(runner=runner("fork", max_workers=1, max_tasks_per_worker=1))(parent_pid)
-    zygotes = {fresh().get_result(timeout=WAIT) for _ in range(6)}
+    zygotes = {fresh().get_result(timeout=WAIT) for _ in range(20)}
     assert len(zygotes) == 1
     zombies = [p for p in psutil.Process(zygotes.pop()).children() if p.status() == psutil.STATUS_ZOMBIE]
-    assert len(zombies) <= 1
+    assert len(zombies) <= 2
 
 
 @pytest.mark.parametrize("method", METHODS)
