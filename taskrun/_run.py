@@ -502,12 +502,7 @@ class BaseTaskRun(Generic[R]):
             # No timeout (so no timer either), nobody waiting, no ledger: publish here.
             if self._waiters is None and self._callbacks is None and self.key is None and self.task.timeout is None:
                 self._finishing = True
-                self._status = _SUCCEEDED
-                self._result = value
-                self.finished_at = ended
-                self._current = None
-                group, self._group = self._group, None
-                return group
+                return self._make_final(_SUCCEEDED, value, None, ended)[1]
         finally:
             lock.release()
         self._attempt_outcome(attempt, True, value)
@@ -584,20 +579,11 @@ class BaseTaskRun(Generic[R]):
         self._publish(status, value, exc)
 
     def _publish(self, status: Status, value: Any = None, exc: BaseException | None = None) -> None:
-        """The one place a run's state becomes final; wakes waiters, then runs callbacks."""
+        """Make the run's state final (see ``_make_final``), then wake waiters, tell its group, run callbacks."""
         lock = self._lock
         lock.acquire()  # see _begin_attempt
         try:
-            self._status = status
-            self._result = value
-            self._exception = exc
-            self.finished_at = time.time()
-            callbacks, self._callbacks = self._callbacks, None
-            group, self._group = self._group, None
-            current, self._current = self._current, None
-            if current is not None and current._started_at is None and status is Status.STOPPED:
-                self._attempts -= 1  # stopped while queued in its runner: never made
-            waiters, self._waiters = self._waiters, None
+            callbacks, group, waiters = self._make_final(status, value, exc, time.time())
         finally:
             lock.release()
         for waiter in waiters or ():
@@ -606,6 +592,26 @@ class BaseTaskRun(Generic[R]):
             self._invoke_callback(group._on_done)
         for fn in callbacks or ():
             self._invoke_callback(fn)
+
+    def _make_final(
+        self, status: Status, value: Any, exc: BaseException | None, finished_at: float
+    ) -> tuple[list[Callable[[BaseTaskRun[R]], Any]] | None, Any, list[threading.Lock] | None]:
+        """The one place a run's state becomes final (the run's lock held).
+
+        Returns the callbacks, group and waiters to tell; ``_publish`` tells them, and the
+        one-step success of ``_attempt_succeeded`` (where there are none but the group) its runner.
+        """
+        self._status = status
+        self._result = value
+        self._exception = exc
+        self.finished_at = finished_at
+        callbacks, self._callbacks = self._callbacks, None
+        group, self._group = self._group, None
+        current, self._current = self._current, None
+        if current is not None and current._started_at is None and status is Status.STOPPED:
+            self._attempts -= 1  # stopped while queued in its runner: never made
+        waiters, self._waiters = self._waiters, None
+        return callbacks, group, waiters
 
     def _invoke_callback(self, fn: Callable[[BaseTaskRun[R]], Any]) -> None:
         try:

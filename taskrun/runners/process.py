@@ -28,7 +28,7 @@ from multiprocess.connection import wait
 
 from .. import _lifecycle, _worker
 from .._config import positive_int_or_none
-from .._run import Attempt, BaseTaskRun, R, Status
+from .._run import _PLAIN, Attempt, BaseTaskRun, R, Status
 from ..errors import RemoteTraceback, SerializationError, TaskrunError, TaskStopped, WorkerDied, describe_exit
 
 logger = logging.getLogger("taskrun")
@@ -46,8 +46,7 @@ CALL_OVERHEAD = 20e-6
 PIPE_BUDGET = 32 * 1024
 #: Bytes of one call's message besides its pickled arguments, as counted against the budget.
 CALL_BYTES = 64
-#: Arguments of these types (str and bytes up to _PLAIN_MAX long) travel in the batch's own pickle.
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+#: Plain arguments (str and bytes up to this long) travel in the batch's own pickle.
 _PLAIN_MAX = 256
 #: Seconds between SIGTERM and SIGKILL when a worker is ended.
 TERMINATE_GRACE = 1.0
@@ -116,10 +115,7 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
                 return
         try:
             call = (args, kwargs)
-            try:
-                data = pickle.dumps(call, _worker.PROTOCOL)  # _worker.dumps, inline: every call comes here
-            except Exception:
-                data = cloudpickle.dumps(call, _worker.PROTOCOL)
+            data = _worker.dumps(call)
             if (self.start_method or _default_start_method()) != "fork" and b"__main__" in data:
                 # pickle refers to classes of __main__ by name; a spawned worker's __main__ lacks
                 # those of a notebook or `python -c`: send them by value.
@@ -136,7 +132,7 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
         if pool is None or pool.closing in ("now", "closed"):
             if self._payload is None:  # a subclass's prepare() did not call ours
                 MultiprocessTaskRun.prepare(self)
-            pool = self._pool_used = _lifecycle.pools.get(type(self)) or self._pool()  # type: ignore[assignment]
+            pool = self._pool_used = self._pool()
         pool.submit(attempt)
 
     def stop_attempt(self, attempt: Attempt) -> None:
@@ -436,7 +432,7 @@ class ProcessPool:
                         finished.append(run)
                 elif kind == _worker.RAISED:
                     attempt = item[1]
-                    if item[3] is not None and attempt._started_at is None:
+                    if item[3] is not None:  # its start was never marked: date it (no-op if it was)
                         attempt.run._attempt_started(attempt, item[3])
                     attempt.set_exception(item[2])
                 elif kind == _worker.LOG:
