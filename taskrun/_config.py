@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
 _cache: dict[tuple[type, tuple[tuple[str, Any], ...]], type] = {}
 _lock = threading.Lock()
+
+
+def _reset_lock_after_fork() -> None:
+    """A lock another thread held at the fork stays held in the child: make a new one there."""
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_lock_after_fork)
 
 
 def configure(cls: type, settings: dict[str, Any]) -> Any:

@@ -429,14 +429,15 @@ class BaseTaskRun(Generic[R]):
             if self._status is _PENDING:
                 self._status = _RUNNING
                 self.started_at = now
+            timeout = self.task.timeout
+            if timeout is not None:
+                # Armed under the lock: an outcome reported meanwhile then finds the timer and cancels it.
+                if self.preemptive_timeout:
+                    attempt._timeout_timer = timer.call_later(timeout, lambda: self._attempt_timed_out(attempt))
+                else:
+                    attempt._deadline = time.monotonic() + timeout
         finally:
             lock.release()
-        timeout = self.task.timeout
-        if timeout is not None:
-            if self.preemptive_timeout:
-                attempt._timeout_timer = timer.call_later(timeout, lambda: self._attempt_timed_out(attempt))
-            else:
-                attempt._deadline = time.monotonic() + timeout
 
     def _attempt_timed_out(self, attempt: Attempt) -> None:
         # Claim the attempt's outcome first: once stop_requested is set, a function that polls it
@@ -557,17 +558,21 @@ class BaseTaskRun(Generic[R]):
                 return False
             self._finishing = True
             attempt, retry_timer = self._current, self._retry_timer
+            # Claimed under the lock, as every other report is: a late outcome cannot win over the stop.
+            stopping = None
+            if status is Status.STOPPED and attempt is not None and not attempt._reported:
+                attempt._reported = True
+                attempt.stop_requested = True
+                stopping = attempt
         if retry_timer is not None:
             retry_timer.cancel()
-        if status is Status.STOPPED and attempt is not None and not attempt._reported:
-            attempt.stop_requested = True
-            attempt._reported = True
-            if attempt._timeout_timer is not None:
-                attempt._timeout_timer.cancel()
+        if stopping is not None:
+            if stopping._timeout_timer is not None:
+                stopping._timeout_timer.cancel()
             try:
-                self.stop_attempt(attempt)
+                self.stop_attempt(stopping)
             except Exception:
-                logger.exception("%s: stopping attempt %d failed", self.id, attempt.number)
+                logger.exception("%s: stopping attempt %d failed", self.id, stopping.number)
         self._record(status, value, exc)
         return True
 

@@ -1,6 +1,8 @@
 """One daemon thread that runs callbacks after a delay: retry waits and attempt timeouts.
 
-A single heap keeps a thread per pending wait from ever being needed.
+A single heap keeps a thread per pending wait from ever being needed. A cancelled entry
+lets go of its callback at once (so a finished run it would have timed out is freed), and
+the heap is rebuilt without cancelled entries once they are the majority.
 """
 
 from __future__ import annotations
@@ -14,24 +16,42 @@ from collections.abc import Callable
 
 logger = logging.getLogger("taskrun")
 
+#: The heap is compacted when more than half its entries, and at least this many, are cancelled.
+COMPACT_MIN = 64
+
 
 class TimerHandle:
-    __slots__ = ("when", "callback", "on_drop", "cancelled")
+    """One pending callback; :meth:`cancel` drops it (and what it refers to) for good."""
 
-    def __init__(self, when: float, callback: Callable[[], None], on_drop: Callable[[], None] | None) -> None:
+    __slots__ = ("when", "callback", "on_drop", "cancelled", "in_heap", "_timer")
+
+    def __init__(
+        self, when: float, callback: Callable[[], None], on_drop: Callable[[], None] | None, timer: Timer
+    ) -> None:
         self.when = when
-        self.callback = callback
+        self.callback: Callable[[], None] | None = callback
         self.on_drop = on_drop
         self.cancelled = False
+        self.in_heap = True
+        self._timer = timer
 
     def cancel(self) -> None:
-        self.cancelled = True
+        timer = self._timer
+        with timer._cond:
+            if self.cancelled:
+                return
+            self.cancelled = True
+            self.callback = self.on_drop = None
+            if self.in_heap:
+                timer._cancelled += 1
+                timer._compact_if_sparse()
 
 
 class Timer:
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._heap: list[tuple[float, int, TimerHandle]] = []
+        self._cancelled = 0  # cancelled handles still in the heap
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -40,7 +60,7 @@ class Timer:
         self, delay: float, callback: Callable[[], None], on_drop: Callable[[], None] | None = None
     ) -> TimerHandle:
         """Run ``callback`` after ``delay`` seconds; ``on_drop`` runs instead if the timer shuts down first."""
-        handle = TimerHandle(time.monotonic() + delay, callback, on_drop)
+        handle = TimerHandle(time.monotonic() + delay, callback, on_drop, self)
         with self._cond:
             heapq.heappush(self._heap, (handle.when, next(self._seq), handle))
             if self._thread is None:
@@ -48,6 +68,30 @@ class Timer:
                 self._thread = threading.Thread(target=self._loop, name="taskrun-timer", daemon=True)
                 self._thread.start()
             self._cond.notify()
+        return handle
+
+    def __len__(self) -> int:
+        """Entries in the heap, cancelled ones included (they are compacted away in bulk)."""
+        return len(self._heap)
+
+    def _compact_if_sparse(self) -> None:
+        """Rebuild the heap without its cancelled entries once they are most of it (lock held)."""
+        if self._cancelled >= COMPACT_MIN and 2 * self._cancelled > len(self._heap):
+            kept = []
+            for entry in self._heap:
+                if entry[2].cancelled:
+                    entry[2].in_heap = False
+                else:
+                    kept.append(entry)
+            heapq.heapify(kept)
+            self._heap = kept
+            self._cancelled = 0
+
+    def _pop(self) -> TimerHandle:
+        handle = heapq.heappop(self._heap)[2]
+        handle.in_heap = False
+        if handle.cancelled:
+            self._cancelled -= 1
         return handle
 
     def _loop(self) -> None:
@@ -59,38 +103,46 @@ class Timer:
                     if self._heap:
                         delay = self._heap[0][0] - time.monotonic()
                         if delay <= 0:
-                            handle = heapq.heappop(self._heap)[2]
+                            handle = self._pop()
+                            callback = handle.callback
+                            handle.callback = handle.on_drop = None
                             break
                         self._cond.wait(delay)
                     else:
                         self._cond.wait()
-            if not handle.cancelled:
+            if callback is not None:
                 try:
-                    handle.callback()
+                    callback()
                 except Exception:
-                    logger.exception("taskrun timer callback %r failed", handle.callback)
+                    logger.exception("taskrun timer callback %r failed", callback)
+            del handle, callback  # do not keep the last run alive while waiting for the next
 
     def shutdown(self) -> None:
         """Stop the thread; pending callbacks are dropped (their ``on_drop`` runs). Restarts on next use."""
         with self._cond:
             thread, self._thread = self._thread, None
             self._closing = True
-            dropped = [entry[2] for entry in self._heap]
+            drops = [entry[2].on_drop for entry in self._heap if not entry[2].cancelled]
+            for entry in self._heap:
+                entry[2].callback = entry[2].on_drop = None
+                entry[2].in_heap = False
             self._heap.clear()
+            self._cancelled = 0
             self._cond.notify()
         if thread is not None and thread is not threading.current_thread():
             thread.join(5)
-        for handle in dropped:
-            if not handle.cancelled and handle.on_drop is not None:
+        for on_drop in drops:
+            if on_drop is not None:
                 try:
-                    handle.on_drop()
+                    on_drop()
                 except Exception:
-                    logger.exception("taskrun timer drop callback %r failed", handle.on_drop)
+                    logger.exception("taskrun timer drop callback %r failed", on_drop)
 
     def _reset_after_fork(self) -> None:
         # In place, as threading's own objects do: cheaper than a new Condition in every fresh child.
         self._cond._at_fork_reinit()  # type: ignore[attr-defined]
         self._heap = []
+        self._cancelled = 0
         self._thread = None
         self._closing = False
 

@@ -73,15 +73,18 @@ class _Worker:
             if attempt is None:
                 pool.queue.put(None)  # pass the shutdown on to the next thread
                 break
-            if attempt.reported:  # stopped while queued: it never starts
-                continue
+            # Published before the check: a stop() that marks the attempt reported after the check
+            # finds this thread through runner_state and abandons it (each side writes, then reads).
             self.attempt = attempt
             attempt.runner_state = self
-            try:
-                attempt.execute()
-            except KeyboardInterrupt:
-                pass  # the run failed with it; a pool thread has no caller to interrupt, and must not die
+            if not attempt.reported:  # else stopped while queued: it never starts
+                try:
+                    attempt.execute()
+                except KeyboardInterrupt:
+                    pass  # the run failed with it; a pool thread has no caller to interrupt, and must not die
+            attempt.runner_state = None
             self.attempt = None
+            del attempt  # the finished run must not stay alive while this thread waits for the next
             if self.abandoned:
                 break
             pool.idle.append(None)
