@@ -1,34 +1,43 @@
-"""Dependencies: a handle passed as an argument makes the call wait for it and receive its result.
+"""Dependencies: finding the handles among a call's arguments, and putting their results in.
 
 Handles are found in the arguments themselves and, recursively, inside plain lists, tuples,
-sets and dicts (dict values). The dependent run waits without blocking anyone: a done
-callback on each upstream run counts them down, and the last one to finish substitutes the
-results and launches the run from its own thread. If an upstream run fails or is stopped,
-the dependent run ends FAILED with :class:`UpstreamFailed` at once and its function never
-runs. The ledger computes keys in ``_launch``, so it always sees the resolved values.
+sets and dicts (dict values). The handle (``BaseTaskRun``) waits for them and launches
+itself; this module only scans, substitutes and words the error of a failed upstream. It
+imports nothing of taskrun's but the errors and statuses, so the handle can import it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from . import _run
+from ._status import Status
 from .errors import UpstreamFailed
 
-if TYPE_CHECKING:
-    from ._run import BaseTaskRun
-
 _CONTAINERS = (list, tuple, dict, set, frozenset)
-_GROUP_TYPES: tuple[type, ...] = ()  # RunGroup, set by its module (which imports this one's importer)
+_SUCCESSES = (Status.SUCCEEDED, Status.SKIPPED)
 
 
-def find_upstream(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[BaseTaskRun[Any]] | None:
+class Handle(Protocol):
+    """What this module reads of a handle."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def status(self) -> Status: ...
+
+    def get_result(self, timeout: float | None = None) -> Any: ...
+
+    def exception(self, timeout: float | None = None) -> BaseException | None: ...
+
+
+def find_upstream(args: tuple[Any, ...], kwargs: dict[str, Any], handle_type: type[Any]) -> list[Any] | None:
     """The distinct handles among the arguments (in argument order), or None if there are none."""
-    found = _scan((*args, *kwargs.values()) if kwargs else args, None, _run.BaseTaskRun)
+    found = _scan((*args, *kwargs.values()) if kwargs else args, None, handle_type)
     return list(found.values()) if found else None
 
 
-def _scan(container: Any, found: dict[int, Any] | None, handle_type: type) -> dict[int, Any] | None:
+def _scan(container: Any, found: dict[int, Any] | None, handle_type: type[Any]) -> dict[int, Any] | None:
     """Add the handles in ``container`` (and in the plain containers inside it) to ``found``."""
     for value in container.values() if type(container) is dict else container:
         if isinstance(value, handle_type):
@@ -37,7 +46,7 @@ def _scan(container: Any, found: dict[int, Any] | None, handle_type: type) -> di
             found[id(value)] = value
         elif type(value) in _CONTAINERS:
             found = _scan(value, found, handle_type)
-        elif isinstance(value, _GROUP_TYPES):
+        elif getattr(type(value), "taskrun_not_an_argument", None):
             raise TypeError(
                 f"an argument is {value!r}, the RunGroup of a map: pass list(group) to make the call wait for "
                 "each of its runs and receive their results, or group.results() to wait for them here"
@@ -45,79 +54,36 @@ def _scan(container: Any, found: dict[int, Any] | None, handle_type: type) -> di
     return found
 
 
-def _resolve(value: Any) -> Any:
+def resolve(value: Any, handle_type: type[Any]) -> Any:
     """``value`` with every handle replaced by its result; containers without handles are kept as they are."""
-    if isinstance(value, _run.BaseTaskRun):
+    if isinstance(value, handle_type):
         return value.get_result()
     kind = type(value)
     if kind not in _CONTAINERS:
         return value
     if kind is dict:
-        items = {k: _resolve(v) for k, v in value.items()}
+        items = {k: resolve(v, handle_type) for k, v in value.items()}
         changed = any(items[k] is not v for k, v in value.items())
-    else:
-        items = [_resolve(v) for v in value]
-        changed = any(new is not old for new, old in zip(items, value, strict=True))
-        if changed and kind is not list:
-            items = kind(items)
-    return items if changed else value
+        return items if changed else value
+    resolved = [resolve(v, handle_type) for v in value]
+    if not any(new is not old for new, old in zip(resolved, value, strict=True)):
+        return value
+    return resolved if kind is list else kind(resolved)
 
 
-def _upstream_error(run: BaseTaskRun[Any], upstream: BaseTaskRun[Any]) -> UpstreamFailed:
+def succeeded(upstream: Handle) -> bool:
+    """A cached upstream (from the ledger) counts as a success."""
+    return upstream.status in _SUCCESSES
+
+
+def upstream_error(run_id: str, upstream: Handle) -> UpstreamFailed:
+    """The error of a run that did not run because ``upstream`` failed or was stopped."""
     cause = upstream.exception(timeout=0)
-    if upstream.status is _run.Status.FAILED and cause is not None:
+    status = upstream.status
+    if status is Status.FAILED and cause is not None:
         how = f"failed with {type(cause).__name__}: {cause}"
     else:
-        how = f"was {upstream.status.value}"
-    exc = UpstreamFailed(f"{run.id} did not run: the run it depends on, {upstream.id}, {how}")
-    exc.upstream_id = upstream.id  # type: ignore[attr-defined]
-    exc.upstream_status = upstream.status  # type: ignore[attr-defined]
+        how = f"was {status.value}"
+    exc = UpstreamFailed(f"{run_id} did not run: the run it depends on, {upstream.id}, {how}", upstream.id, status)
     exc.__cause__ = cause
     return exc
-
-
-def _ok(upstream: BaseTaskRun[Any]) -> bool:
-    # SKIPPED: the ledger had the result stored, which counts as a success.
-    return upstream.status in (_run.Status.SUCCEEDED, _run.Status.SKIPPED)
-
-
-def launch_resolved(run: BaseTaskRun[Any]) -> None:
-    """Substitute the upstream results into the arguments and launch ``run`` (unless it was stopped meanwhile)."""
-    if run._finishing:
-        return
-    try:
-        run.args = _resolve(run.args)
-        run.kwargs = {k: _resolve(v) for k, v in run.kwargs.items()} if run.kwargs else run.kwargs
-        run._launch()
-    except Exception as exc:  # e.g. prepare() rejected the resolved arguments: nobody is there to raise to
-        run._conclude(_run.Status.FAILED, exc=exc)
-
-
-def start_after(run: BaseTaskRun[Any], upstream: list[BaseTaskRun[Any]]) -> None:
-    """Launch ``run`` once every upstream run succeeded; end it FAILED as soon as one did not."""
-    remaining = [len(upstream)]
-
-    def on_upstream_done(up: BaseTaskRun[Any]) -> None:
-        if not _ok(up):
-            run._conclude(_run.Status.FAILED, exc=_upstream_error(run, up))
-            return
-        with run._lock:
-            remaining[0] -= 1
-            last = remaining[0] == 0
-        if last:
-            launch_resolved(run)
-
-    for up in upstream:
-        up.add_done_callback(on_upstream_done)
-
-
-def wait_inline(run: BaseTaskRun[Any], upstream: list[BaseTaskRun[Any]]) -> None:
-    """For inline runners: wait for the upstream runs in the caller, then launch (or fail) ``run``."""
-    for up in upstream:
-        up.wait()
-        if not _ok(up):
-            run._conclude(_run.Status.FAILED, exc=_upstream_error(run, up))
-            return
-    run.args = _resolve(run.args)
-    run.kwargs = {k: _resolve(v) for k, v in run.kwargs.items()} if run.kwargs else run.kwargs
-    run._launch()

@@ -13,10 +13,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Generic, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, overload
 
-from . import _deps, _lifecycle
-from ._run import BaseTaskRun, R, Status
+from . import _lifecycle
+from ._run import BaseTaskRun, R
+from ._status import Status
 from .errors import TaskStopped
 
 _FAILED, _STOPPED = Status.FAILED, Status.STOPPED
@@ -49,6 +50,9 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
     ``results()`` and ``as_completed()`` wait for the whole input to be read as well.
     """
 
+    #: Passing a group as an argument is refused: pass ``list(group)`` (see ``_deps``).
+    taskrun_not_an_argument: ClassVar[bool] = True
+
     def __init__(
         self,
         task: Task[..., R],
@@ -58,7 +62,10 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         stop_when: Callable[[], object] | None,
         bar: Any = None,
         sized_input: bool = True,
+        items: Iterator[Any] | None = None,
+        star: bool = False,
     ) -> None:
+        """Made by ``Task.map``/``starmap``, which check the options: it starts reading ``items`` at once."""
         self.task = task
         self._runs: list[BaseTaskRun[R]] = []
         self._completed: list[BaseTaskRun[R]] = []  # in the order they finished
@@ -91,6 +98,16 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         self._bar_next = 0.0
         self._thread: threading.Thread | None = None
         self._feeder: threading.Thread | None = None  # the thread reading the input (the caller for inline runners)
+        if items is None:
+            return
+        if task.runner.inline:
+            self._feed(items, star)
+            return
+        self._thread = threading.Thread(
+            target=self._feed, args=(items, star), name=f"taskrun-map-{next(_feeder_numbers)}", daemon=True
+        )
+        _lifecycle.register_feeder(self)
+        self._thread.start()
 
     # ---- the sequence ---------------------------------------------------------------------
 
@@ -164,8 +181,8 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                 f"{len(self._runs)} handles made are in the group, results(raise_exceptions=False) returns their values"
             )
         if not self._failed and not self._stopped:  # every run succeeded (or came from the ledger): no raising
-            return [run._result for run in self._runs]
-        return [run.get_result(raise_exceptions=raise_exceptions) for run in self._runs]
+            return [run.get_result() for run in self._runs]
+        return [run.get_result(raise_exceptions=raise_exceptions) for run in self._runs]  # type: ignore[misc]
 
     def as_completed(self, timeout: float | None = None) -> Iterator[BaseTaskRun[R]]:
         """Each handle once, as it finishes; ``TimeoutError`` if the whole group is not done within ``timeout``."""
@@ -254,6 +271,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         lock = self._lock
         window = self._window
         stop_when = self._stop_when
+        count_done = self._on_done_many  # one bound method for every run of the group to tell (not kept: a cycle)
         self._feeder = threading.current_thread()
         try:
             for item in items:
@@ -278,22 +296,21 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                         raise TypeError(f"starmap() items must be iterables of arguments, got {item!r}") from None
                 else:
                     args = (item,)
-                run = runner(task, args, {})
-                run._group = self  # its end is counted in _on_done
+                run = runner(task, args, {}, notify=count_done)  # its end is counted in _on_done_many
                 runs.append(run)
                 if halt is None and stop_when is not None:
                     self._may_start()
                 halt = self._halt  # stop_when, or another thread, may have halted the group meanwhile
                 if halt is not None:
                     # After stop_when: the rest of the input becomes runs that end STOPPED, never started.
-                    run._conclude(Status.STOPPED, exc=TaskStopped(f"{run.id} was not started: {self._halt_text()}"))
+                    run.stop(f"not started: {self._halt_text()}")
                     if not self._sized_input:
                         break
                 else:
                     try:
-                        run._start()
-                    except Exception as exc:  # rejected (e.g. arguments a worker cannot receive): this item fails
-                        run._conclude(Status.FAILED, exc=exc)
+                        run.start()
+                    except Exception:  # rejected (e.g. arguments a worker cannot receive): the run failed with it
+                        pass
         except BaseException as exc:
             self._error = exc
             logger.error("%s: reading the input raised %s: %s; no more items are read", self._label(), type(exc).__name__, exc)
@@ -360,11 +377,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
             if self._waiting:
                 self._cond.notify_all()
 
-    def _on_done(self, run: BaseTaskRun[Any]) -> None:
-        """A run of the group finished: count it, free its slot, refresh the bar."""
-        self._on_done_many((run,))
-
-    def _on_done_many(self, runs: Sequence[BaseTaskRun[Any]], all_succeeded: bool = False) -> None:
+    def _on_done_many(self, runs: Sequence[BaseTaskRun[Any]], all_succeeded: bool) -> None:
         """Runs of the group finished (a runner reporting many at once tells them together).
 
         ``all_succeeded``: the runner knows each one ran and succeeded, so there is nothing else to count.
@@ -373,7 +386,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
             self._finished += len(runs)
             if not all_succeeded:
                 for run in runs:
-                    status = run._status
+                    status = run.status
                     if status is _FAILED:
                         self._failed += 1
                     elif status is _STOPPED:
@@ -442,9 +455,6 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
             thread.join(1)  # a feeder still inside next(items) exits by itself once that returns
 
 
-_deps._GROUP_TYPES = (RunGroup,)
-
-
 def start_map(
     task: Task[..., R],
     items: Iterable[Any],
@@ -474,24 +484,16 @@ def start_map(
     if stop_when is not None and type(workers) is int and workers < window:
         # No run waits in the pool's queue: stop_when is then asked right before each run starts.
         window = workers
-    group = RunGroup(
+    return RunGroup(
         task,
         window=window,
         explicit_window=max_concurrency is not None or stop_when is not None,
         stop_when=stop_when,
         bar=bar,
         sized_input=hasattr(items, "__len__"),
+        items=iterator,
+        star=star,
     )
-    if task.runner.inline:
-        group._feed(iterator, star)
-        return group
-    thread = threading.Thread(
-        target=group._feed, args=(iterator, star), name=f"taskrun-map-{next(_feeder_numbers)}", daemon=True
-    )
-    group._thread = thread
-    _lifecycle.register_feeder(group)
-    thread.start()
-    return group
 
 
 def _make_bar(task: Task[..., Any], items: Iterable[Any]) -> Any:

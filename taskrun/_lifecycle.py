@@ -134,7 +134,7 @@ def _after_fork_in_child() -> None:
     _pools.clear()
     _feeders.clear()
     _runners.clear()  # the parent's runners: nothing of theirs runs in this process
-    timer._reset_after_fork()
+    timer.reset_after_fork()
 
 
 atexit.register(_at_exit)

@@ -1,51 +1,47 @@
 """The run handle every runner shares: one state machine, waiting, callbacks and the retry loop.
 
-A runner is a :class:`BaseTaskRun` subclass that says *where* an attempt executes by
-implementing the runner hooks (``start_attempt`` and, optionally, ``stop_attempt``,
-``prepare`` and ``shutdown``). Everything else -- retries, timeouts, the ledger,
-callbacks, waiting -- lives here, once.
+A run goes PENDING -> RUNNING -> SUCCEEDED, FAILED or STOPPED (a cached run is SUCCEEDED
+with ``cached`` True). Only this class changes that state, under the run's lock, in three
+steps: the outcome is *decided* once (``_finishing``); it is made durable (the task's
+ledger, if any, commits it and says so); then :meth:`BaseTaskRun._make_final` makes it the
+run's state and the waiters, the run's group and its done callbacks are told, outside
+every lock.
+
+A runner says *where* an attempt executes by implementing the runner hooks (``start_attempt``
+and, optionally, ``stop_attempt``, ``prepare`` and ``shutdown``) and reports on the
+:class:`Attempt` it is given. The ledger answers questions (a stored result? the key
+claimed? the record written?) through callbacks the run hands it; the run acts on them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Generator
-from enum import Enum
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from collections.abc import Callable, Generator, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, overload
 
 from . import _deps
+from ._launcher import launcher
+from ._status import FINISHED, Status
 from ._timer import TimerHandle, timer
 from .errors import TaskStillRunning, TaskStopped, TaskTimeout, attach_traceback
 
 if TYPE_CHECKING:
+    import asyncio
+
     from ._task import Task
 
 logger = logging.getLogger("taskrun")
 
 R = TypeVar("R")
 RunT = TypeVar("RunT", bound="BaseTaskRun[Any]")
+#: Told first when runs finish: a RunGroup's counter (a runner reporting many outcomes at once
+#: tells it about many runs in one call; ``all_succeeded``: each one ran and succeeded).
+Notify = Callable[[Sequence["BaseTaskRun[Any]"], bool], None]
 
-
-class Status(str, Enum):
-    """Where a run is in its life. PENDING and RUNNING are unfinished; the rest are final."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    STOPPED = "stopped"
-    SKIPPED = "skipped"  # finished from the ledger: the result was stored, nothing ran
-
-    def __str__(self) -> str:
-        return self.value
-
-
-FINISHED = frozenset({Status.SUCCEEDED, Status.FAILED, Status.STOPPED, Status.SKIPPED})
 _PENDING, _RUNNING, _SUCCEEDED = Status.PENDING, Status.RUNNING, Status.SUCCEEDED  # enum lookups cost on hot paths
 
 _local = threading.local()
@@ -73,7 +69,8 @@ def _forget_locks() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_locks)
 
-_PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+#: Argument types that cannot be (or hold) a handle: a call with only these needs no dependency scan.
+PLAIN_TYPES = frozenset({int, float, str, bytes, bool, type(None)})
 
 
 def _one_line(text: str, limit: int = 100) -> str:
@@ -84,84 +81,13 @@ def _one_line(text: str, limit: int = 100) -> str:
 
 def stop_requested() -> bool:
     """True inside a task whose run was asked to stop (or timed out); poll it to end early."""
-    attempt = getattr(_local, "attempt", None)
+    attempt: BaseTaskRun.Attempt | None = getattr(_local, "attempt", None)
     if attempt is None:
         return False
     if attempt.stop_requested:
         return True
-    deadline = attempt._deadline  # an inline attempt past its timeout: it fails anyway, so it may stop
+    deadline = attempt.deadline  # an inline attempt past its timeout: it fails anyway, so it may stop
     return deadline is not None and time.monotonic() >= deadline
-
-
-class Attempt:
-    """One try at running a call. A runner executes it and reports its outcome exactly once.
-
-    ``fn``, ``args`` and ``kwargs`` are the call; ``number`` counts from 1. Runners call
-    :meth:`mark_started` when it really begins (timeouts count from there), then
-    :meth:`set_result` or :meth:`set_exception`; only the first report counts.
-    ``runner_state`` is free for the runner's own bookkeeping.
-    """
-
-    __slots__ = ("run", "number", "stop_requested", "runner_state", "_reported", "_timeout_timer", "_started_at", "_deadline")
-
-    def __init__(self, run: BaseTaskRun[Any], number: int) -> None:
-        self.run = run
-        self.number = number
-        self.stop_requested = False
-        self.runner_state: Any = None
-        self._reported = False
-        self._timeout_timer: TimerHandle | None = None
-        self._started_at: float | None = None
-        self._deadline: float | None = None  # monotonic end of a timeout nobody enforces (inline runners)
-
-    @property
-    def fn(self) -> Callable[..., Any]:
-        return self.run.task.fn
-
-    @property
-    def args(self) -> tuple[Any, ...]:
-        return self.run.args
-
-    @property
-    def kwargs(self) -> dict[str, Any]:
-        return self.run.kwargs
-
-    @property
-    def timeout(self) -> float | None:
-        return self.run.task.timeout
-
-    @property
-    def reported(self) -> bool:
-        return self._reported
-
-    def mark_started(self) -> None:
-        """Say the attempt has begun executing: the run turns RUNNING and its timeout starts."""
-        self.run._attempt_started(self)
-
-    def set_result(self, value: Any) -> None:
-        self.run._attempt_finished(self, True, value)
-
-    def set_exception(self, exc: BaseException) -> None:
-        self.run._attempt_finished(self, False, exc)
-
-    def execute(self) -> None:
-        """Run the call in the current thread and report its outcome (the in-process runners' way)."""
-        self.mark_started()
-        previous = getattr(_local, "attempt", None)
-        _local.attempt = self
-        try:
-            value = self.fn(*self.args, **self.kwargs)
-        except BaseException as exc:
-            self.set_exception(attach_traceback(exc))
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-        else:
-            self.set_result(value)
-        finally:
-            _local.attempt = previous
-
-    def __repr__(self) -> str:
-        return f"<Attempt {self.number} of {self.run.id}>"
 
 
 class BaseTaskRun(Generic[R]):
@@ -176,29 +102,237 @@ class BaseTaskRun(Generic[R]):
     #: True: a timed-out attempt is ended with ``stop_attempt`` when its timeout passes.
     #: False: the runner cannot interrupt it, so an overrun attempt fails when it returns.
     preemptive_timeout: ClassVar[bool] = True
-    #: True: attempts run in the caller (``SequentialTaskRun``). Upstream runs are then waited for
-    #: in the caller, and ``map`` feeds its items in the caller instead of a feeder thread.
+    #: True: attempts run in the caller, one after another (``SequentialTaskRun``): retries
+    #: wait there, upstream runs are waited for there, and ``map`` feeds in the caller.
     inline: ClassVar[bool] = False
 
-    def __init__(self, task: Task[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    class Attempt:
+        """One try at running a call, as its runner sees it (``taskrun.Attempt``).
+
+        ``fn``, ``args`` and ``kwargs`` are the call; ``number`` counts from 1. The runner
+        calls :meth:`mark_started` when it really begins (timeouts count from there), then
+        :meth:`set_result` or :meth:`set_exception`; only the first report counts, and none
+        after the run was stopped or the attempt timed out. ``runner_state`` is free for the
+        runner's own bookkeeping.
+        """
+
+        __slots__ = ("run", "number", "runner_state", "stop_requested", "deadline", "_reported", "_started_at")
+
+        def __init__(self, run: BaseTaskRun[Any], number: int) -> None:
+            self.run = run
+            self.number = number
+            self.runner_state: Any = None
+            #: True once the run was stopped or the attempt timed out: the function may end early
+            #: (``taskrun.stop_requested()`` reads it) and its outcome no longer counts.
+            self.stop_requested = False
+            #: ``time.monotonic()`` at which the timeout of an attempt nobody can interrupt runs out (inline runners).
+            self.deadline: float | None = None
+            self._reported = False
+            self._started_at: float | None = None
+
+        @property
+        def task(self) -> Task[..., Any]:
+            return self.run.task
+
+        @property
+        def fn(self) -> Callable[..., Any]:
+            return self.run.task.fn
+
+        @property
+        def args(self) -> tuple[Any, ...]:
+            return self.run.args
+
+        @property
+        def kwargs(self) -> dict[str, Any]:
+            return self.run.kwargs
+
+        @property
+        def timeout(self) -> float | None:
+            return self.run.task.timeout
+
+        @property
+        def reported(self) -> bool:
+            """True once the outcome is in, or will never count (the run was stopped, the attempt timed out)."""
+            return self._reported or self.stop_requested
+
+        @property
+        def started_at(self) -> float | None:
+            """When the attempt began (``time.time()``), or None while it waits to start."""
+            return self._started_at
+
+        def mark_started(self, at: float | None = None) -> None:
+            """Say the attempt has begun: the run turns RUNNING and its timeout starts.
+
+            ``at`` is when it began (``time.time()``) if the runner measured it elsewhere (a
+            worker, a remote cluster); the timeout then counts from that moment.
+            """
+            run = self.run
+            lock = run._lock
+            # Not `with`: on every call's path, `with` on a lock costs twice acquire() and release()
+            # (it makes two bound methods and parses the arguments of __enter__).
+            lock.acquire()
+            try:
+                self._start_locked(at)
+            finally:
+                lock.release()
+
+        def _start_locked(self, at: float | None) -> None:
+            run = self.run
+            if run._finishing or self is not run._current or self._started_at is not None or self.stop_requested:
+                return
+            now = time.time()
+            began = now if at is None or at > now else at
+            self._started_at = began
+            if run._status is _PENDING:
+                run._status = _RUNNING
+                run.started_at = began
+            timeout = run.task.timeout
+            if timeout is not None:
+                # Armed under the lock: an outcome reported meanwhile then finds the timer and cancels it.
+                left = max(0.0, timeout - (now - began))
+                if run.preemptive_timeout:
+                    run._timeout_timer = timer.call_later(left, self._timed_out)
+                else:
+                    self.deadline = time.monotonic() + left
+
+        def set_result(self, value: Any, *, started_at: float | None = None) -> None:
+            """Report success. ``started_at`` (``time.time()``): when it began, for an attempt never marked started."""
+            self._report(True, value, started_at)
+
+        def set_exception(self, exc: BaseException, *, started_at: float | None = None) -> None:
+            """Report failure with ``exc`` (the task's own exception, or the runner's error)."""
+            self._report(False, exc, started_at)
+
+        def execute(self) -> None:
+            """Run the call in the current thread and report its outcome (the in-process runners' way)."""
+            self.mark_started()
+            previous = getattr(_local, "attempt", None)
+            _local.attempt = self
+            try:
+                value = self.run.task.fn(*self.run.args, **self.run.kwargs)
+            except BaseException as exc:
+                self.set_exception(attach_traceback(exc))
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+            else:
+                self.set_result(value)
+            finally:
+                _local.attempt = previous
+
+        @staticmethod
+        def report_results(
+            outcomes: Iterable[tuple[BaseTaskRun.Attempt, Any, float | None]], finished_at: float | None = None
+        ) -> None:
+            """Report the successes of many attempts at once, as ``(attempt, value, started_at)``.
+
+            For a runner that learns many outcomes together (a worker's results in one read):
+            each run nobody waits on is made final in one step, and the runs of one ``map``
+            are counted by their group together. ``finished_at`` (``time.time()``) is when
+            the runner learned them.
+            """
+            ended = time.time() if finished_at is None else finished_at
+            notify: Notify | None = None
+            batch: list[BaseTaskRun[Any]] = []
+            batches: dict[Notify, list[BaseTaskRun[Any]]] = {}
+            for attempt, value, started_at in outcomes:
+                told = attempt._report(True, value, started_at, ended)
+                if told is not None:
+                    if told is not notify:
+                        notify = told
+                        batch = batches.setdefault(told, [])
+                    batch.append(attempt.run)
+            for told, runs in batches.items():
+                try:
+                    told(runs, True)
+                except Exception:
+                    logger.exception("taskrun could not count %d finished runs in their group", len(runs))
+
+        def _report(self, ok: bool, value: Any, started_at: float | None, quietly_at: float | None = None) -> Notify | None:
+            """The retry loop begins here: claim this attempt's outcome (once), then decide the run's.
+
+            ``quietly_at``: a success of :meth:`report_results`, finished at that time. When nothing
+            waits on the run (no waiter, callback, ledger or timeout), it is made final right here,
+            and its group counter is returned for the batch to tell instead of told.
+            """
+            run = self.run
+            lock = run._lock
+            lock.acquire()  # see mark_started
+            try:
+                if self._reported or self.stop_requested:
+                    return None
+                self._reported = True
+                if started_at is not None and self._started_at is None:
+                    self._started_at = started_at  # learned with the end: dated back
+                    if run.started_at is None:
+                        run.started_at = started_at
+                if run._finishing or self is not run._current:
+                    return None
+                task = run.task
+                if (
+                    quietly_at is not None and run._waiters is None and run._callbacks is None
+                    and run.key is None and task.timeout is None
+                ):
+                    run._finishing = True
+                    run._make_final(_SUCCEEDED, value, None, quietly_at)
+                    notify, run._notify = run._notify, None
+                    return notify
+                timer_handle, run._timeout_timer = run._timeout_timer, None
+                # The common case, a success with nothing left to check, is decided right here.
+                decided = ok and (task.timeout is None or run.preemptive_timeout)
+                if decided:
+                    run._finishing = True
+            finally:
+                lock.release()
+            if timer_handle is not None:
+                timer_handle.cancel()
+            if decided:
+                run._record(_SUCCEEDED, value, None)
+            else:
+                run._attempt_outcome(self, ok, value)
+            return None
+
+        def _timed_out(self) -> None:
+            run = self.run
+            # Claim the outcome first: once stop_requested is set, a function that polls it returns
+            # at once, and its late report must not win over the timeout.
+            with run._lock:
+                if self._reported or self.stop_requested or self is not run._current or run._finishing:
+                    return
+                self.stop_requested = True
+                run._timeout_timer = None
+            try:
+                run.stop_attempt(self)
+            except Exception:
+                logger.exception("%s: stopping timed-out attempt %d failed", run.id, self.number)
+            run._attempt_outcome(self, False, run._timeout_error(self))
+
+        def __repr__(self) -> str:
+            return f"<Attempt {self.number} of {self.run.id}>"
+
+    def __init__(
+        self, task: Task[..., R], args: tuple[Any, ...], kwargs: dict[str, Any], *, notify: Notify | None = None
+    ) -> None:
         self.task = task
         self.args = args
         self.kwargs = kwargs
         self.name: str = task.name
         self._number = number = next(_run_numbers)
         self.cached = False
+        #: The call's key in the task's ledger (None without a ledger, or until it is computed).
         self.key: str | None = None
         self._lock = (_locks or _new_locks())[number & _LOCK_MASK]  # never held while taking another run's
         self._waiters: list[threading.Lock] | None = None  # one held lock per blocked wait(); released when finished
         self._status = _PENDING
-        self._finishing = False  # the outcome is decided; publishing may still be under way
+        self._started = False
+        self._finishing = False  # the outcome is decided; making it durable and publishing may still be under way
         self._result: Any = None
         self._exception: BaseException | None = None
         self._attempts = 0
-        self._current: Attempt | None = None
+        self._current: BaseTaskRun.Attempt | None = None
+        self._timeout_timer: TimerHandle | None = None  # of the current attempt
         self._retry_timer: TimerHandle | None = None
         self._callbacks: list[Callable[[BaseTaskRun[R]], Any]] | None = None  # made by the first callback
-        self._group: Any = None  # the RunGroup of the map() that made this run: told first when it finishes
+        self._notify = notify
         self.started_at: float | None = None
         self.finished_at: float | None = None
 
@@ -210,7 +344,7 @@ class BaseTaskRun(Generic[R]):
         Raise to reject the call (for example arguments that cannot be sent to a worker).
         """
 
-    def start_attempt(self, attempt: Attempt) -> None:
+    def start_attempt(self, attempt: BaseTaskRun.Attempt) -> None:
         """Runner hook: begin executing ``attempt`` somewhere and report its outcome on it.
 
         Return promptly unless the runner is inline by design; call ``attempt.mark_started()``
@@ -218,7 +352,7 @@ class BaseTaskRun(Generic[R]):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement start_attempt(attempt)")
 
-    def stop_attempt(self, attempt: Attempt) -> None:
+    def stop_attempt(self, attempt: BaseTaskRun.Attempt) -> None:
         """Runner hook: end a started attempt (on ``stop()`` or a timeout). May block until it is gone.
 
         ``attempt.stop_requested`` is already True when this is called. The default does no
@@ -251,7 +385,7 @@ class BaseTaskRun(Generic[R]):
     def attempts(self) -> int:
         """Attempts begun so far: one still queued in its runner, or stopped there, does not count."""
         current = self._current
-        if current is not None and current._started_at is None:
+        if current is not None and current.started_at is None:
             return self._attempts - 1
         return self._attempts
 
@@ -292,7 +426,17 @@ class BaseTaskRun(Generic[R]):
                     self._waiters.remove(waiter)
         return self._status in FINISHED
 
-    def get_result(self, timeout: float | None = None, *, wait: bool = True, raise_exceptions: bool = True) -> R:
+    @overload
+    def get_result(self, timeout: float | None = None, *, wait: bool = True, raise_exceptions: Literal[True] = True) -> R: ...
+
+    @overload
+    def get_result(
+        self, timeout: float | None = None, *, wait: bool = True, raise_exceptions: bool
+    ) -> R | BaseException: ...
+
+    def get_result(
+        self, timeout: float | None = None, *, wait: bool = True, raise_exceptions: bool = True
+    ) -> R | BaseException:
         """The run's value, waiting for it first.
 
         A failed run raises the task's exception (the traceback where it ran is its
@@ -310,7 +454,7 @@ class BaseTaskRun(Generic[R]):
         if exc is not None:
             if raise_exceptions:
                 raise exc
-            return exc  # type: ignore[return-value]
+            return exc
         return self._result  # type: ignore[no-any-return]
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -319,12 +463,14 @@ class BaseTaskRun(Generic[R]):
             raise TimeoutError(f"{self.id} did not finish within {timeout} s; it is still running")
         return self._exception
 
-    def stop(self) -> bool:
+    def stop(self, reason: str | None = None) -> bool:
         """Stop the run: a queued one never starts, a running one is ended by its runner.
 
         True if this call stopped it; False if it had already finished (or was finishing).
+        ``reason`` is shown in the :class:`TaskStopped` it then holds.
         """
-        return self._conclude(Status.STOPPED, exc=TaskStopped(f"{self.id} was stopped"))
+        message = f"{self.id} was stopped" if reason is None else f"{self.id} was stopped: {reason}"
+        return self._conclude(Status.STOPPED, exc=TaskStopped(message))
 
     def add_done_callback(self, fn: Callable[[BaseTaskRun[R]], Any]) -> None:
         """Call ``fn(run)`` once the run has finished; at once if it already has."""
@@ -338,6 +484,8 @@ class BaseTaskRun(Generic[R]):
 
     def __await__(self) -> Generator[Any, None, R]:
         if self._status not in FINISHED:
+            import asyncio
+
             loop = asyncio.get_running_loop()
             waiter = loop.create_future()
 
@@ -369,47 +517,189 @@ class BaseTaskRun(Generic[R]):
 
     # ---- the life of a run: start, attempts, retries, the end ---------------------------
 
-    def _start(self) -> None:
-        """Begin the run: called once by the task right after the handle is made.
+    def start(self) -> bool:
+        """Begin the run; calling a task does this. False if it had begun already.
 
-        Arguments that are handles of other runs are waited for here (see ``_deps``) before
-        :meth:`_launch`: without blocking the caller, unless the runner is ``inline``.
+        Arguments that are handles of other runs are waited for first, without blocking the
+        caller (unless the runner is ``inline``). If the call cannot start -- its arguments
+        cannot be sent, its ledger key cannot be made -- the run ends FAILED and the error is
+        raised here.
         """
-        if not self.kwargs:
-            for arg in self.args:
-                if type(arg) not in _PLAIN:
-                    break
+        lock = self._lock
+        lock.acquire()  # see Attempt.mark_started
+        try:
+            if self._started or self._finishing:
+                return False
+            self._started = True
+        finally:
+            lock.release()
+        try:
+            if not self.kwargs:
+                for arg in self.args:
+                    if type(arg) not in PLAIN_TYPES:
+                        break
+                else:
+                    self._launch()  # the usual call: nothing in the arguments can be a handle
+                    return True
+            upstream = _deps.find_upstream(self.args, self.kwargs, BaseTaskRun)
+            if upstream is None:
+                self._launch()
+            elif self.inline:
+                self._wait_for_upstream_here(upstream)
             else:
-                self._launch()  # the usual call: nothing in the arguments can be a handle
+                self._launch_after(upstream)
+        except BaseException as exc:
+            self._conclude(Status.FAILED, exc=exc)
+            if isinstance(exc, KeyboardInterrupt):
+                self.stop()
+            raise
+        return True
+
+    def _launch_after(self, upstream: list[BaseTaskRun[Any]]) -> None:
+        """Launch once every upstream run succeeded (on the launcher thread); fail as soon as one did not."""
+        remaining = [len(upstream)]
+
+        def on_upstream_done(up: BaseTaskRun[Any]) -> None:
+            if not _deps.succeeded(up):
+                self._conclude(Status.FAILED, exc=_deps.upstream_error(self.id, up))
                 return
-        upstream = _deps.find_upstream(self.args, self.kwargs)
-        if upstream is None:
+            with self._lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0 and not self._finishing
+            if last:
+                launcher.submit(self._launch_resolved, self._launch_dropped)
+
+        for up in upstream:
+            up.add_done_callback(on_upstream_done)
+
+    def _launch_resolved(self) -> None:
+        """Put the upstream results into the arguments, then launch (unless stopped meanwhile)."""
+        if self._finishing:
+            return
+        try:
+            self.args = _deps.resolve(self.args, BaseTaskRun)
+            if self.kwargs:
+                self.kwargs = {k: _deps.resolve(v, BaseTaskRun) for k, v in self.kwargs.items()}
             self._launch()
-        elif self.inline:
-            _deps.wait_inline(self, upstream)
-        else:
-            _deps.start_after(self, upstream)
+        except Exception as exc:  # e.g. prepare() rejected the resolved arguments: nobody is there to raise to
+            self._conclude(Status.FAILED, exc=exc)
+
+    def _launch_dropped(self) -> None:
+        self.stop("taskrun shut down before its upstream runs' results could be passed to it")
+
+    def _wait_for_upstream_here(self, upstream: list[BaseTaskRun[Any]]) -> None:
+        """Inline runners: wait for the upstream runs in the caller, then launch (or fail)."""
+        for up in upstream:
+            up.wait()
+            if not _deps.succeeded(up):
+                self._conclude(Status.FAILED, exc=_deps.upstream_error(self.id, up))
+                return
+        self.args = _deps.resolve(self.args, BaseTaskRun)
+        if self.kwargs:
+            self.kwargs = {k: _deps.resolve(v, BaseTaskRun) for k, v in self.kwargs.items()}
+        self._launch()
 
     def _launch(self) -> None:
-        """Start the first attempt, once the arguments are final (the ledger may answer first)."""
+        """Start the first attempt, once the arguments are final: the ledger may answer first."""
         ledger = self.task.ledger
-        if ledger is not None:
-            ledger._launch(self)  # a stored result finishes the run here; else prepare(), claim, attempt
+        if ledger is None:
+            self.prepare()
+            self._first_attempt()
+            return
+        from ._ledger import store_for
+
+        store = store_for(ledger)
+        key = self.key = store.key_for(self.task, self.args, self.kwargs)
+        found, value = store.lookup(self.name, key)
+        if found:
+            self._finish_cached(value)
             return
         self.prepare()
-        self._begin_attempt()
+        self._admit()
+
+    def _admit(self) -> None:
+        """Ask the ledger for the key; :meth:`_on_admission` acts on its answer."""
+        from ._ledger import store_for
+
+        store = store_for(self.task.ledger)
+        if self.inline:
+            while not self._finishing:
+                verdict, value = store.admit_here(self)
+                if verdict != "wait":
+                    self._on_admission(verdict, value)
+                    return
+                value.wait()  # the run of this process that holds the key
+        else:
+            store.admit(self, self._on_admission)
+
+    def _on_admission(self, verdict: str, value: Any) -> None:
+        """The ledger's answer: "claimed" (run it), "cached" (its stored result), "wait" (for that run of
+        this process, then ask again), "failed" or "stopped" (with the error)."""
+        if self._finishing:
+            return
+        if verdict == "claimed":
+            self._first_attempt()
+        elif verdict == "cached":
+            self._finish_cached(value)
+        elif verdict == "wait":
+            value.add_done_callback(lambda _owner: self._admit_again())
+        elif verdict == "stopped":
+            self._conclude(Status.STOPPED, exc=value)
+        else:
+            self._conclude(Status.FAILED, exc=value)
+
+    def _admit_again(self) -> None:
+        try:
+            from ._ledger import store_for
+
+            store = store_for(self.task.ledger)
+            found, value = store.lookup(self.name, self.key)  # type: ignore[arg-type]
+            if found:
+                self._finish_cached(value)
+            else:
+                self._admit()
+        except Exception as exc:
+            self._conclude(Status.FAILED, exc=exc)
+
+    def _finish_cached(self, value: Any) -> None:
+        """The ledger had this call's result: the run succeeded without running."""
+        with self._lock:
+            if self._finishing:
+                return
+            self._finishing = True
+            self.cached = True
+        self._publish(_SUCCEEDED, value, None)
+
+    def _first_attempt(self) -> None:
+        if not self.inline:
+            self._begin_attempt()
+            return
+        # Inline: every attempt runs here, one after another, and retries wait here (never on the
+        # timer's thread). A retry scheduled meanwhile lands in this frame (see _schedule_retry).
+        previous = getattr(_local, "inline", None)
+        frame: list[Any] = [self, 0.0]
+        _local.inline = frame
+        try:
+            while frame[1] is not None:
+                delay, frame[1] = frame[1], None
+                if delay > 0:
+                    time.sleep(delay)
+                self._begin_attempt()
+        except KeyboardInterrupt:
+            self.stop("interrupted (KeyboardInterrupt)")
+            raise
+        finally:
+            _local.inline = previous
 
     def _begin_attempt(self) -> None:
         lock = self._lock
-        # Not `with`: on every call's path, `with` on a lock costs twice acquire() and release()
-        # (it makes two bound methods and parses the arguments of __enter__).
-        lock.acquire()
+        lock.acquire()  # see Attempt.mark_started
         try:
             if self._finishing:
                 return
             self._retry_timer = None
             self._attempts += 1
-            attempt = self._current = Attempt(self, self._attempts)
+            attempt = self._current = BaseTaskRun.Attempt(self, self._attempts)
         finally:
             lock.release()
         try:
@@ -417,112 +707,17 @@ class BaseTaskRun(Generic[R]):
         except Exception as exc:
             attempt.set_exception(exc)
 
-    def _attempt_started(self, attempt: Attempt, now: float | None = None) -> None:
-        if now is None:
-            now = time.time()
-        lock = self._lock
-        lock.acquire()  # see _begin_attempt
-        try:
-            if self._finishing or attempt is not self._current or attempt._started_at is not None:
-                return
-            attempt._started_at = now
-            if self._status is _PENDING:
-                self._status = _RUNNING
-                self.started_at = now
-            timeout = self.task.timeout
-            if timeout is not None:
-                # Armed under the lock: an outcome reported meanwhile then finds the timer and cancels it.
-                if self.preemptive_timeout:
-                    attempt._timeout_timer = timer.call_later(timeout, lambda: self._attempt_timed_out(attempt))
-                else:
-                    attempt._deadline = time.monotonic() + timeout
-        finally:
-            lock.release()
-
-    def _attempt_timed_out(self, attempt: Attempt) -> None:
-        # Claim the attempt's outcome first: once stop_requested is set, a function that polls it
-        # returns at once, and its late report must not win over the timeout.
-        with self._lock:
-            if attempt._reported:
-                return
-            attempt._reported = True
-        attempt.stop_requested = True
-        try:
-            self.stop_attempt(attempt)
-        except Exception:
-            logger.exception("%s: stopping timed-out attempt %d failed", self.id, attempt.number)
-        self._attempt_outcome(attempt, False, self._timeout_error(attempt))
-
-    def _timeout_error(self, attempt: Attempt) -> TaskTimeout:
+    def _timeout_error(self, attempt: BaseTaskRun.Attempt) -> TaskTimeout:
         return TaskTimeout(f"{self.id} attempt {attempt.number} ran longer than its timeout of {self.task.timeout} s")
 
-    def _attempt_finished(self, attempt: Attempt, ok: bool, value: Any) -> None:
-        """The retry loop: record one attempt's outcome, then finish the run or try again."""
-        lock = self._lock
-        lock.acquire()  # see _begin_attempt
-        try:
-            if attempt._reported:
-                return
-            attempt._reported = True
-            # The common case, a success with nothing left to check, is decided right here.
-            finished = ok and (self.task.timeout is None or self.preemptive_timeout)
-            if finished:
-                if self._finishing or attempt is not self._current:
-                    return
-                self._finishing = True
-        finally:
-            lock.release()
-        if finished:
-            if attempt._timeout_timer is not None:
-                attempt._timeout_timer.cancel()
-            self._record(_SUCCEEDED, value, None)
-            return
-        self._attempt_outcome(attempt, ok, value)
-
-    def _attempt_succeeded(self, attempt: Attempt, value: Any, began: float | None, ended: float) -> Any:
-        """``attempt.set_result(value)`` for a runner that reports many outcomes at once (the process pool).
-
-        ``began`` is when the attempt began, for one the runner never marked started (it learned
-        of its start and its end together); ``ended`` is when the runner learned the outcome.
-        When nothing waits on the run -- no waiter, callback, ledger or timeout -- the run is
-        decided and published in one step, and its group is returned instead of told, so the
-        runner can count many runs of a group at once.
-        """
-        lock = self._lock
-        lock.acquire()  # see _begin_attempt
-        try:
-            if attempt._reported:
-                return None
-            attempt._reported = True
-            if attempt._started_at is None and began is not None:
-                attempt._started_at = began
-                if self.started_at is None:
-                    self.started_at = began
-            if self._finishing or attempt is not self._current:
-                return None
-            # No timeout (so no timer either), nobody waiting, no ledger: publish here.
-            if self._waiters is None and self._callbacks is None and self.key is None and self.task.timeout is None:
-                self._finishing = True
-                return self._make_final(_SUCCEEDED, value, None, ended)[1]
-        finally:
-            lock.release()
-        self._attempt_outcome(attempt, True, value)
-        return None
-
-    def _attempt_outcome(self, attempt: Attempt, ok: bool, value: Any) -> None:
-        """The rest of the retry loop, for an attempt whose outcome is claimed (``_reported`` set)."""
+    def _attempt_outcome(self, attempt: BaseTaskRun.Attempt, ok: bool, value: Any) -> None:
+        """The rest of the retry loop, for an attempt whose outcome is claimed."""
         with self._lock:
             if self._finishing or attempt is not self._current:
                 return
-        if attempt._timeout_timer is not None:
-            attempt._timeout_timer.cancel()
         timeout = self.task.timeout
-        if (
-            timeout is not None
-            and not self.preemptive_timeout
-            and attempt._started_at is not None
-            and time.time() - attempt._started_at > timeout
-        ):
+        started = attempt.started_at
+        if timeout is not None and not self.preemptive_timeout and started is not None and time.time() - started > timeout:
             ok, value = False, self._timeout_error(attempt)
         if ok:
             self._conclude(Status.SUCCEEDED, value=value)
@@ -536,39 +731,43 @@ class BaseTaskRun(Generic[R]):
             "%s attempt %d/%d failed with %s: %s; retrying in %.2f s",
             self.id, attempt.number, policy.retries + 1, type(value).__name__, value, delay,
         )
-        self._call_later(delay, self._begin_attempt)
+        self._schedule_retry(delay)
 
-    def _call_later(self, delay: float, fn: Callable[[], None]) -> None:
+    def _schedule_retry(self, delay: float) -> None:
+        frame = getattr(_local, "inline", None)
+        if frame is not None and frame[0] is self:
+            frame[1] = delay  # the inline loop in this very caller runs it
+            return
         if delay <= 0:
-            fn()
+            self._begin_attempt()
             return
         with self._lock:
             if self._finishing:
                 return
-            self._retry_timer = timer.call_later(delay, fn, on_drop=self._retry_dropped)
+            self._retry_timer = timer.call_later(delay, self._begin_attempt, on_drop=self._retry_dropped)
 
     def _retry_dropped(self) -> None:
         """taskrun shut down while this run waited to retry: it ends STOPPED rather than hang."""
-        self._conclude(Status.STOPPED, exc=TaskStopped(f"{self.id} was stopped: taskrun shut down before its retry"))
+        self.stop("taskrun shut down before its retry")
 
     def _conclude(self, status: Status, value: Any = None, exc: BaseException | None = None) -> bool:
-        """Decide the run's outcome (once), record it, then publish it to waiters and callbacks."""
+        """Decide the run's outcome (once), make it durable, then publish it to waiters and callbacks."""
         with self._lock:
             if self._finishing:
                 return False
             self._finishing = True
-            attempt, retry_timer = self._current, self._retry_timer
-            # Claimed under the lock, as every other report is: a late outcome cannot win over the stop.
+            attempt, retry_timer, timeout_timer = self._current, self._retry_timer, self._timeout_timer
+            self._retry_timer = self._timeout_timer = None
+            # Claimed under the lock, as every report is: a late outcome cannot win over the stop.
             stopping = None
-            if status is Status.STOPPED and attempt is not None and not attempt._reported:
-                attempt._reported = True
+            if status is Status.STOPPED and attempt is not None and not attempt.reported:
                 attempt.stop_requested = True
                 stopping = attempt
         if retry_timer is not None:
             retry_timer.cancel()
+        if timeout_timer is not None:
+            timeout_timer.cancel()
         if stopping is not None:
-            if stopping._timeout_timer is not None:
-                stopping._timeout_timer.cancel()
             try:
                 self.stop_attempt(stopping)
             except Exception:
@@ -577,52 +776,76 @@ class BaseTaskRun(Generic[R]):
         return True
 
     def _record(self, status: Status, value: Any, exc: BaseException | None) -> None:
-        """Make the outcome durable (the ledger commits it), then publish it."""
-        if self.key is not None:  # the ledger launched this run
-            self.task.ledger._record(self, status, value, exc)
+        """Make the outcome durable (the ledger commits it and says so), then publish it."""
+        if self.key is None:  # no ledger
+            self._publish(status, value, exc)
             return
+        from ._ledger import store_for
+
+        store = store_for(self.task.ledger)
+        if status is Status.STOPPED:
+            # Published at once: a stopped call runs again next time whether or not this record lands.
+            self._publish(status, value, exc)
+            store.record(self, status, value, exc, None)
+        elif self.inline:
+            self._on_recorded(status, value, exc, store.record_here(self, status, value, exc))
+        else:
+            store.record(self, status, value, exc, self._on_recorded)
+
+    def _on_recorded(self, status: Status, value: Any, exc: BaseException | None, problem: BaseException | None) -> None:
+        """The ledger's answer to a record: written (``problem`` None), or not, and why."""
+        if problem is not None and exc is not None:
+            note = f"taskrun: this outcome was not recorded in the ledger ({problem}); the call runs again next time"
+            if hasattr(exc, "add_note"):
+                exc.add_note(note)
         self._publish(status, value, exc)
 
     def _publish(self, status: Status, value: Any = None, exc: BaseException | None = None) -> None:
         """Make the run's state final (see ``_make_final``), then wake waiters, tell its group, run callbacks."""
         lock = self._lock
-        lock.acquire()  # see _begin_attempt
+        lock.acquire()  # see Attempt.mark_started
         try:
-            callbacks, group, waiters = self._make_final(status, value, exc, time.time())
+            callbacks, waiters = self._make_final(status, value, exc, time.time())
         finally:
             lock.release()
         for waiter in waiters or ():
             waiter.release()
-        if group is not None:
-            self._invoke_callback(group._on_done)
+        notify = self._notify
+        if notify is not None:
+            self._notify = None
+            try:
+                notify((self,), False)
+            except Exception:
+                logger.exception("taskrun could not count %s in its group", self.id)
         for fn in callbacks or ():
             self._invoke_callback(fn)
 
     def _make_final(
         self, status: Status, value: Any, exc: BaseException | None, finished_at: float
-    ) -> tuple[list[Callable[[BaseTaskRun[R]], Any]] | None, Any, list[threading.Lock] | None]:
+    ) -> tuple[list[Callable[[BaseTaskRun[R]], Any]] | None, list[threading.Lock] | None]:
         """The one place a run's state becomes final (the run's lock held).
 
-        Returns the callbacks, group and waiters to tell; ``_publish`` tells them, and the
-        one-step success of ``_attempt_succeeded`` (where there are none but the group) its runner.
+        Returns the callbacks and waiters to tell; ``_publish`` tells them (and the group).
         """
         self._status = status
         self._result = value
         self._exception = exc
         self.finished_at = finished_at
         callbacks, self._callbacks = self._callbacks, None
-        group, self._group = self._group, None
         current, self._current = self._current, None
-        if current is not None and current._started_at is None and status is Status.STOPPED:
+        if current is not None and current.started_at is None and status is Status.STOPPED:
             self._attempts -= 1  # stopped while queued in its runner: never made
         waiters, self._waiters = self._waiters, None
-        return callbacks, group, waiters
+        return callbacks, waiters
 
     def _invoke_callback(self, fn: Callable[[BaseTaskRun[R]], Any]) -> None:
         try:
             fn(self)
         except Exception:
             logger.exception("done callback %r of %s raised", fn, self.id)
+
+
+Attempt = BaseTaskRun.Attempt
 
 
 def _resolve(waiter: asyncio.Future[Any]) -> None:

@@ -100,7 +100,7 @@ class Task(Generic[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> BaseTaskRun[R]:
         run: BaseTaskRun[R] = self.runner(self, args, kwargs)
-        run._start()
+        run.start()
         return run
 
     def __get__(self, instance: Any, owner: type | None = None) -> Any:

@@ -138,9 +138,9 @@ class Timer:
                 except Exception:
                     logger.exception("taskrun timer drop callback %r failed", on_drop)
 
-    def _reset_after_fork(self) -> None:
-        # In place, as threading's own objects do: cheaper than a new Condition in every fresh child.
-        self._cond._at_fork_reinit()  # type: ignore[attr-defined]
+    def reset_after_fork(self) -> None:
+        """In a forked child: the parent's thread and pending callbacks are not this process's."""
+        self._cond = threading.Condition(threading.Lock())
         self._heap = []
         self._cancelled = 0
         self._thread = None

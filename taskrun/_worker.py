@@ -226,7 +226,7 @@ def worker_main(call_conn: Any, result_conn: Any, alive_conn: Any, config: dict[
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     import multiprocess
 
-    multiprocess.current_process()._config["daemon"] = False  # let tasks start processes of their own
+    multiprocess.current_process().daemon = False  # let tasks start processes of their own
     threading.Thread(target=_watch_parent, args=(alive_conn,), name="taskrun-parent-watch", daemon=True).start()
     sender = _Sender(result_conn)
     _forward_logging(sender, config["log_levels"])

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import signal
 import traceback
+from typing import Any
+
+from ._status import Status
 
 
 class TaskrunError(Exception):
@@ -36,7 +39,7 @@ class WorkerDied(TaskrunError):
             return None
         return _signal_name(-self.exitcode)
 
-    def __reduce__(self):  # keep exitcode through pickling
+    def __reduce__(self) -> tuple[Any, ...]:  # keep exitcode through pickling
         return (type(self), (str(self), self.exitcode))
 
 
@@ -45,7 +48,18 @@ class SerializationError(TaskrunError):
 
 
 class UpstreamFailed(TaskrunError):
-    """A run this one depended on failed or was stopped, so this one never ran."""
+    """A run this one depended on failed or was stopped, so this one never ran.
+
+    ``upstream_id`` names that run and ``upstream_status`` is its :class:`~taskrun.Status`.
+    """
+
+    def __init__(self, message: str, upstream_id: str | None = None, upstream_status: Status | None = None) -> None:
+        super().__init__(message)
+        self.upstream_id = upstream_id
+        self.upstream_status = upstream_status
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keep the upstream's id and status through pickling
+        return (type(self), (str(self), self.upstream_id, self.upstream_status))
 
 
 class LedgerError(TaskrunError):

@@ -28,8 +28,9 @@ from multiprocess.connection import wait
 
 from .. import _lifecycle, _worker
 from .._config import positive_int_or_none
-from .._run import _PLAIN, Attempt, BaseTaskRun, R, Status
-from ..errors import RemoteTraceback, SerializationError, TaskrunError, TaskStopped, WorkerDied, describe_exit
+from .._run import PLAIN_TYPES as _PLAIN
+from .._run import Attempt, BaseTaskRun, R
+from ..errors import RemoteTraceback, SerializationError, TaskrunError, WorkerDied, describe_exit
 
 logger = logging.getLogger("taskrun")
 
@@ -382,7 +383,7 @@ class ProcessPool:
                 elif self.closing is None:
                     self.closing = "wait"
         for attempt in to_stop:
-            attempt.run._conclude(Status.STOPPED, exc=TaskStopped(f"{attempt.run.id} was stopped: its pool shut down"))
+            attempt.run.stop("its pool shut down")
         self._wake()
         if threading.current_thread() is not self.thread:
             self.closed.wait()
@@ -413,29 +414,19 @@ class ProcessPool:
     def _deliver(self, out: list[tuple[Any, ...]]) -> None:
         """Hand outcomes, log records and warnings over; runs without the pool lock.
 
-        Successes take the runs' one-step path, and the runs of a ``map`` group are counted
-        by their group together (the outcomes of one read are mostly one group's).
+        The successes of one read are reported together (``Attempt.report_results``), so the
+        runs of a ``map`` group are counted by their group together.
         """
-        group: Any = None
-        finished: list[BaseTaskRun[Any]] = []
-        finished_by_group: dict[Any, list[BaseTaskRun[Any]]] = {}
+        successes: list[tuple[Attempt, Any, float | None]] = []
+        ended = 0.0
         for item in out:
             kind = item[0]
             try:
                 if kind == _OK:
-                    attempt = item[1]
-                    run = attempt.run
-                    run_group = run._attempt_succeeded(attempt, item[2], item[3], item[4])
-                    if run_group is not None:
-                        if run_group is not group:
-                            group = run_group
-                            finished = finished_by_group.setdefault(group, [])
-                        finished.append(run)
+                    successes.append((item[1], item[2], item[3]))
+                    ended = item[4]
                 elif kind == _worker.RAISED:
-                    attempt = item[1]
-                    if item[3] is not None:  # its start was never marked: date it (no-op if it was)
-                        attempt.run._attempt_started(attempt, item[3])
-                    attempt.set_exception(item[2])
+                    item[1].set_exception(item[2], started_at=item[3])
                 elif kind == _worker.LOG:
                     record = logging.makeLogRecord(item[1])
                     target = logging.getLogger(record.name)
@@ -450,11 +441,11 @@ class ProcessPool:
                                        type(exc).__name__, exc)
             except Exception:  # one bad item must neither lose the others nor end the supervisor
                 logger.exception("taskrun could not deliver a message from a worker process")
-        for group, finished in finished_by_group.items():
+        if successes:
             try:
-                group._on_done_many(finished, all_succeeded=True)
+                Attempt.report_results(successes, ended)
             except Exception:
-                logger.exception("taskrun could not count finished runs in their group")
+                logger.exception("taskrun could not deliver the results of a worker process")
 
     # ---- the supervisor thread --------------------------------------------------------------
 
@@ -511,7 +502,7 @@ class ProcessPool:
                 calls = self._take_all_calls()
             error = TaskrunError(f"the process pool failed ({type(exc).__name__}: {exc}); see the taskrun log")
             for attempt in calls:
-                attempt.run._conclude(Status.FAILED, exc=error)
+                attempt.set_exception(error)
             self._close_workers()
         finally:
             for fd in (self.wake_r, self.wake_w):
@@ -541,7 +532,7 @@ class ProcessPool:
 
     def _dispatch_pending(self, idle_only: bool) -> bool:
         pending = self.pending
-        while pending and pending[0]._reported:  # stopped while queued: never starts
+        while pending and pending[0].reported:  # stopped while queued: never starts
             pending.popleft()
         if not pending or self.closing in ("now", "closed"):
             return False
@@ -583,7 +574,7 @@ class ProcessPool:
         task = fn_id = send_fn = timeout = None  # of the previous call: a batch is mostly one task's
         while pending and room > 0:
             attempt = pending[0]
-            if attempt._reported:
+            if attempt.reported:
                 pending.popleft()
                 continue
             run = attempt.run
@@ -631,8 +622,8 @@ class ProcessPool:
         Calls sent ahead stay PENDING behind it; each begins when the one before it is reported.
         """
         for attempt in worker.in_flight.values():
-            if attempt._started_at is None:
-                attempt.run._attempt_started(attempt)
+            if attempt.started_at is None:
+                attempt.mark_started()
             return
 
     def _read_once(self, worker: _Worker) -> None:

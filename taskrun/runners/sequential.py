@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import time
-from collections import deque
-from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from .._run import Attempt, BaseTaskRun, R
+from .base import Attempt, BaseTaskRun, R
 
 
 class SequentialTaskRun(BaseTaskRun[R]):
@@ -21,16 +18,5 @@ class SequentialTaskRun(BaseTaskRun[R]):
     preemptive_timeout: ClassVar[bool] = False
     inline: ClassVar[bool] = True
 
-    def _launch(self) -> None:
-        self._inline: deque[Attempt] = deque()
-        super()._launch()
-        # Attempts (first and retries) queue here and run one after another: no recursion.
-        while self._inline:
-            self._inline.popleft().execute()
-
     def start_attempt(self, attempt: Attempt) -> None:
-        self._inline.append(attempt)
-
-    def _call_later(self, delay: float, fn: Callable[[], Any]) -> None:
-        time.sleep(delay)
-        fn()
+        attempt.execute()

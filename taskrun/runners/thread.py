@@ -9,9 +9,7 @@ import threading
 from collections import deque
 from typing import Any, ClassVar
 
-from .. import _lifecycle
-from .._config import positive_int_or_none
-from .._run import Attempt, BaseTaskRun, R
+from .base import Attempt, BaseTaskRun, R, check_setting_int, drop_pools, registered_pools, shared_pool
 
 
 class ThreadTaskRun(BaseTaskRun[R]):
@@ -28,13 +26,13 @@ class ThreadTaskRun(BaseTaskRun[R]):
 
     @staticmethod
     def validate_setting(name: str, value: Any) -> None:
-        positive_int_or_none("ThreadTaskRun", name, value)
+        check_setting_int("ThreadTaskRun", name, value)
 
     @classmethod
     def _pool(cls) -> ThreadPool:
-        pool = _lifecycle.pools.get(cls)
+        pool = registered_pools.get(cls)
         if pool is None:
-            pool = _lifecycle.get_pool(cls, lambda: ThreadPool.for_runner(cls))
+            pool = shared_pool(cls, lambda: ThreadPool.for_runner(cls))
         return pool  # type: ignore[return-value]
 
     def start_attempt(self, attempt: Attempt) -> None:
@@ -47,7 +45,7 @@ class ThreadTaskRun(BaseTaskRun[R]):
 
     @classmethod
     def shutdown(cls, wait: bool = True) -> None:
-        for pool in _lifecycle.drop_pools(cls):
+        for pool in drop_pools(cls):
             pool.shutdown(wait=wait)
 
 

@@ -1,0 +1,53 @@
+"""The runner interface: everything a runner may use, the built-in ones included.
+
+A runner is a :class:`BaseTaskRun` subclass. It implements ``start_attempt`` (and, if it
+can, ``stop_attempt``; optionally ``prepare`` and the classmethod ``shutdown``) and reports
+on the :class:`Attempt` it is given. A runner that keeps a pool of workers registers it
+here, so that ``taskrun.shutdown()`` and the interpreter's exit shut it down and a forked
+child forgets it. The built-in runners import nothing else of taskrun's (a test checks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any, TypeVar
+
+from .._config import positive_int_or_none
+from .._lifecycle import Pool, anything_started, drop_pools, forget_pool, get_pool, pools
+from .._run import PLAIN_TYPES, Attempt, BaseTaskRun, R, stop_requested
+from .._status import Status
+
+PoolT = TypeVar("PoolT", bound=Pool)
+
+__all__ = [
+    "BaseTaskRun",
+    "Attempt",
+    "R",
+    "Status",
+    "Pool",
+    "PLAIN_TYPES",
+    "stop_requested",
+    "shared_pool",
+    "registered_pools",
+    "drop_pools",
+    "forget_pool",
+    "anything_started",
+    "check_setting_int",
+]
+
+#: The registered pools by key (read-only; look a pool up here on hot paths, make it with :func:`shared_pool`).
+registered_pools: Mapping[Hashable, Pool] = pools
+
+
+def shared_pool(key: Hashable, factory: Callable[[], PoolT]) -> PoolT:
+    """The pool registered under ``key`` (a runner class, usually), made with ``factory()`` on first use.
+
+    Registered pools are shut down (``pool.shutdown(wait)``) by ``taskrun.shutdown()`` and at
+    exit, and forgotten in a forked child (after ``pool.after_fork_in_child()``, if it has one).
+    """
+    return get_pool(key, factory)  # type: ignore[return-value]
+
+
+def check_setting_int(owner: str, name: str, value: Any, allow_none: bool = True) -> None:
+    """Raise TypeError/ValueError naming the setting unless ``value`` is an int >= 1 (or None, if allowed)."""
+    positive_int_or_none(owner, name, value, allow_none)
