@@ -513,7 +513,7 @@ def inspect(path: str, last_errors: int, timeout: float = BUSY_TIMEOUT) -> tuple
     """
     if os.path.getsize(path) == 0:
         return {}, []
-    for _ in range(3):
+    while True:
         had_wal = os.path.exists(path + "-wal")
         try:
             conn = _open_read_only(path, timeout)
@@ -540,7 +540,6 @@ def inspect(path: str, last_errors: int, timeout: float = BUSY_TIMEOUT) -> tuple
         if had_wal or not os.path.exists(path + "-wal"):
             return found
         # A process opened the file while it was read as immutable: read it again, through its WAL.
-    return found
 
 
 # ---- the public face ----------------------------------------------------------------------
@@ -945,8 +944,6 @@ class _Store:
         try:
             yield conn
         except sqlite3.Error as exc:
-            if _is_busy(exc):
-                raise LedgerError(f"cannot read ledger {self.path!r}: {exc} (for more than {self.busy_timeout:g} s)") from exc
             raise LedgerError(f"cannot read ledger {self.path!r}: {exc}") from exc
         finally:
             conn.close()

@@ -16,7 +16,7 @@ import threading
 import time
 
 import pytest
-from _waiting import wait_for
+from _waiting import is_alive, wait_for
 
 import taskrun
 from taskrun import Ledger, LedgerError, SequentialTaskRun, SerializationError, Status, TaskStopped, ThreadTaskRun, _ledger, task
@@ -255,7 +255,7 @@ def test_ledger_inspection_does_not_wait_behind_a_busy_write(db, gate):
         assert [r.key for r in ledger.runs()] == ["a"]
         assert ledger.result("a") == "a" and ledger.last_errors() == []
         assert time.monotonic() - started < 2  # answered while the write still waits
-    assert isinstance(run.exception(timeout=WAIT), LedgerError) or run.get_result(timeout=WAIT) == "b"
+    assert run.wait(timeout=WAIT)  # claimed once the lock went, or failed if it took longer than 3 s
 
 
 # ---- 2. a busy file: a bounded wait, then LedgerError; nothing recorded is lost ---------------------
@@ -412,6 +412,10 @@ def test_on_a_full_disk_the_outcome_reaches_the_caller_and_the_call_runs_again(d
         calls.append(n)
         return b"x" * n
 
+    @task(runner=runner, ledger=ledger, key=str, name="fails")
+    def fails(n):
+        raise ValueError("y" * n)  # a failure's record holds its message
+
     assert big(10).get_result(timeout=WAIT) == b"x" * 10
     store = ledger._store
     with store._db_lock:  # SQLite's "database or disk is full" once the file would grow
@@ -420,13 +424,19 @@ def test_on_a_full_disk_the_outcome_reaches_the_caller_and_the_call_runs_again(d
     with caplog.at_level(logging.ERROR, logger="taskrun"):
         run = big(100_000)  # its claim fits in the file; its result does not
         assert run.get_result(timeout=WAIT) == b"x" * 100_000 and run.status is Status.SUCCEEDED
-    assert "were not recorded" in caplog.text and "full" in caplog.text and "run again next time" in caplog.text
+        failed = fails(100_000)
+        assert isinstance(failed.exception(timeout=WAIT), ValueError)
+    assert caplog.text.count("1 outcome(s) were not recorded") == 2
+    assert "full" in caplog.text and "run again next time" in caplog.text
     with store._db_lock:
         store._conn.execute("PRAGMA max_page_count = 1073741823")
     again = big(100_000)
     assert again.get_result(timeout=WAIT) == b"x" * 100_000 and not again.cached
     assert calls == [10, 100_000, 100_000]
     assert big(100_000).cached
+    # Only its claim was written (held by this process, which may claim it again), none of its failure.
+    [claim] = Ledger(db).runs(task="fails")
+    assert claim.status == "running" and claim.error_type is None
 
 
 # ---- 4. a cached run is a success -------------------------------------------------------------------
@@ -648,7 +658,7 @@ def test_a_failed_commit_keeps_what_was_committed_and_fails_only_the_rest(db, mo
     assert second(1).get_result(timeout=WAIT) == "second 1"
 
 
-def test_a_key_a_live_process_holds_is_taken_over_when_that_process_dies(db, caplog):
+def test_a_key_a_live_process_holds_is_taken_over_when_that_process_dies(db, caplog, monkeypatch):
     calls = []
 
     @task(runner=ThreadTaskRun, ledger=db, key=str, name="work")
@@ -669,9 +679,13 @@ def test_a_key_a_live_process_holds_is_taken_over_when_that_process_dies(db, cap
         conn.close()
         ledger = Ledger(db)
         assert ledger.summary() == {"work": {"succeeded": 1, "running": 1}}
+        store, polls = ledger._store, []
+        poll = store._poll
+        monkeypatch.setattr(store, "_poll", lambda: (polls.append(1), poll()))
         with caplog.at_level(logging.INFO, logger="taskrun"):
             run = work(5)
-            wait_for(lambda: ("work", "5") in ledger._store._watching, WAIT, "the call to wait for the other process")
+            wait_for(lambda: len(polls) >= 2, WAIT, "the ledger thread to look at the key twice")
+            assert ("work", "5") in store._watching  # still held by the live process: the call waits
             assert run.status is Status.PENDING and calls == [0]
             other.stdin.close()
             other.wait(WAIT)
@@ -683,3 +697,305 @@ def test_a_key_a_live_process_holds_is_taken_over_when_that_process_dies(db, cap
     assert calls == [0, 5]
     assert "was interrupted" in caplog.text
     assert ledger.summary() == {"work": {"succeeded": 2}}
+
+
+def test_a_call_waiting_for_another_processs_key_can_be_stopped_and_ends_stopped_at_shutdown(db):
+    @task(runner=ThreadTaskRun, ledger=db, key=str, name="work")
+    def work(x):
+        return x
+
+    assert work(0).get_result(timeout=WAIT) == 0
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        _claimed_by(db, other.pid, ["5", "6"])
+        store = Ledger(db)._store
+        stopped, at_shutdown = work(5), work(6)
+        wait_for(lambda: {("work", "5"), ("work", "6")} <= set(store._watching), WAIT, "both calls to wait for the other process")
+        assert stopped.stop() and stopped.status is Status.STOPPED
+        assert ("work", "5") not in store._watching
+        taskrun.shutdown()
+        assert at_shutdown.status is Status.STOPPED
+        with pytest.raises(TaskStopped, match="another process ran its key"):
+            at_shutdown.get_result(timeout=0)
+    finally:
+        other.stdin.close()
+        other.wait(WAIT)
+    assert Ledger(db).reset(status="interrupted") == 2  # the other process is gone now
+    assert Ledger(db).summary() == {"work": {"succeeded": 1}}
+
+
+def _claimed_by(db, pid, keys, task_name="work"):
+    """Rows of ``keys`` claimed by the live process ``pid`` (its row in owners says how to tell it is alive)."""
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute(
+            "INSERT INTO owners VALUES ('other', ?, ?, ?, ?, ?)", (_HOST, _MACHINE, pid, _process_start(pid), time.time() + 60)
+        )
+        conn.executemany(
+            "INSERT INTO runs (task, key, status, owner, claim) VALUES (?, ?, 'running', 'other', 1)",
+            [(task_name, key) for key in keys],
+        )
+    conn.close()
+
+
+def test_an_inline_call_waits_in_the_caller_for_a_key_another_process_holds(db):
+    @task(runner=SequentialTaskRun, ledger=db, key=str, name="work")
+    def work(x):
+        return x * 2
+
+    work(0)
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    results = []
+    caller = threading.Thread(target=lambda: results.append(work(4)))
+    try:
+        _claimed_by(db, other.pid, ["4"])
+        caller.start()
+        wait_for(lambda: ("work", "4") in Ledger(db)._store._active, WAIT, "the call to be waiting")
+        assert caller.is_alive()  # the inline call waits in its caller while the other process holds the key
+    finally:
+        other.stdin.close()
+        other.wait(WAIT)
+        caller.join(WAIT)
+    assert [run.get_result() for run in results] == [8] and not results[0].cached
+
+
+def test_two_inline_calls_of_one_key_run_it_once(db, gate):
+    calls, handles = [], []
+    started = threading.Event()
+
+    @task(runner=SequentialTaskRun, ledger=db, key=str, name="slow")
+    def slow(x):
+        calls.append(x)
+        started.set()
+        gate.wait(WAIT)
+        return x
+
+    threads = [threading.Thread(target=lambda: handles.append(slow("k"))) for _ in range(2)]
+    threads[0].start()
+    assert started.wait(WAIT)
+    store = Ledger(db)._store
+    first = store._active[("slow", "k")]
+    threads[1].start()
+    wait_for(lambda: first._waiters, WAIT, "the second call to wait for the first")
+    gate.set()
+    for thread in threads:
+        thread.join(WAIT)
+    assert calls == ["k"]
+    assert sorted(h.cached for h in handles) == [False, True] and [h.get_result() for h in handles] == ["k", "k"]
+
+
+def test_the_status_command_shows_interrupted_calls_and_errors_without_a_call(db, capsys):
+    make_ledger(db)
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("INSERT INTO runs (task, key, status, owner, claim) VALUES ('check', 'gone', 'running', 'nobody', 1)")
+        conn.execute("UPDATE runs SET call = NULL WHERE key = '6'")
+    conn.close()
+    assert status_main(["status", db]) == 0
+    out = capsys.readouterr().out
+    assert "1 interrupted (their process is gone): they run again on the next call." in out
+    assert out.count("call: check(") == 1  # key 3 shows its call; key 6 has none recorded
+    with pytest.raises(SystemExit) as exit_info:
+        status_main(["status", db, "--errors", "many"])
+    assert exit_info.value.code == 2
+    assert "0 or more, got 'many'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["body", "tables"])
+def test_status_of_a_damaged_ledger_is_an_error(db, damage, capsys):
+    make_ledger(db)
+    if damage == "body":
+        with open(db, "r+b") as f:  # keep the 100-byte header, damage what follows
+            f.seek(100)
+            f.write(b"\xff" * 3000)
+    else:
+        conn = sqlite3.connect(db)
+        conn.execute("DROP TABLE owners")  # says it is a ledger, lacks a table
+        conn.close()
+    before = fingerprint(db)
+    assert status_main(["status", db]) == 2
+    err = capsys.readouterr().err
+    assert "runs.db" in err and ("not a usable taskrun ledger" in err or "cannot read ledger" in err)
+    assert fingerprint(db) == before
+
+
+def test_owners_decide_running_or_interrupted(db):
+    """A claim is running while its owner may be: a live process here, or an unexpired lease from elsewhere."""
+    Ledger(db)
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    wait_for(lambda: not is_alive(zombie.pid), WAIT, "the child to end (a zombie until reaped)")
+    now = time.time()
+    owners = [
+        ("elsewhere-live", "far", "far:ns", 1, "", now + 60),
+        ("elsewhere-expired", "far", "far:ns", 1, "", now - 1),
+        ("me-reused", _HOST, _MACHINE, os.getpid(), "not my start", now + 60),
+        ("zombie", _HOST, _MACHINE, zombie.pid, _process_start(zombie.pid), now + 60),
+        ("no-start-time", _HOST, _MACHINE, os.getppid(), "", now + 60),  # pid alone: alive while it exists
+    ]
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.executemany("INSERT INTO owners VALUES (?, ?, ?, ?, ?, ?)", owners)
+        conn.executemany(
+            "INSERT INTO runs (task, key, status, owner, claim) VALUES ('t', ?, 'running', ?, 1)",
+            [(owner[0], owner[0]) for owner in owners] + [("unknown", "not-in-owners")],
+        )
+    conn.close()
+    try:
+        statuses = {record.key: record.status for record in Ledger(db).runs()}
+    finally:
+        zombie.wait(WAIT)
+    assert statuses == {
+        "elsewhere-live": "running", "elsewhere-expired": "interrupted", "me-reused": "interrupted",
+        "zombie": "interrupted", "no-start-time": "running", "unknown": "interrupted",
+    }
+    assert Ledger(db).runs()[0].error is None
+
+
+def test_a_write_refused_by_sqlite_says_the_file_is_read_only_and_changes_nothing(db):
+    ledger = Ledger(db)
+
+    @task(runner=ThreadTaskRun, ledger=ledger, key=str, name="work")
+    def work(x):
+        return x
+
+    assert work("a").get_result(timeout=WAIT) == "a"
+    store = ledger._store
+    with store._db_lock:
+        store._conn.execute("PRAGMA query_only = ON")  # SQLite now refuses writes: "attempt to write a readonly database"
+    try:
+        error = work("b").exception(timeout=WAIT)
+        assert isinstance(error, LedgerError) and "read-only now: make them writable" in str(error)
+        with pytest.raises(LedgerError, match="could not write to ledger.*read-only"):
+            ledger.forget("a")
+    finally:
+        with store._db_lock:
+            store._conn.execute("PRAGMA query_only = OFF")
+    assert ledger.result("a") == "a"
+    assert ledger.reset(task="work") == 1 and ledger.summary() == {}
+    assert not work("a").cached  # its cached result was dropped too
+
+
+def test_the_whole_busy_timeout_is_waited_even_if_sqlite_gives_up_sooner(db):
+    ledger = Ledger(db, busy_timeout=0.5)
+    Ledger(db).forget("nothing")  # the tables exist
+    store = ledger._store
+    with store._db_lock:
+        store._conn.execute("PRAGMA busy_timeout = 50")  # SQLite reports "locked" after 50 ms...
+    with write_locked(db):
+        started = time.monotonic()
+        with pytest.raises(LedgerError, match=r"busy timeout \(0.5 s\)"):
+            ledger.reset()
+        assert time.monotonic() - started >= 0.45  # ...and the ledger tries again for the rest of its 0.5 s
+
+
+@pytest.mark.parametrize("holding", ["a read", "a write"])
+def test_opening_a_file_another_connection_holds_waits_busy_timeout_then_says_so(tmp_path, holding):
+    path = str(tmp_path / "new.db")
+    _empty_sqlite(path)  # not in WAL mode yet: making it a ledger needs the file to itself
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE" if holding == "a write" else "BEGIN")
+    other.execute("SELECT * FROM sqlite_master").fetchall()
+    try:
+        started = time.monotonic()
+        with pytest.raises(LedgerError, match=r"new\.db.*busy.*who holds it cannot be read from the file"):
+            Ledger(path, busy_timeout=0.2)
+        assert 0.15 <= time.monotonic() - started < 5
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert Ledger(path).summary() == {}  # free now: it becomes a ledger
+
+
+def test_a_large_stored_result_deleted_by_another_process_runs_again(db):
+    calls = []
+
+    @task(runner=ThreadTaskRun, ledger=db, key=str, name="big")
+    def big(x):
+        calls.append(x)
+        return x * 10_000  # larger than what is kept in memory: read from the file when asked for
+
+    assert big("ab").get_result(timeout=WAIT) == "ab" * 10_000
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("DELETE FROM runs WHERE key = 'ab'")
+    conn.close()
+    again = big("ab")
+    assert again.get_result(timeout=WAIT) == "ab" * 10_000 and not again.cached
+    assert calls == ["ab", "ab"]
+
+
+def test_ledger_objects_of_one_file_are_equal_and_a_replaced_file_is_opened_anew(db):
+    make_ledger(db)  # made by another process
+    first = Ledger(db)
+    assert first == Ledger(db) and hash(first) == hash(Ledger(db)) and repr(first) == f"Ledger({db!r})"
+    assert first != Ledger(db + "2") and first != db
+    assert first.summary()["check"]["succeeded"] == 5
+    taskrun.shutdown()
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(db + suffix):
+            os.remove(db + suffix)
+    fresh = Ledger(db)
+    assert fresh != first and fresh.summary() == {}
+
+
+def test_a_key_function_may_return_a_str_subclass(db):
+    class Name(str):
+        pass
+
+    @task(runner=SequentialTaskRun, ledger=db, key=lambda x: Name(f"item-{x}"), name="named")
+    def named(x):
+        return x
+
+    named(1)
+    assert [r.key for r in Ledger(db).runs()] == ["item-1"] and named(1).cached
+
+
+def test_an_unexpected_error_in_the_ledger_thread_is_logged_and_the_thread_goes_on(db, gate, monkeypatch, caplog):
+    monkeypatch.setattr(_ledger, "LEASE", 0.3)
+    started = threading.Event()
+
+    @task(runner=ThreadTaskRun, ledger=db, name="hold")
+    def hold():
+        started.set()
+        gate.wait(WAIT)
+        return "done"
+
+    run = hold()
+    assert started.wait(WAIT)
+    store = Ledger(db)._store
+    failures = []
+
+    def renew_fails_once():
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(store, "_renew", renew_fails_once)
+    with caplog.at_level(logging.ERROR, logger="taskrun"):
+        wait_for(lambda: "the ledger thread failed; it goes on" in caplog.text, WAIT, "the error to be logged")
+    gate.set()
+    assert run.get_result(timeout=WAIT) == "done"
+    assert Ledger(db).summary() == {"hold": {"succeeded": 1}}
+
+
+def test_status_of_a_killed_batch_in_a_read_only_directory_reads_its_wal(tmp_path):
+    """A batch killed with SIGKILL leaves its records in runs.db-wal; status reads them without writing."""
+    directory = tmp_path / "readonly"
+    directory.mkdir()
+    path = directory / "runs.db"
+    killed = (
+        "import os, sys, taskrun\n"
+        "@taskrun.task(runner=taskrun.ThreadTaskRun, ledger=sys.argv[1], key=str, name='w')\ndef w(x): return x\n"
+        "for i in range(5): w(i).get_result(30)\nos.kill(os.getpid(), 9)"
+    )
+    subprocess.run([sys.executable, "-c", killed, str(path)], timeout=30)
+    assert sorted(os.listdir(directory)) == ["runs.db", "runs.db-shm", "runs.db-wal"]
+    before = {name: fingerprint(directory / name) for name in ("runs.db", "runs.db-wal")}
+    os.chmod(directory, 0o555)
+    try:
+        result = status(path, "--json", unprivileged=True)
+    finally:
+        os.chmod(directory, 0o755)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tasks"]["w"]["succeeded"] == 5
+    assert {name: fingerprint(directory / name) for name in ("runs.db", "runs.db-wal")} == before
