@@ -77,8 +77,8 @@ def _upstream_error(run: BaseTaskRun[Any], upstream: BaseTaskRun[Any]) -> Upstre
 
 
 def _ok(upstream: BaseTaskRun[Any]) -> bool:
-    # SKIPPED: the ledger had the result stored, which counts as a success.
-    return upstream.status in (_run.Status.SUCCEEDED, _run.Status.SKIPPED)
+    # A run answered from the ledger is SUCCEEDED (and cached): it has a result to pass on.
+    return upstream.status is _run.Status.SUCCEEDED
 
 
 def launch_resolved(run: BaseTaskRun[Any]) -> None:
