@@ -67,9 +67,9 @@ def main() -> None:
     group = fetch_task.map(PAGES, stop_when=quota_used_up, progress=True)
     group.wait()
     summary = group.summary()
-    sizes = [run.get_result() for run in group if run.status in (Status.SUCCEEDED, Status.SKIPPED)]
+    sizes = [run.get_result() for run in group if run.status is Status.SUCCEEDED]  # cached runs too
     print(f"{len(group)} pages in {time.monotonic() - start:.2f} s: "
-          f"{summary['succeeded']} downloaded, {summary['cached']} already done (cached), "
+          f"{summary['succeeded'] - summary['cached']} downloaded, {summary['cached']} already done (cached), "
           f"{summary['failed']} failed, {summary['stopped']} left for later by the quota")
     print(f"{sum(sizes):,} bytes in the {len(sizes)} pages done")
     left = summary["failed"] + summary["stopped"]

@@ -1,4 +1,9 @@
-"""``python -m taskrun status runs.db``: what a ledger holds, for people (a table) and scripts (``--json``)."""
+"""``python -m taskrun status runs.db``: what a ledger holds, for people (a table) and scripts (``--json``).
+
+It only reads: the file is opened read-only (a ``mode=ro`` URI), no byte of it changes and no
+-wal or -shm file is created, whatever the file is. It never unpickles a stored result (a
+pickle can run code), so it is safe to point at a ledger you do not trust.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
-from ._ledger import _STATUSES, NEW_FILE_ADVICE, Ledger, RunRecord
+from ._ledger import _STATUSES, NEW_FILE_ADVICE, RunRecord, inspect
 from .errors import LedgerError
 
 PROG = "python -m taskrun"
@@ -35,28 +40,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"no ledger at {path!r}: the file does not exist")
     if os.path.isdir(path):
         return _fail(f"{path!r} is a directory; pass the path of a ledger file")
-    if os.path.getsize(path) == 0:
-        summary, errors = {}, []  # an empty file: Ledger() would make it a ledger; status only looks
-    else:
-        try:
-            summary, errors = _read(path, args.errors)
-        except LedgerError as exc:
-            return _fail(str(exc).replace(NEW_FILE_ADVICE, "pass the path of a ledger"))  # status makes no ledger
+    try:
+        summary, errors = inspect(path, args.errors)
+    except LedgerError as exc:
+        return _fail(str(exc).replace(NEW_FILE_ADVICE, "pass the path of a ledger"))  # status makes no ledger
     if args.json:
         print(json.dumps(_as_json(path, summary, errors), indent=2))
     else:
         print(_as_text(path, summary, errors))
     return 0
-
-
-def _read(path: str, last_errors: int) -> tuple[dict[str, dict[str, int]], list[RunRecord]]:
-    try:
-        ledger = Ledger(path)
-    except LedgerError:
-        if os.access(os.path.dirname(os.path.abspath(path)), os.W_OK | os.X_OK):
-            raise
-        ledger = Ledger._read_only(path)  # a directory we cannot write: read the file as it is
-    return ledger.summary(), ledger.last_errors(last_errors) if last_errors > 0 else []
 
 
 def _count(text: str) -> int:

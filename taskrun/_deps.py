@@ -14,7 +14,6 @@ from ._status import Status
 from .errors import UpstreamFailed
 
 _CONTAINERS = (list, tuple, dict, set, frozenset)
-_SUCCESSES = (Status.SUCCEEDED, Status.SKIPPED)
 
 
 class Handle(Protocol):
@@ -72,8 +71,8 @@ def resolve(value: Any, handle_type: type[Any]) -> Any:
 
 
 def succeeded(upstream: Handle) -> bool:
-    """A cached upstream (from the ledger) counts as a success."""
-    return upstream.status in _SUCCESSES
+    """A run answered from the ledger is SUCCEEDED (and cached): it has a result to pass on."""
+    return upstream.status is Status.SUCCEEDED
 
 
 def upstream_error(run_id: str, upstream: Handle) -> UpstreamFailed:

@@ -241,7 +241,10 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         return stopped + sum(run.stop() for run in runs if not run.done())
 
     def summary(self) -> dict[str, int]:
-        """Counts of the handles made so far per status name, plus ``"cached"`` (results from the ledger)."""
+        """Counts of the handles made so far per status name, plus ``"cached"``.
+
+        A run answered from the ledger is counted under ``"succeeded"`` and also under ``"cached"``.
+        """
         counts = dict.fromkeys((s.value for s in Status), 0)
         cached = 0
         for run in list(self._runs):
@@ -409,10 +412,10 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
     # ---- the progress bar -------------------------------------------------------------------
 
     def _postfix(self) -> dict[str, int]:
-        skipped = self._cached
-        postfix = {"succeeded": self._finished - self._failed - self._stopped - skipped, "failed": self._failed}
-        if skipped or self.task.ledger is not None:
-            postfix["cached"] = skipped
+        cached = self._cached  # among the succeeded: answered from the ledger
+        postfix = {"succeeded": self._finished - self._failed - self._stopped, "failed": self._failed}
+        if cached or self.task.ledger is not None:
+            postfix["cached"] = cached
         if self._stopped:
             postfix["stopped"] = self._stopped
         return postfix

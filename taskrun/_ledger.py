@@ -23,11 +23,19 @@ How it is built, per ledger file and process (a :class:`_Store`, shared by every
   in one for another run of a ledger task.
 * The file uses WAL journaling with ``synchronous=NORMAL``: a commit survives the process
   being killed at any moment; a power loss may lose the last commits, which then run again.
+* A write waits at most ``busy_timeout`` seconds for another connection's write lock. Then the
+  claims of that batch fail with LedgerError and its outcomes reach their callers unrecorded
+  (so those calls run again next time); what was committed before stays.
+* Inspection (``summary``, ``runs``, ``last_errors``, ``result``) reads through a read-only
+  connection of its own, so it never writes and never waits behind the ledger thread.
+* Results are pickles: loading one runs whatever code it names. Open only ledgers you trust;
+  ``python -m taskrun status`` never loads a result.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import itertools
 import json
@@ -41,7 +49,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +70,8 @@ SCHEMA_VERSION = 1
 #: Pickle protocol of the argument bytes hashed into default keys. Fixed: changing it changes every key.
 KEY_PROTOCOL = 4
 RESULT_PROTOCOL = 5
-#: Seconds a connection waits for another process's write lock before reporting "locked".
+#: Seconds a write waits in all for the file's write lock while another connection holds it; the
+#: calls it was for then get LedgerError. ``Ledger(path, busy_timeout=...)`` sets it per file.
 BUSY_TIMEOUT = 30.0
 #: Seconds a claim stays valid without renewal, for owners on another machine.
 LEASE = 30.0
@@ -406,10 +415,131 @@ def _status_name(status: Any) -> str | None:
         return None
     name = status.value if isinstance(status, Status) else str(status).lower()
     if name == Status.SKIPPED.value:
-        raise ValueError("the ledger stores no skipped calls: a skipped call is a succeeded one read back")
+        raise ValueError("the ledger records no skipped calls (a call answered from the ledger is a succeeded one)")
     if name not in _STATUSES:
         raise ValueError(f"unknown ledger status {status!r}; use one of {', '.join(_STATUSES)}")
     return name
+
+
+def _check_busy_timeout(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Ledger option busy_timeout must be a number of seconds, got {value!r}")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"Ledger option busy_timeout must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _reopen(path: str, busy_timeout: float) -> Ledger:
+    return Ledger(path, busy_timeout=busy_timeout)
+
+
+def _summary(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    rows = conn.execute("SELECT task, status, count(*) FROM runs WHERE status != 'running' GROUP BY task, status").fetchall()
+    running = conn.execute(f"SELECT r.task, {_OWNER_COLUMNS} FROM {_RUNS_WITH_OWNERS} WHERE r.status = 'running'").fetchall()
+    for task, status, n in rows:
+        counts.setdefault(task, {})[status] = n
+    now = time.time()
+    for task, *owner in running:
+        status = "running" if _owner_alive(*owner, now) else "interrupted"
+        per_task = counts.setdefault(task, {})
+        per_task[status] = per_task.get(status, 0) + 1
+    return {task: {s: per[s] for s in _STATUSES if s in per} for task, per in sorted(counts.items())}
+
+
+def _last_errors(conn: sqlite3.Connection, limit: int) -> list[RunRecord]:
+    rows = conn.execute(
+        f"SELECT {_RECORD_COLUMNS} FROM {_RUNS_WITH_OWNERS} WHERE r.status = 'failed' ORDER BY r.finished_at DESC LIMIT ?",
+        (limit,),
+    ).fetchall()
+    now = time.time()
+    return [_record_from_row(row, now) for row in rows]
+
+
+def _transaction(conn: sqlite3.Connection, body: Callable[[], Any]) -> None:
+    """Run ``body`` in one write transaction (BEGIN IMMEDIATE: it waits for the write lock at the start)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        body()
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _write_problem(exc: BaseException) -> str:
+    """What went wrong with a write, for people: the error, and what a known cause means."""
+    if isinstance(exc, LedgerError):
+        return str(exc)
+    text = f"{type(exc).__name__}: {exc}"
+    if "readonly" in str(exc):
+        text += " (the file or its directory is read-only now: make them writable)"
+    elif "full" in str(exc):
+        text += " (the disk, or the file's size limit, is full: free some space)"
+    return text
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    """True for SQLite's "database is locked" / "busy": another connection holds the lock."""
+    text = str(exc)
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+
+
+def _open_read_only(path: str, timeout: float) -> sqlite3.Connection:
+    """Open an existing SQLite file to read it without writing a byte or creating a file (a ``mode=ro`` URI).
+
+    While its -wal and -shm files exist (a process has it open, or one left them), the
+    connection reads through them and sees the latest commits. Without them, ``mode=ro``
+    alone would create both (and leave them behind), so the file is read as ``immutable``:
+    without them there is nothing newer to read (callers check that none appeared meanwhile).
+    """
+    uri = _file_uri(path)
+    if os.path.exists(path + "-wal") and os.path.exists(path + "-shm"):
+        try:
+            return sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=timeout, check_same_thread=False)
+        except sqlite3.OperationalError:
+            pass  # its -shm cannot be opened here (a directory we cannot write): read the file as it is
+    return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, timeout=timeout, check_same_thread=False)
+
+
+def inspect(path: str, last_errors: int, timeout: float = BUSY_TIMEOUT) -> tuple[dict[str, dict[str, int]], list[RunRecord]]:
+    """What ``python -m taskrun status`` shows: :meth:`Ledger.summary` and :meth:`Ledger.last_errors` of ``path``.
+
+    Read-only from start to end: the file is opened with ``mode=ro`` (see :func:`_open_read_only`),
+    no byte of it changes and no file is created, whatever the file is. No result is unpickled.
+    Raises LedgerError for a file that is not a ledger this taskrun can read; an empty SQLite
+    database (or an empty file) holds no calls.
+    """
+    if os.path.getsize(path) == 0:
+        return {}, []
+    while True:
+        had_wal = os.path.exists(path + "-wal")
+        try:
+            conn = _open_read_only(path, timeout)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot read ledger {path!r}: {exc}") from exc
+        try:
+            try:
+                app_id, version, tables = _identity(conn)
+            except sqlite3.DatabaseError as exc:
+                if "not a database" in str(exc):
+                    raise LedgerError(
+                        f"{path!r} is not a taskrun ledger: it is not an SQLite database (it starts with {_head(path)!r})"
+                    ) from exc
+                raise LedgerError(f"{path!r} is not a usable taskrun ledger: SQLite cannot read it ({exc})") from exc
+            _check_identity(path, app_id, version, tables)
+            if app_id != APPLICATION_ID:
+                return {}, []  # an empty SQLite database: no calls
+            try:
+                found = _summary(conn), (_last_errors(conn, last_errors) if last_errors > 0 else [])
+            except sqlite3.Error as exc:
+                raise LedgerError(f"cannot read ledger {path!r}: {exc}") from exc
+        finally:
+            conn.close()
+        if had_wal or not os.path.exists(path + "-wal"):
+            return found
+        # A process opened the file while it was read as immutable: read it again, through its WAL.
 
 
 # ---- the public face ----------------------------------------------------------------------
@@ -419,37 +549,37 @@ class Ledger:
     """A record of calls in one SQLite file: calls that succeeded are not run again.
 
     ``Ledger(path)`` opens the file, creating it if missing, and checks it: a file that is
-    not a taskrun ledger, a directory that cannot be written, or a ledger written by a newer
-    taskrun raise :class:`~taskrun.LedgerError` here, and the file is left untouched. Pass
-    it (or just the path) to ``@task(ledger=...)``. Ledger objects of one file share their
-    connection, thread and caches within a process.
+    not a taskrun ledger, a read-only file, a directory that cannot be written, or a ledger
+    written by a newer taskrun raise :class:`~taskrun.LedgerError` here, and the file is left
+    untouched. Pass it (or just the path) to ``@task(ledger=...)``. Ledger objects of one file
+    share their connection, thread and caches within a process.
+
+    ``busy_timeout`` is how many seconds a write waits for the file while another connection
+    holds its write lock (default :data:`BUSY_TIMEOUT`); the calls it was for then get a
+    ``LedgerError``. It is a setting of the file within this process: None keeps the one set
+    before (by an earlier ``Ledger(path, busy_timeout=...)``, else the default).
+
+    Stored results are pickles, and loading a pickle can run any code: open only ledgers you
+    trust (``python -m taskrun status`` never loads a result).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float | None = None) -> None:
+        if busy_timeout is not None:
+            busy_timeout = _check_busy_timeout(busy_timeout)
         self.path = os.fspath(path)
-        self._store = _store_for(self.path)
+        self._store = _store_for(self.path, busy_timeout)
 
-    @classmethod
-    def _read_only(cls, path: str | os.PathLike[str]) -> Ledger:
-        """A ledger opened only to be read, even where its directory cannot be written (the CLI's fallback).
-
-        It reads the file as immutable: what a process that has not ended cleanly left in the
-        -wal file is not seen. Calls of tasks using it fail, as nothing can be recorded.
-        """
-        ledger = cls.__new__(cls)
-        ledger.path = os.fspath(path)
-        store = _Store(ledger.path, os.path.realpath(ledger.path))
-        store._check_file(ledger.path)
-        store._conn = sqlite3.connect(f"{_file_uri(ledger.path)}?mode=ro&immutable=1", uri=True, check_same_thread=False)
-        ledger._store = store
-        return ledger
+    @property
+    def busy_timeout(self) -> float:
+        """Seconds a write waits for another connection's write lock before its calls get LedgerError."""
+        return self._store.busy_timeout
 
     def __repr__(self) -> str:
         return f"Ledger({self.path!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
         # A ledger travels (to a worker process, with a task) as its file, opened again there.
-        return (Ledger, (os.path.abspath(self.path),))
+        return (_reopen, (os.path.abspath(self.path), self._store.busy_timeout))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Ledger) and other._store is self._store
@@ -457,7 +587,7 @@ class Ledger:
     def __hash__(self) -> int:
         return hash(self._store)
 
-    # ---- inspection ------------------------------------------------------------------
+    # ---- inspection (read-only: see _Store._reading) ---------------------------------
 
     def summary(self) -> dict[str, dict[str, int]]:
         """Counts per task and status: ``{"fetch": {"succeeded": 950, "failed": 3, "interrupted": 47}}``.
@@ -465,24 +595,8 @@ class Ledger:
         Statuses with no calls are left out. ``"interrupted"`` counts calls claimed by a
         process that is gone; ``"running"`` those a live process is running.
         """
-        counts: dict[str, dict[str, int]] = {}
-        store = self._store
-        with store._db_lock:
-            conn = store._connection()
-            rows = conn.execute(
-                "SELECT task, status, count(*) FROM runs WHERE status != 'running' GROUP BY task, status"
-            ).fetchall()
-            running = conn.execute(
-                f"SELECT r.task, {_OWNER_COLUMNS} FROM {_RUNS_WITH_OWNERS} WHERE r.status = 'running'"
-            ).fetchall()
-        for task, status, n in rows:
-            counts.setdefault(task, {})[status] = n
-        now = time.time()
-        for task, *owner in running:
-            status = "running" if _owner_alive(*owner, now) else "interrupted"
-            per_task = counts.setdefault(task, {})
-            per_task[status] = per_task.get(status, 0) + 1
-        return {task: {s: per[s] for s in _STATUSES if s in per} for task, per in sorted(counts.items())}
+        with self._store._reading() as conn:
+            return _summary(conn)
 
     def runs(self, task: str | Task[..., Any] | None = None, status: Status | str | None = None) -> list[RunRecord]:
         """The recorded calls, oldest first, optionally of one task (a name or the task) and one status."""
@@ -492,9 +606,8 @@ class Ledger:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY r.rowid"
-        store = self._store
-        with store._db_lock:
-            rows = store._connection().execute(sql, params).fetchall()
+        with self._store._reading() as conn:
+            rows = conn.execute(sql, params).fetchall()
         now = time.time()
         records = [_record_from_row(row, now) for row in rows]
         if wanted in ("running", "interrupted"):
@@ -503,20 +616,14 @@ class Ledger:
 
     def last_errors(self, limit: int = 5) -> list[RunRecord]:
         """The ``limit`` most recently failed calls, newest first."""
-        store = self._store
-        with store._db_lock:
-            rows = store._connection().execute(
-                f"SELECT {_RECORD_COLUMNS} FROM {_RUNS_WITH_OWNERS} WHERE r.status = 'failed' "
-                "ORDER BY r.finished_at DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
-        now = time.time()
-        return [_record_from_row(row, now) for row in rows]
+        with self._store._reading() as conn:
+            return _last_errors(conn, limit)
 
     def result(self, key: str, *, task: str | Task[..., Any] | None = None) -> Any:
         """The stored result of the succeeded call ``key``; KeyError if there is none.
 
-        Keys are per task: pass ``task=`` when tasks share a key.
+        Keys are per task: pass ``task=`` when tasks share a key. The result is unpickled,
+        which runs whatever code the pickle names: read results only from ledgers you trust.
         """
         task_name, _status, blob = self._one(key, task, "status, result")
         if _status != "succeeded":
@@ -526,6 +633,8 @@ class Ledger:
         except Exception as exc:
             raise SerializationError(f"the stored result of call {key!r} of {task_name} cannot be unpickled: {exc}") from exc
 
+    # ---- changes -----------------------------------------------------------------------
+
     def forget(self, key: str, *, task: str | Task[..., Any] | None = None) -> bool:
         """Delete the record of call ``key`` so it runs again; False if there was none."""
         try:
@@ -533,8 +642,7 @@ class Ledger:
         except KeyError:
             return False
         store = self._store
-        with store._db_lock:
-            store._connection().execute("DELETE FROM runs WHERE task = ? AND key = ?", (task_name, key))
+        store._write(lambda conn: conn.execute("DELETE FROM runs WHERE task = ? AND key = ?", (task_name, key)))
         store._forget_cached(task_name, key)
         return True
 
@@ -546,27 +654,26 @@ class Ledger:
         """
         name, wanted = _task_name(task), _status_name(status)
         store = self._store
-        with store._db_lock:
-            conn = store._connection()
-            if wanted in ("running", "interrupted"):
-                where, params = _filters(name, wanted, "r.")
-                now = time.time()
+        if wanted in ("running", "interrupted"):
+            where, params = _filters(name, wanted, "r.")
+            with store._reading() as conn:
                 rows = conn.execute(
                     f"SELECT r.task, r.key, {_OWNER_COLUMNS} FROM {_RUNS_WITH_OWNERS} WHERE " + " AND ".join(where), params
                 ).fetchall()
-                doomed = [(t, k) for t, k, *owner in rows if _owner_alive(*owner, now) == (wanted == "running")]
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    conn.executemany("DELETE FROM runs WHERE task = ? AND key = ? AND status = 'running'", doomed)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                count = len(doomed)
-            else:
-                where, params = _filters(name, wanted, "")
-                sql = "DELETE FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
-                count = conn.execute(sql, params).rowcount
+            now = time.time()
+            doomed = [(t, k) for t, k, *owner in rows if _owner_alive(*owner, now) == (wanted == "running")]
+
+            def delete(conn: sqlite3.Connection) -> int:
+                _transaction(
+                    conn, lambda: conn.executemany("DELETE FROM runs WHERE task = ? AND key = ? AND status = 'running'", doomed)
+                )
+                return len(doomed)
+
+            count = store._write(delete)
+        else:
+            where, params = _filters(name, wanted, "")
+            sql = "DELETE FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
+            count = store._write(lambda conn: conn.execute(sql, params).rowcount)
         if wanted in (None, "succeeded"):
             store._drop_cache(name)
         return count
@@ -575,9 +682,8 @@ class Ledger:
         name = _task_name(task)
         sql = f"SELECT task, {columns} FROM runs WHERE key = ?" + (" AND task = ?" if name is not None else "")
         params = (key, name) if name is not None else (key,)
-        store = self._store
-        with store._db_lock:
-            rows = store._connection().execute(sql, params).fetchall()
+        with self._store._reading() as conn:
+            rows = conn.execute(sql, params).fetchall()
         if not rows:
             of = f" of task {name}" if name is not None else ""
             raise KeyError(f"no call with key {key!r}{of} in ledger {self.path}")
@@ -614,14 +720,16 @@ _orphans: list[sqlite3.Connection] = []  # connections inherited over fork: neve
 _thread_numbers = itertools.count(1)
 
 
-def _store_for(path: str) -> _Store:
+def _store_for(path: str, busy_timeout: float | None = None) -> _Store:
     real = os.path.realpath(path)
     with _stores_lock:
         store = _stores.get(real)
         if store is not None and store._same_file():
             store._recheck()  # it may have been changed since, by another program
+            if busy_timeout is not None:
+                store.busy_timeout = busy_timeout
             return store
-        store = _Store(path, real)
+        store = _Store(path, real, BUSY_TIMEOUT if busy_timeout is None else busy_timeout)
         store._open()
         _stores[real] = store
         return store
@@ -641,9 +749,11 @@ class _Phase:
 class _Store:
     """A ledger file's connection, caches, claims and thread within this process."""
 
-    def __init__(self, path: str, real: str) -> None:
+    def __init__(self, path: str, real: str, busy_timeout: float = BUSY_TIMEOUT) -> None:
         self.path = path
         self.real = real
+        self.busy_timeout = busy_timeout  # seconds a write waits for the write lock (see _retrying)
+        self._conn_timeout = busy_timeout  # what the open connection's busy handler waits
         self._file_id: tuple[int, int] | None = None
         self._conn: sqlite3.Connection | None = None
         self._name = os.path.basename(real)
@@ -693,13 +803,22 @@ class _Store:
                 raise LedgerError(f"cannot create ledger {path!r}: {parent!r} is not a directory; create the directory first")
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise LedgerError(f"cannot create ledger {path!r}: directory {parent!r} is not writable; choose another path")
+        if exists and not os.access(path, os.W_OK):
+            raise LedgerError(
+                f"ledger {path!r} is read-only: this process may not write to it, and a ledger records every call; "
+                f"make it writable (chmod u+w {path}) or copy it elsewhere (python -m taskrun status {path} can still read it)"
+            )
         try:
-            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise LedgerError(f"cannot open ledger {path!r}: {exc}; check that the file and its directory are writable") from exc
         try:
             self._initialize(conn)
         except sqlite3.Error as exc:
+            if _is_busy(exc):
+                error = self._busy_error(conn, exc)
+                conn.close()
+                raise error from exc
             conn.close()
             parent = os.path.dirname(os.path.abspath(path))
             if exists and not os.access(parent, os.W_OK | os.X_OK):
@@ -729,7 +848,7 @@ class _Store:
         try:
             if os.path.getsize(path) == 0:
                 return  # empty: becomes a ledger
-            conn = sqlite3.connect(f"{_file_uri(path)}?mode=ro&immutable=1", uri=True, timeout=BUSY_TIMEOUT)
+            conn = sqlite3.connect(f"{_file_uri(path)}?mode=ro&immutable=1", uri=True, timeout=self.busy_timeout)
         except (OSError, sqlite3.Error) as exc:
             raise LedgerError(f"cannot read ledger {path!r}: {exc}") from exc
         try:
@@ -758,9 +877,10 @@ class _Store:
         _check_identity(self.path, app_id, version, tables)
 
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+        timeout = self._conn_timeout = self.busy_timeout
+        conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
         try:
-            _configure(conn)
+            _configure(conn, timeout)
         except BaseException:
             conn.close()
             raise
@@ -770,21 +890,19 @@ class _Store:
         """Check what the file is before writing to it, then make it a ledger if it is empty."""
         app_id, version, tables = _identity(conn)
         _check_identity(self.path, app_id, version, tables)
-        _configure(conn)
+        _configure(conn, self.busy_timeout)
         if app_id == APPLICATION_ID and version == SCHEMA_VERSION:
             return
-        conn.execute("BEGIN IMMEDIATE")  # another process may be creating it too
-        try:
+
+        def create() -> None:  # in one transaction: another process may be creating it too
             app_id, version, tables = _identity(conn)
             _check_identity(self.path, app_id, version, tables)
             if app_id != APPLICATION_ID or version < SCHEMA_VERSION:
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+
+        _transaction(conn, create)
 
     def _stat_id(self) -> tuple[int, int] | None:
         try:
@@ -806,6 +924,95 @@ class _Store:
             except sqlite3.Error as exc:
                 raise LedgerError(f"cannot open ledger {self.path!r}: {exc}") from exc
         return conn
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A read-only connection (``mode=ro``) for one look inside, closed after it.
+
+        It cannot write, and it does not take ``_db_lock``, so inspection never waits behind
+        the ledger thread (which may be waiting for another connection's write lock). The
+        writing connection is opened first, so the file's -wal and -shm exist and this one
+        creates neither; closed before it, it lets the writer remove them as usual.
+        """
+        if self._conn is None:
+            with self._db_lock:
+                self._connection()
+        try:
+            conn = _open_read_only(self.real, self.busy_timeout)
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot read ledger {self.path!r}: {exc}") from exc
+        try:
+            yield conn
+        except sqlite3.Error as exc:
+            raise LedgerError(f"cannot read ledger {self.path!r}: {exc}") from exc
+        finally:
+            conn.close()
+
+    def _write(self, change: Callable[[sqlite3.Connection], Any]) -> Any:
+        """``change(conn)`` on the writing connection, waiting at most busy_timeout for the write lock."""
+        with self._db_lock:
+            conn = self._connection()
+            self._restore_timeout(conn)
+            try:
+                return self._retrying(conn, lambda: change(conn))
+            except sqlite3.Error as exc:
+                raise LedgerError(f"could not write to ledger {self.path!r}: {_write_problem(exc)}") from exc
+
+    def _restore_timeout(self, conn: sqlite3.Connection) -> None:
+        """Give the connection's busy handler the current busy_timeout (after a change or a shortened retry)."""
+        if self._conn_timeout != self.busy_timeout:
+            self._conn_timeout = self.busy_timeout
+            conn.execute(f"PRAGMA busy_timeout = {round(self.busy_timeout * 1000)}")
+
+    def _retrying(self, conn: sqlite3.Connection, step: Callable[[], Any]) -> Any:
+        """``step()``, tried again while another connection holds the write lock, for busy_timeout in all.
+
+        SQLite's busy handler does the waiting (it is set to busy_timeout); should it give up
+        early, the step is tried again for what is left. Then LedgerError, naming the file
+        and who may hold it. Steps are single statements or transactions: a failed one
+        changed nothing.
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                return step()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                remaining = deadline - time.monotonic()
+                if remaining < 0.001:
+                    raise self._busy_error(conn, exc) from exc
+            time.sleep(min(0.005, remaining))  # SQLite may report "busy" without waiting (e.g. WAL recovery)
+            self._conn_timeout = remaining
+            conn.execute(f"PRAGMA busy_timeout = {max(1, round(remaining * 1000))}")
+
+    def _busy_error(self, conn: sqlite3.Connection, exc: sqlite3.Error) -> LedgerError:
+        """The error for a file whose write lock another connection held past busy_timeout, naming who may hold it."""
+        holders = None
+        try:
+            conn.execute("PRAGMA busy_timeout = 0")  # reading the owners must not wait again
+            self._conn_timeout = 0.0
+            now = time.time()
+            holders = [
+                f"pid {pid} on {host}"
+                for owner, host, machine, pid, pid_start, lease_until in conn.execute(
+                    "SELECT owner, host, machine, pid, pid_start, lease_until FROM owners"
+                )
+                if owner != self._owner and _owner_alive(machine, pid, pid_start, lease_until, now)
+            ]
+        except sqlite3.Error:
+            pass
+        if holders:
+            who = f"taskrun processes running calls on it: {', '.join(holders[:5])}" + (" ..." if len(holders) > 5 else "")
+        elif holders is not None:
+            who = "no other taskrun process is running calls on it: another program holds it, or a Ledger.forget/reset"
+        else:
+            who = "who holds it cannot be read from the file"
+        return LedgerError(
+            f"ledger {self.path!r} is busy: another connection has held its write lock for longer than the busy "
+            f"timeout ({self.busy_timeout:g} s); {who} (SQLite: {exc}). Let it finish, or wait longer with "
+            f"Ledger(path, busy_timeout=...)"
+        )
 
     # ---- the in-memory cache of succeeded calls ------------------------------------------
 
@@ -845,7 +1052,7 @@ class _Store:
                 self._done.pop(task, None)
 
     def _finish_cached(self, run: BaseTaskRun[Any], blob: bytes | None) -> bool:
-        """Finish ``run`` SKIPPED with the stored result; False if that cannot be loaded (then it runs)."""
+        """Finish ``run`` SUCCEEDED and ``cached`` with the stored result; False if that cannot be loaded (then it runs)."""
         ident = (run.name, run.key)
         if blob is None:
             blob = self._fetch_result(*ident)  # type: ignore[arg-type]
@@ -869,7 +1076,7 @@ class _Store:
             run._finishing = True
         self._unactivate(run)
         run.cached = True
-        run._publish(Status.SKIPPED, value)
+        run._publish(_SUCCEEDED, value)
         return True
 
     def _try_cached(self, run: BaseTaskRun[Any]) -> bool:
@@ -1090,12 +1297,18 @@ class _Store:
             grants: dict[BaseTaskRun[Any], int] = {}
             cached: list[tuple[BaseTaskRun[Any], bytes | None]] = []
             watch: list[BaseTaskRun[Any]] = []
+            written: list[tuple[Any, ...]] = []
             try:
                 if claims or records:
-                    self._commit(claims, records, grants, cached, watch)
+                    self._commit(claims, records, grants, cached, watch, written)
             except Exception as exc:
-                self._commit_failed(exc, claims, records)
-                return True
+                # What was committed goes on as usual below; the rest is published unrecorded or fails.
+                done_ids = {id(record) for record in written}
+                seen = set(grants).union([run for run, _blob in cached], watch)
+                self._commit_failed(
+                    exc, [run for run in claims if run not in seen], [r for r in records if id(r) not in done_ids]
+                )
+                records = [r for r in records if id(r) in done_ids]
             held.update(grants)
             if watch and not inline:
                 with self._state:
@@ -1153,39 +1366,31 @@ class _Store:
         grants: dict[BaseTaskRun[Any], int],
         cached: list[tuple[BaseTaskRun[Any], bytes | None]],
         watch: list[BaseTaskRun[Any]],
+        written: list[tuple[Any, ...]],
     ) -> None:
-        """Write the records, then claim the keys; each statement commits on its own (atomically)."""
+        """Write the records, then claim the keys; each step commits on its own (atomically).
+
+        What each step did is noted as it commits (``written``, ``grants``, ``cached``,
+        ``watch``), so if a later step fails nothing committed before is lost.
+        """
         with self._db_lock:
             conn = self._connection()
+            self._restore_timeout(conn)
             if records:
-                self._retrying(lambda: self._write_records(conn, records))
+                self._write_records(conn, records, written)
             if claims:
                 if not self._registered:
-                    self._retrying(lambda: self._register(conn))
+                    self._retrying(conn, lambda: self._register(conn))
                 by_task: dict[str, list[BaseTaskRun[Any]]] = {}
                 for run in claims:
                     by_task.setdefault(run.name, []).append(run)
                 for task, runs in by_task.items():
-                    self._retrying(lambda: self._claim(conn, task, runs, grants, cached, watch))  # noqa: B023
+                    self._claim(conn, task, runs, grants, cached, watch)
 
-    def _retrying(self, step: Callable[[], None]) -> None:
-        """Run ``step``, again while another connection holds the file's write lock past BUSY_TIMEOUT."""
-        warned = False
-        while True:
-            try:
-                step()
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise
-                if not warned:
-                    logger.warning("ledger %s is locked by another connection (%s); still trying", self.path, exc)
-                    warned = True
-
-    def _write_records(self, conn: sqlite3.Connection, records: list[tuple[Any, ...]]) -> None:
+    def _write_records(self, conn: sqlite3.Connection, records: list[tuple[Any, ...]], written: list[tuple[Any, ...]]) -> None:
         """Successes go in one statement per task; the rest (failures, stops) in one transaction."""
         succeeded: dict[str, list[tuple[Any, ...]]] = {}
-        others = []
+        others, other_records = [], []
         pid, owner = os.getpid(), self._owner
         for record in records:
             if record[2] == "succeeded":
@@ -1197,6 +1402,7 @@ class _Store:
                     run.name, run.key, status, run.attempts, None, etype, emsg, tb, call, started, finished,
                     None if started is None else finished - started, pid, _HOST, owner, claim,
                 ))
+                other_records.append(record)
         for task, rows in succeeded.items():
             base = min(row[4] if row[4] is not None else row[5] for row in rows)
             offset, fields = 1, []
@@ -1207,19 +1413,15 @@ class _Store:
                     round((finished - base) * 1e6), -1 if claim is None else claim,
                 ))
                 offset += size
-            conn.execute(_SUCCEED_MANY, (
+            params = (
                 task, b"".join([row[3] for row in rows]), pid, _HOST, owner, base, b"".join(fields),
                 json.dumps([row[1].key for row in rows]),
-            ))
+            )
+            self._retrying(conn, lambda: conn.execute(_SUCCEED_MANY, params))  # noqa: B023
+            written.extend(rows)
         if others:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(_UPSERT_RECORD, others)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+            self._retrying(conn, lambda: _transaction(conn, lambda: conn.executemany(_UPSERT_RECORD, others)))
+            written.extend(other_records)
 
     def _claim(
         self,
@@ -1240,16 +1442,21 @@ class _Store:
         owner, pid = self._owner, os.getpid()
         batch = next(self._batches)
         keys = json.dumps([run.key for run in runs])
-        claimed = conn.execute(_CLAIM_MANY, (task, now, pid, _HOST, owner, batch, keys)).rowcount
+        claimed = self._retrying(conn, lambda: conn.execute(_CLAIM_MANY, (task, now, pid, _HOST, owner, batch, keys)).rowcount)
         others: dict[str, list[Any]] = {}
         if claimed != len(runs):
-            packed = conn.execute(_SELECT_UNCLAIMED, (task, keys, owner, batch, CACHE_LIMIT)).fetchone()[0]
+            packed = self._retrying(
+                conn, lambda: conn.execute(_SELECT_UNCLAIMED, (task, keys, owner, batch, CACHE_LIMIT)).fetchone()[0]
+            )
             others = {row[0]: row for row in json.loads(packed or "[]")}
-        for run in runs:
+        unclaimed = []
+        for run in runs:  # first the claims made: they hold whatever happens next
             row = others.get(run.key)  # type: ignore[arg-type]
             if row is None:
                 grants[run] = batch
-                continue
+            else:
+                unclaimed.append((run, row))
+        for run, row in unclaimed:
             _key, status, row_owner, row_claim, *row_owner_info, hex_result = row
             ident = (task, run.key)
             if status == "succeeded" and ident not in self._unloadable:
@@ -1258,9 +1465,8 @@ class _Store:
             if status == "running" and row_owner != owner and _owner_alive(*row_owner_info, now):
                 watch.append(run)
                 continue
-            taken = conn.execute(
-                _TAKE_OVER, (now, pid, _HOST, owner, batch, task, run.key, status, row_owner, row_claim)
-            ).rowcount
+            params = (now, pid, _HOST, owner, batch, task, run.key, status, row_owner, row_claim)
+            taken = self._retrying(conn, lambda: conn.execute(_TAKE_OVER, params).rowcount)  # noqa: B023
             if not taken:
                 watch.append(run)  # the row changed meanwhile: look again shortly
                 continue
@@ -1270,18 +1476,35 @@ class _Store:
             grants[run] = batch
 
     def _commit_failed(self, exc: Exception, claims: list[BaseTaskRun[Any]], records: list[tuple[Any, ...]]) -> None:
-        """The file cannot be written: publish outcomes anyway (not recorded) and fail the claims."""
-        logger.error("ledger %s: could not commit %d record(s) and %d claim(s): %s: %s",
-                     self.path, len(records), len(claims), type(exc).__name__, exc)
+        """A write failed: publish the outcomes anyway (not recorded, so they run again) and fail the claims.
+
+        The failed claims' runs never started: they end FAILED with LedgerError without a
+        record (writing one would fail, and be logged, again).
+        """
+        problem = _write_problem(exc)
+        if records:
+            names = ", ".join(f"{r[1].id} (key {r[1].key})" for r in records[:3]) + (" ..." if len(records) > 3 else "")
+            logger.error(
+                "ledger %s: %d outcome(s) were not recorded: %s; their callers got them, but those calls run again "
+                "next time: %s", self.path, len(records), problem, names,
+            )
+        if claims:
+            logger.error("ledger %s: %d call(s) were not run: their claims could not be written: %s",
+                         self.path, len(claims), problem)
         for record in records:
             self._unactivate(record[1])
         for record in records:
             if record[7] is not None:
                 record[1]._publish(*record[7])
         for run in claims:
+            with run._lock:
+                if run._finishing:
+                    continue
+                run._finishing = True
             self._unactivate(run)
-            error = LedgerError(f"{run.id} was not run: its ledger {self.path!r} could not be written ({exc})")
-            run._conclude(Status.FAILED, exc=error)
+            error = LedgerError(f"{run.id} was not run: its claim could not be written to the ledger: {problem}")
+            error.__cause__ = exc
+            run._publish(Status.FAILED, None, error)
 
     def _poll(self) -> None:
         """Look at the keys other processes are running; claim again those they no longer hold."""
@@ -1319,18 +1542,15 @@ class _Store:
         now = time.time()
         dead = [o for o, *info in conn.execute("SELECT owner, machine, pid, pid_start, lease_until FROM owners")
                 if not _owner_alive(*info, now)]
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+
+        def register() -> None:
             conn.executemany("DELETE FROM owners WHERE owner = ?", [(o,) for o in dead])
             conn.execute(
                 "INSERT OR REPLACE INTO owners (owner, host, machine, pid, pid_start, lease_until) VALUES (?, ?, ?, ?, ?, ?)",
                 (self._owner, _HOST, _MACHINE, os.getpid(), _own_process_start(), now + LEASE),
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+
+        _transaction(conn, register)
         self._registered = True
 
     def _renew(self) -> None:
@@ -1338,11 +1558,10 @@ class _Store:
         if not self._registered:
             return
         try:
-            with self._db_lock:
-                self._connection().execute(
-                    "UPDATE owners SET lease_until = ? WHERE owner = ?", (time.time() + LEASE, self._owner)
-                )
-        except sqlite3.OperationalError as exc:
+            self._write(
+                lambda conn: conn.execute("UPDATE owners SET lease_until = ? WHERE owner = ?", (time.time() + LEASE, self._owner))
+            )
+        except LedgerError as exc:
             logger.warning("ledger %s: could not renew this process's lease: %s", self.path, exc)
 
     # ---- shutdown and fork ---------------------------------------------------------------
@@ -1418,8 +1637,8 @@ class _Store:
         self._reset_state()
 
 
-def _configure(conn: sqlite3.Connection) -> None:
-    deadline = time.monotonic() + BUSY_TIMEOUT
+def _configure(conn: sqlite3.Connection, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
     while True:
         try:
             conn.execute("PRAGMA journal_mode = WAL")

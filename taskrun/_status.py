@@ -17,7 +17,7 @@ class Status(str, Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     STOPPED = "stopped"
-    SKIPPED = "skipped"
+    SKIPPED = "skipped"  # skipped by a condition (reserved: nothing produces it yet); a cached run is SUCCEEDED
 
     def __str__(self) -> str:
         return self.value

@@ -211,12 +211,12 @@ def test_a_cached_upstream_counts_as_succeeded() -> None:
     class FakeLedgerRun(ThreadTaskRun):
         def _launch(self) -> None:
             self.cached = True
-            self._conclude(Status.SKIPPED, value=7)
+            self._conclude(Status.SUCCEEDED, value=7)
 
     @task(runner=FakeLedgerRun)
     def stored(x: int) -> int:
         raise AssertionError("a cached call never runs")
 
     upstream = stored(1)
-    assert upstream.status is Status.SKIPPED and upstream.cached
+    assert upstream.status is Status.SUCCEEDED and upstream.cached
     assert inc(upstream).get_result(timeout=WAIT) == 8

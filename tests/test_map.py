@@ -341,12 +341,12 @@ def test_progress_without_tqdm_says_how_to_install_it(monkeypatch: pytest.Monkey
 
 def test_cached_runs_are_counted_and_shown(capfd: pytest.CaptureFixture[str]) -> None:
     class FakeLedgerRun(ThreadTaskRun):
-        """Answers even items the way the ledger answers a stored call: SKIPPED, cached, nothing runs."""
+        """Answers even items the way the ledger answers a stored call: SUCCEEDED, cached, nothing runs."""
 
         def _launch(self) -> None:
             if self.args[0] % 2 == 0:
                 self.cached = True
-                self._conclude(Status.SKIPPED, value=-self.args[0])
+                self._conclude(Status.SUCCEEDED, value=-self.args[0])
             else:
                 super()._launch()
 
@@ -361,8 +361,10 @@ def test_cached_runs_are_counted_and_shown(capfd: pytest.CaptureFixture[str]) ->
     assert group.results(timeout=WAIT) == [0, 1, -2, 3, -4, 5]
     assert sorted(calls) == [1, 3, 5]
     summary = group.summary()
-    assert summary["skipped"] == 3 and summary["cached"] == 3 and summary["succeeded"] == 3
-    assert "cached=3" in capfd.readouterr().err
+    # A cached run is a success, counted as succeeded and also as cached (on the bar too).
+    assert summary["succeeded"] == 6 and summary["cached"] == 3 and summary["skipped"] == 0
+    bar = capfd.readouterr().err
+    assert "succeeded=6" in bar and "cached=3" in bar
 
 
 def test_an_inline_runner_maps_in_the_caller() -> None:
@@ -418,7 +420,7 @@ def test_with_a_ledger_a_stopped_batch_resumes_where_it_stopped(tmp_path: Path) 
     assert second.results(timeout=WAIT) == [x * x for x in range(8)]
     assert sorted(calls) == list(range(8))  # the stopped items ran now, the done ones did not run again
     summary = second.summary()
-    assert summary["cached"] == 3 and summary["skipped"] == 3 and summary["succeeded"] == 5
+    assert summary["cached"] == 3 and summary["skipped"] == 0 and summary["succeeded"] == 8
     assert [run.cached for run in second] == [True] * 3 + [False] * 5
 
 
