@@ -8,6 +8,7 @@ imports nothing of taskrun's but the errors and statuses, so the handle can impo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ._status import Status
@@ -53,18 +54,18 @@ def _scan(container: Any, found: dict[int, Any] | None, handle_type: type[Any]) 
     return found
 
 
-def resolve(value: Any, handle_type: type[Any]) -> Any:
-    """``value`` with every handle replaced by its result; containers without handles are kept as they are."""
+def resolve(value: Any, handle_type: type[Any], value_of: Callable[[Any], Any]) -> Any:
+    """``value`` with every handle replaced by ``value_of(handle)``; containers without handles are kept as they are."""
     if isinstance(value, handle_type):
-        return value.get_result()
+        return value_of(value)
     kind = type(value)
     if kind not in _CONTAINERS:
         return value
     if kind is dict:
-        items = {k: resolve(v, handle_type) for k, v in value.items()}
+        items = {k: resolve(v, handle_type, value_of) for k, v in value.items()}
         changed = any(items[k] is not v for k, v in value.items())
         return items if changed else value
-    resolved = [resolve(v, handle_type) for v in value]
+    resolved = [resolve(v, handle_type, value_of) for v in value]
     if not any(new is not old for new, old in zip(resolved, value, strict=True)):
         return value
     return resolved if kind is list else kind(resolved)

@@ -359,6 +359,14 @@ class BaseTaskRun(Generic[R]):
         more, which suits runners whose functions poll :func:`taskrun.stop_requested`.
         """
 
+    def upstream_value(self, upstream: BaseTaskRun[Any]) -> Any:
+        """Runner hook: what the call receives in place of ``upstream``, a handle among its arguments.
+
+        Called once ``upstream`` has succeeded, before ``prepare()``. The default is its result; a
+        runner whose runs keep their results where they ran may pass a reference instead.
+        """
+        return upstream.get_result()
+
     @classmethod
     def shutdown(cls, wait: bool = True) -> None:
         """Runner hook: release what the runner holds (pools, workers). Called at exit too."""
@@ -577,9 +585,7 @@ class BaseTaskRun(Generic[R]):
         if self._finishing:
             return
         try:
-            self.args = _deps.resolve(self.args, BaseTaskRun)
-            if self.kwargs:
-                self.kwargs = {k: _deps.resolve(v, BaseTaskRun) for k, v in self.kwargs.items()}
+            self._put_upstream_values()
             self._launch()
         except Exception as exc:  # e.g. prepare() rejected the resolved arguments: nobody is there to raise to
             self._conclude(Status.FAILED, exc=exc)
@@ -594,10 +600,14 @@ class BaseTaskRun(Generic[R]):
             if not _deps.succeeded(up):
                 self._conclude(Status.FAILED, exc=_deps.upstream_error(self.id, up))
                 return
-        self.args = _deps.resolve(self.args, BaseTaskRun)
-        if self.kwargs:
-            self.kwargs = {k: _deps.resolve(v, BaseTaskRun) for k, v in self.kwargs.items()}
+        self._put_upstream_values()
         self._launch()
+
+    def _put_upstream_values(self) -> None:
+        value_of = self.upstream_value
+        self.args = _deps.resolve(self.args, BaseTaskRun, value_of)
+        if self.kwargs:
+            self.kwargs = {k: _deps.resolve(v, BaseTaskRun, value_of) for k, v in self.kwargs.items()}
 
     def _launch(self) -> None:
         """Start the first attempt, once the arguments are final: the ledger may answer first."""

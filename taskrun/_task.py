@@ -96,6 +96,9 @@ class Task(Generic[P, R]):
         self.ledger = ledger
         self.key = key
         self.policy = RetryPolicy(retries, retry_sleep_time, backoff, jitter, retry_on)
+        #: Free for runners to keep per-task data in (a pickled function, a remote reference), under keys
+        #: of their own; the task's pickle leaves it behind.
+        self.runner_cache: dict[Any, Any] = {}
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> BaseTaskRun[R]:
