@@ -268,7 +268,10 @@ class BaseTaskRun(Generic[R]):
         return self._status not in FINISHED
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the run has finished or ``timeout`` seconds pass; True if it finished."""
+        """Block until the run has finished or ``timeout`` seconds pass; True if it finished.
+
+        Ctrl-C (``KeyboardInterrupt``) while waiting stops the run, then propagates.
+        """
         if self._status in FINISHED:
             return True
         if getattr(threading.current_thread(), "taskrun_delivers", False):
@@ -284,13 +287,31 @@ class BaseTaskRun(Generic[R]):
             if self._waiters is None:
                 self._waiters = []
             self._waiters.append(waiter)
-        if timeout is None or timeout >= threading.TIMEOUT_MAX:  # float("inf") too: wait for good
-            waiter.acquire()
-        elif not waiter.acquire(True, max(0.0, timeout)):
-            with self._lock:
-                if self._waiters is not None and waiter in self._waiters:
-                    self._waiters.remove(waiter)
+        try:
+            if timeout is None or timeout >= threading.TIMEOUT_MAX:  # float("inf") too: wait for good
+                waiter.acquire()
+            elif not waiter.acquire(True, max(0.0, timeout)):
+                self._forget_waiter(waiter)
+        except KeyboardInterrupt:
+            self._forget_waiter(waiter)
+            self._interrupted()
+            raise
         return self._status in FINISHED
+
+    def _forget_waiter(self, waiter: threading.Lock) -> None:
+        with self._lock:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _interrupted(self) -> None:
+        """Ctrl-C while the caller waited for this run: stop it (the caller then re-raises)."""
+        if self._status in FINISHED:
+            return
+        logger.info("%s: interrupted while waiting for it (KeyboardInterrupt); stopping it", self.id)
+        try:
+            self.stop()
+        except Exception:
+            logger.exception("%s: stopping the run after KeyboardInterrupt failed", self.id)
 
     def get_result(self, timeout: float | None = None, *, wait: bool = True, raise_exceptions: bool = True) -> R:
         """The run's value, waiting for it first.
