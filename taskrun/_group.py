@@ -228,7 +228,8 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         With ``raise_exceptions=True`` the first failure in input order is raised (a stopped
         run raises ``TaskStopped``); with False failures are returned in place of values.
         If reading the input or ``stop_when`` raised, that exception is raised here; so is
-        ``TaskStopped`` if ``stop()`` left part of the input unread (unless ``raise_exceptions=False``).
+        ``TaskStopped`` if ``stop()`` left part of a generator unread (unless ``raise_exceptions=False``).
+        Ctrl-C while waiting stops the group.
         """
         if not self.wait(timeout):
             raise TimeoutError(f"{self._label()} did not finish within {timeout} s; its runs go on")

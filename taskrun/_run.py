@@ -281,13 +281,13 @@ class BaseTaskRun(Generic[R]):
             )
         waiter = threading.Lock()
         waiter.acquire()
-        with self._lock:
-            if self._status in FINISHED:
-                return True
-            if self._waiters is None:
-                self._waiters = []
-            self._waiters.append(waiter)
         try:
+            with self._lock:
+                if self._status in FINISHED:
+                    return True
+                if self._waiters is None:
+                    self._waiters = []
+                self._waiters.append(waiter)
             if timeout is None or timeout >= threading.TIMEOUT_MAX:  # float("inf") too: wait for good
                 waiter.acquire()
             elif not waiter.acquire(True, max(0.0, timeout)):
@@ -320,7 +320,7 @@ class BaseTaskRun(Generic[R]):
         ``__cause__``), a stopped one :class:`TaskStopped`; with ``raise_exceptions=False``
         that exception is returned instead. ``wait=False`` on an unfinished run raises
         :class:`TaskStillRunning`; a ``timeout`` that passes first raises ``TimeoutError``
-        and leaves the run going.
+        and leaves the run going. Ctrl-C while waiting stops the run (see :meth:`wait`).
         """
         if self._status not in FINISHED:
             if not wait:
@@ -335,7 +335,10 @@ class BaseTaskRun(Generic[R]):
         return self._result  # type: ignore[no-any-return]
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        """The run's failure (``TaskStopped`` for a stopped run), or None if it succeeded."""
+        """The run's failure (``TaskStopped`` for a stopped run), or None if it succeeded.
+
+        Waits like :meth:`wait` (Ctrl-C stops the run); ``TimeoutError`` if ``timeout`` passes first.
+        """
         if not self.wait(timeout):
             raise TimeoutError(f"{self.id} did not finish within {timeout} s; it is still running")
         return self._exception

@@ -30,7 +30,12 @@ def default_runner() -> type[BaseTaskRun[Any]]:
 
 
 class Task(Generic[P, R]):
-    """A function turned into a task: calling it starts a run and returns its handle at once."""
+    """A function turned into a task: calling it starts a run and returns its handle at once.
+
+    Arguments that do not fit the function's signature raise ``TypeError`` at the call, before
+    anything starts. The task keeps the function's name, docstring, module and attributes, but
+    its options (``runner``, ``retries``...) are its own: a function attribute never overrides them.
+    """
 
     def __init__(
         self,
@@ -115,9 +120,9 @@ class Task(Generic[P, R]):
         run._start()
         return run
 
-    #: The positional argument counts a call without keywords may have, for the check in __call__.
-    #: Empty until the first call has read the function's signature.
-    _arity: range = range(0)
+    #: Positional argument counts that fit when no keywords are given, for the check in __call__
+    #: (a frozenset: its `in` is the cheapest test). Empty until the first call reads the signature.
+    _arity: frozenset[int] = frozenset()
     _checker: Callable[..., None] | None = None
 
     def _check_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -151,7 +156,8 @@ class Task(Generic[P, R]):
         Items are read lazily, keeping at most ``max_concurrency`` calls unfinished (None: a
         few thousand, so big inputs are not read up front). ``stop_when()`` is checked
         before each new run starts; once it is true nothing new starts and the remaining
-        items end STOPPED without running. ``progress=True`` shows a tqdm bar.
+        items end STOPPED without running. ``progress=True`` shows a tqdm bar. A function
+        that cannot take one argument raises ``TypeError`` here.
         """
         return start_map(self, items, star=False, max_concurrency=max_concurrency, stop_when=stop_when, progress=progress)
 
@@ -163,7 +169,11 @@ class Task(Generic[P, R]):
         stop_when: Callable[[], object] | None = None,
         progress: bool = False,
     ) -> RunGroup[R]:
-        """Like :meth:`map`, but each item is a tuple of positional arguments: ``fn(*item)``."""
+        """Like :meth:`map`, but each item is a tuple of positional arguments: ``fn(*item)``.
+
+        An item that does not fit the function's signature ends FAILED with that ``TypeError``,
+        without running or being retried; the other items go on.
+        """
         return start_map(self, items, star=True, max_concurrency=max_concurrency, stop_when=stop_when, progress=progress)
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -186,14 +196,16 @@ class Task(Generic[P, R]):
         return f"<Task {self.name} runner={self.runner.__name__}>"
 
 
-_ANY_COUNT = range(sys.maxsize)
+#: Positional counts a function with ``*args`` is known to fit without a look at its checker (more go to it).
+_VARARGS_SPAN = 32
+_ANY_COUNT = frozenset(range(_VARARGS_SPAN))
 
 
 def _accept_any(*args: Any, **kwargs: Any) -> None:
     """The check of a function whose signature cannot be read (some builtins): any call may be right."""
 
 
-def _signature_checker(fn: Callable[..., Any], name: str) -> tuple[Callable[..., None], range]:
+def _signature_checker(fn: Callable[..., Any], name: str) -> tuple[Callable[..., None], frozenset[int]]:
     """A checker that raises the TypeError a call of ``fn`` would for arguments that do not fit its
     signature, and the positional argument counts that fit when no keywords are given.
 
@@ -210,11 +222,11 @@ def _signature_checker(fn: Callable[..., Any], name: str) -> tuple[Callable[...,
     params = list(signature.parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     required = sum(p.default is p.empty for p in positional)
-    most = sys.maxsize if any(p.kind is p.VAR_POSITIONAL for p in params) else len(positional) + 1
+    most = len(positional) + (_VARARGS_SPAN if any(p.kind is p.VAR_POSITIONAL for p in params) else 1)
     if any(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in params):
-        arity = range(0)  # a keyword is required: every call is checked
+        arity: frozenset[int] = frozenset()  # a keyword is required: every call is checked
     else:
-        arity = range(required, most)
+        arity = frozenset(range(required, most))
     if all(p.name.isidentifier() and not keyword.iskeyword(p.name) for p in params):
         bare = signature.replace(
             parameters=[p.replace(annotation=p.empty, default=p.empty if p.default is p.empty else None) for p in params],
