@@ -226,3 +226,64 @@ def test_summary_counts_the_items_not_yet_made_as_pending(gate: threading.Event)
     gate.set()
     assert group.wait(timeout=WAIT)
     assert group.summary()["succeeded"] == 10 and group.summary()["pending"] == 0
+
+
+class HeldInput:
+    """A list of ``n`` items whose reading stops before item ``held`` until ``release`` is set, and
+    before the next one until ``rest`` is set (so the feeding does not end meanwhile)."""
+
+    def __init__(self, n: int, held: int, release: threading.Event, rest: threading.Event) -> None:
+        self.n, self.held, self.release, self.rest = n, held, release, rest
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        for i in range(self.n):
+            if i == self.held:
+                assert self.release.wait(WAIT)
+            elif i == self.held + 1:
+                assert self.rest.wait(WAIT)
+            yield i
+
+
+def settle_before_the_held_item(gate: threading.Event):
+    """A group over HeldInput(100, held=12): items 0..11 have finished, the feeder is held inside the
+    input, and nothing more will finish (items from 12 on wait for ``gate``). Returns (group, release)."""
+
+    @task(runner=TwoThreads, name="held")
+    def held(i: int) -> int:
+        if i >= 12:
+            assert gate.wait(WAIT)
+        return i
+
+    release = threading.Event()
+    group = held.map(HeldInput(100, 12, release, gate))
+    wait_for(lambda: group.summary()["succeeded"] == 12, WAIT, "items 0..11 to finish")
+    return group, release
+
+
+def test_an_index_is_given_as_soon_as_its_handle_is_made(gate: threading.Event) -> None:
+    """Not when a run finishes, nor when the input ends: here nothing finishes once item 12 is made."""
+    group, release = settle_before_the_held_item(gate)
+    waiter = in_thread(lambda: group[12])
+    wait_for(lambda: group._waiting, WAIT, "group[12] to wait")
+    release.set()
+    waiter["thread"].join(WAIT)
+    assert waiter.get("value") is not None and waiter["value"].args == (12,), waiter
+    assert not gate.is_set()
+
+
+def test_iteration_moves_on_as_soon_as_the_next_handle_is_made(gate: threading.Event) -> None:
+    group, release = settle_before_the_held_item(gate)
+
+    def first_thirteen() -> list[int]:
+        it = iter(group)
+        return [next(it).args[0] for _ in range(13)]
+
+    waiter = in_thread(first_thirteen)
+    wait_for(lambda: group._waiting, WAIT, "the iteration to wait for handle 12")
+    release.set()
+    waiter["thread"].join(WAIT)
+    assert waiter.get("value") == list(range(13)), waiter
+    assert not gate.is_set()
