@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -45,9 +48,14 @@ _ENDS_READING = (_GROUP_STOPPED, _SHUTDOWN)
 class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
     """The handles of one ``map``/``starmap`` call, in input order, filled as the input is read.
 
-    ``len()`` and indexing see the handles made so far; iterating follows the input to its
-    end (it waits for handles to be made, not for them to finish). ``wait()``,
+    For an input with a length (a list, a range), the group is that whole sequence from the
+    start: ``len()`` is the input's length and ``group[i]`` waits, if need be, for the feeder
+    to make handle ``i`` (handles are made as the work goes, so memory stays bounded). For a
+    generator, ``len()`` and indexing see the handles made so far. Iterating follows the input
+    to its end (it waits for handles to be made, not for them to finish). ``wait()``,
     ``results()`` and ``as_completed()`` wait for the whole input to be read as well.
+
+    Ctrl-C (``KeyboardInterrupt``) while waiting in any of these stops the group, then propagates.
     """
 
     #: Passing a group as an argument is refused: pass ``list(group)`` (see ``_deps``).
@@ -61,7 +69,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         explicit_window: bool = True,
         stop_when: Callable[[], object] | None,
         bar: Any = None,
-        sized_input: bool = True,
+        length: int | None = None,
         items: Iterator[Any] | None = None,
         star: bool = False,
     ) -> None:
@@ -90,9 +98,12 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         self._error: BaseException | None = None
         self._stop_when_error: Exception | None = None
         self._stop_when = stop_when
-        # After stop_when, the rest of a sized input (a list, a range) still becomes stopped
-        # handles; a generator is read no further, as it may never end.
-        self._sized_input = sized_input
+        # The length of a sized input (a list, a range), None for a generator. Once the group
+        # stops, the rest of a sized input still becomes stopped handles, so the group is always
+        # the whole sequence; a generator is read no further, as it may never end.
+        self._length = length
+        self._want = sys.maxsize  # the lowest index a waiter waits for the feeder to make
+        self._stop_seen: int | None = None  # runs made when stop() first halted the group (see stop())
         self._bar = bar
         self._bar_lock = threading.Lock()
         self._bar_next = 0.0
@@ -112,7 +123,11 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
     # ---- the sequence ---------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._runs)
+        """The input's length if it has one (from the start); else the handles made so far."""
+        length = self._length
+        if length is not None and self._feeding:
+            return length
+        return len(self._runs)  # a generator; or the feeding ended (an input that raised has fewer)
 
     @overload
     def __getitem__(self, index: int) -> BaseTaskRun[R]: ...
@@ -121,18 +136,72 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
     def __getitem__(self, index: slice) -> list[BaseTaskRun[R]]: ...
 
     def __getitem__(self, index: int | slice) -> BaseTaskRun[R] | list[BaseTaskRun[R]]:
-        return self._runs[index]
+        """The handle of item ``index`` (negative and slices too), waiting for the feeder to make it.
+
+        An index outside the input raises IndexError at once. For a generator, only the
+        handles made so far can be indexed.
+        """
+        runs = self._runs
+        if isinstance(index, slice):
+            wanted = range(len(self))[index]
+            if wanted and self._length is not None:
+                self._await_made(max(wanted[0], wanted[-1]))
+            made = len(runs)
+            return [runs[i] for i in wanted if i < made]
+        if self._length is None:
+            return runs[index]
+        i = operator.index(index)
+        length = len(self)
+        if i < 0:
+            i += length
+        if not 0 <= i < length:
+            raise IndexError(f"{self._label()} has {length} items; index {index} is out of range")
+        if i >= len(runs):
+            self._await_made(i)
+        return runs[i]
+
+    def _await_made(self, i: int) -> None:
+        """Wait until the feeder has made handle ``i``; IndexError if the input ended before it."""
+        runs = self._runs
+        if i < len(runs):
+            return
+        try:
+            with self._lock:
+                while self._feeding:
+                    self._want = min(self._want, i)  # before looking: the feeder looks after appending
+                    if i < len(runs):
+                        return
+                    self._refuse_own_thread()
+                    self._wait(None)
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
+        if i >= len(runs):
+            raise IndexError(f"{self._label()}: its input ended after {len(runs)} items, before item {i}")
+
+    def _wake_wanted(self) -> None:
+        """The feeder made the handle a waiter wants (see _await_made)."""
+        with self._lock:
+            self._want = sys.maxsize
+            self._cond.notify_all()
 
     def __iter__(self) -> Iterator[BaseTaskRun[R]]:
         """Each handle in input order, waiting for the feeder to make the next until the input ends."""
         runs = self._runs
         i = 0
         while True:
-            with self._lock:
-                while i >= len(runs) and self._feeding and not self._settled():
-                    self._refuse_own_thread()
-                    self._wait(None, watching=True)
-                feeding = self._feeding and not self._settled()
+            try:
+                with self._lock:
+                    while self._feeding and not self._settled():
+                        self._want = min(self._want, i)
+                        if i < len(runs):
+                            break
+                        self._refuse_own_thread()
+                        self._wait(None, watching=True)
+                    feeding = self._feeding and not self._settled()
+            except KeyboardInterrupt:
+                self._interrupted()
+                raise
             while i < len(runs):
                 yield runs[i]
                 i += 1
@@ -146,8 +215,11 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         return self._settled()
 
     def _settled(self) -> bool:
-        """Done; or stopped, with every run made so far finished (a feeder still inside the input makes no more)."""
-        return self._done or (self._halt in _ENDS_READING and self._finished >= len(self._runs))
+        """Done; or a generator's group stopped, with every run made so far finished (a feeder
+        still inside the input makes no more). A sized input's rest is made, STOPPED, first."""
+        return self._done or (
+            self._length is None and self._halt in _ENDS_READING and self._finished >= len(self._runs)
+        )
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the input is read and every run has finished, or ``timeout`` seconds pass."""
@@ -155,12 +227,16 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
             return True
         self._refuse_own_thread()
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            while not self._settled():
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._wait(remaining)
+        try:
+            with self._lock:
+                while not self._settled():
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._wait(remaining)
+        except KeyboardInterrupt:
+            self._interrupted()
+            raise
         return True
 
     def results(self, timeout: float | None = None, *, raise_exceptions: bool = True) -> list[R]:
@@ -169,7 +245,8 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         With ``raise_exceptions=True`` the first failure in input order is raised (a stopped
         run raises ``TaskStopped``); with False failures are returned in place of values.
         If reading the input or ``stop_when`` raised, that exception is raised here; so is
-        ``TaskStopped`` if ``stop()`` left part of the input unread (unless ``raise_exceptions=False``).
+        ``TaskStopped`` if ``stop()`` left part of a generator unread (unless ``raise_exceptions=False``).
+        Ctrl-C while waiting stops the group.
         """
         if not self.wait(timeout):
             raise TimeoutError(f"{self._label()} did not finish within {timeout} s; its runs go on")
@@ -190,16 +267,20 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         completed = self._completed
         i = 0
         while True:
-            with self._lock:
-                while i >= len(completed) and not self._settled():
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        left = len(self._runs) - self._finished
-                        raise TimeoutError(f"{self._label()}: {left} run(s) or more unfinished after {timeout} s")
-                    self._refuse_own_thread()
-                    self._wait(remaining, watching=True)
-                done = self._settled()
-                batch = completed[i:]
+            try:
+                with self._lock:
+                    while i >= len(completed) and not self._settled():
+                        remaining = None if deadline is None else deadline - time.monotonic()
+                        if remaining is not None and remaining <= 0:
+                            left = len(self) - self._finished
+                            raise TimeoutError(f"{self._label()}: {left} run(s) or more unfinished after {timeout} s")
+                        self._refuse_own_thread()
+                        self._wait(remaining, watching=True)
+                    done = self._settled()
+                    batch = completed[i:]
+            except KeyboardInterrupt:
+                self._interrupted()
+                raise
             i += len(batch)
             yield from batch
             if done and i >= len(completed):
@@ -228,29 +309,52 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
     # ---- stopping and counting ------------------------------------------------------------
 
     def stop(self) -> int:
-        """Stop the group: no more input is read, and its running and not-started runs are stopped.
+        """Stop the group: nothing new starts, and its running and not-started runs are stopped.
 
-        Returns how many runs this call stopped.
+        The items of a sized input not yet started become STOPPED handles too (the feeder makes
+        them); a generator is read no further. Returns how many runs this call stopped,
+        counting those items.
         """
-        if self._feeding:
-            self._cut_short = True
-        self._halt_group(_GROUP_STOPPED)
-        runs = list(self._runs)
+        with self._lock:
+            # The feeder reads the halt after appending each run: the runs made by now are this
+            # call's to stop (the feeder leaves the one it may be handling to it); it ends every
+            # later one STOPPED without starting it.
+            if self._stop_seen is None:
+                self._stop_seen = len(self._runs)
+            unmade = 0
+            if self._feeding:
+                if self._length is None:
+                    self._cut_short = True
+                elif self._halt is None:  # (after stop_when they were to end STOPPED anyway)
+                    unmade = max(0, self._length - self._stop_seen)
+            self._halt_locked(_GROUP_STOPPED)
+            runs = self._runs[: self._stop_seen]
         # Not-started runs first: stopping a running one may free a worker that would start the next.
         stopped = sum(run.stop() for run in runs if run.status is Status.PENDING)
-        return stopped + sum(run.stop() for run in runs if not run.done())
+        return unmade + stopped + sum(run.stop() for run in runs if not run.done())
+
+    def _interrupted(self) -> None:
+        """Ctrl-C while the caller waited for the group: stop it (the caller then re-raises)."""
+        logger.info("%s: interrupted while waiting for it (KeyboardInterrupt); stopping the group", self._label())
+        try:
+            self.stop()
+        except Exception:
+            logger.exception("%s: stopping the group after KeyboardInterrupt failed", self._label())
 
     def summary(self) -> dict[str, int]:
-        """Counts of the handles made so far per status name, plus ``"cached"``.
+        """Counts of the handles per status name, plus ``"cached"``.
 
         A run answered from the ledger is counted under ``"succeeded"`` and also under ``"cached"``.
+        The items of a sized input the feeder has yet to reach count as pending.
         """
         counts = dict.fromkeys((s.value for s in Status), 0)
         cached = 0
-        for run in list(self._runs):
+        runs = list(self._runs)
+        for run in runs:
             counts[run.status.value] += 1
             cached += run.cached
         counts["cached"] = cached
+        counts[Status.PENDING.value] += max(0, len(self) - len(runs))
         return counts
 
     def __repr__(self) -> str:
@@ -259,7 +363,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         state = "done" if self._settled() else "feeding" if self._feeding else "finishing"
         if self._halt is not None:
             state += f", stopped: {self._halt_text()}"
-        return f"<RunGroup {self.task.name}: {len(self._runs)} runs{', ' if parts else ''}{', '.join(parts)} ({state})>"
+        return f"<RunGroup {self.task.name}: {len(self)} runs{', ' if parts else ''}{', '.join(parts)} ({state})>"
 
     def _label(self) -> str:
         return f"map of {self.task.name}"
@@ -275,6 +379,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         window = self._window
         stop_when = self._stop_when
         count_done = self._on_done_many  # one bound method for every run of the group to tell (not kept: a cycle)
+        sized = self._length is not None
         self._feeder = threading.current_thread()
         try:
             for item in items:
@@ -288,9 +393,9 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                                 self._wait(None)
                             self._feeder_waits = False
                         halt = self._halt
-                        if halt is not None and halt is not _STOP_WHEN:
+                        if halt is not None and halt is not _STOP_WHEN and not sized:
                             self._cut_short = True
-                            break  # stopped or shut down: leave the rest of the input unread
+                            break  # a generator's group stopped or shut down: leave the rest unread
                 self._started += 1
                 if star:
                     try:
@@ -301,18 +406,23 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                     args = (item,)
                 run = runner(task, args, {}, notify=count_done)  # its end is counted in _on_done_many
                 runs.append(run)
+                if len(runs) > self._want:
+                    self._wake_wanted()
                 if halt is None and stop_when is not None:
                     self._may_start()
-                halt = self._halt  # stop_when, or another thread, may have halted the group meanwhile
+                halt = self._halt  # after the append (see stop()); stop_when or another thread may have halted
                 if halt is not None:
-                    # After stop_when: the rest of the input becomes runs that end STOPPED, never started.
-                    run.stop(f"not started: {self._halt_text()}")
-                    if not self._sized_input:
+                    with lock:  # stop() holds it while it halts the group and takes the runs made
+                        seen = self._stop_seen
+                    if seen is None or len(runs) > seen:  # else stop() saw this run, and stops it
+                        # The rest of a sized input becomes runs that end STOPPED, never started.
+                        run.stop(f"not started: {self._halt_text()}")
+                    if not sized:
                         break
                 else:
                     try:
                         run.start()
-                    except Exception:  # rejected (e.g. arguments a worker cannot receive): the run failed with it
+                    except Exception:  # arguments that do not fit, or a worker cannot receive: the run failed with it
                         pass
         except BaseException as exc:
             self._error = exc
@@ -345,21 +455,26 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         return self._halt
 
     def _halt_group(self, reason: str) -> None:
-        """Take no new work.
-
-        The first reason sticks, except that ``stop()`` and shutdown also end the reading of
-        the input that continues after ``stop_when`` (to mark the remaining items stopped).
-        Runs ``stop_when`` let in go on: the window keeps them no more than the pool's workers.
-        """
+        """Take no new work (see ``_halt_locked``)."""
         with self._lock:
-            if self._halt is not None and not (self._halt is _STOP_WHEN and reason is not _STOP_WHEN):
-                return
-            first = self._halt is None
-            self._halt = reason
-            if self._waiting:
-                self._cond.notify_all()
+            first = self._halt_locked(reason)
         if reason is _STOP_WHEN and first:
             logger.info("%s: stop_when returned True; running calls finish, nothing new starts", self._label())
+
+    def _halt_locked(self, reason: str) -> bool:
+        """Take no new work, the lock held; True if the group was taking work until now.
+
+        The first reason sticks, except that ``stop()`` and shutdown override ``stop_when``
+        (a generator's feeder then stops reading at once). Runs ``stop_when`` let in go on:
+        the window keeps them no more than the pool's workers.
+        """
+        halt = self._halt
+        if halt is not None and not (halt is _STOP_WHEN and reason is not _STOP_WHEN):
+            return False
+        self._halt = reason
+        if self._waiting:
+            self._cond.notify_all()
+        return halt is None
 
     def _end_feeding(self) -> None:
         with self._lock:
@@ -401,7 +516,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
             if (
                 self._watching
                 or (self._feeder_waits and self._started - self._finished <= self._refill_at)
-                or (self._waiting and self._halt in _ENDS_READING and self._finished == len(self._runs))
+                or (self._waiting and self._halt in _ENDS_READING and self._length is None and self._finished == len(self._runs))
             ):
                 self._cond.notify_all()
         if finished:
@@ -481,7 +596,23 @@ def start_map(
         iterator = iter(items)
     except TypeError:
         raise TypeError(f"{task.name}.{method}() needs an iterable of items, got {type(items).__name__}") from None
-    bar = _make_bar(task, items) if progress else None
+    if not star:
+        try:
+            task.check_call((None,), {})
+        except TypeError as exc:
+            raise TypeError(
+                f"{task.name}.map() passes each item as the one argument, and {exc} "
+                "(starmap() unpacks each item into the arguments)"
+            ) from None
+    length: int | None
+    try:
+        length = len(items)  # type: ignore[arg-type]
+    except Exception:  # a generator (or an object whose length cannot be told)
+        length = None
+    else:
+        if type(length) is not int or length < 0:
+            length = None
+    bar = _make_bar(task, length) if progress else None
     window = max_concurrency or DEFAULT_WINDOW
     workers = getattr(task.runner, "max_workers", None)
     if stop_when is not None and type(workers) is int and workers < window:
@@ -493,19 +624,45 @@ def start_map(
         explicit_window=max_concurrency is not None or stop_when is not None,
         stop_when=stop_when,
         bar=bar,
-        sized_input=hasattr(items, "__len__"),
+        length=length,
         items=iterator,
         star=star,
     )
 
 
-def _make_bar(task: Task[..., Any], items: Iterable[Any]) -> Any:
+def _make_bar(task: Task[..., Any], total: int | None) -> Any:
+    return _bar_class()(total=total, desc=task.name, unit="call", dynamic_ncols=True)
+
+
+def _bar_class() -> Any:
+    """tqdm's notebook widget in a Jupyter notebook with ipywidgets; its text bar anywhere else.
+
+    Chosen here rather than by ``tqdm.auto``, which in a notebook without ipywidgets warns
+    ("IProgress not found") and then draws the text bar anyway.
+    """
     try:
-        from tqdm.auto import tqdm
+        from tqdm.std import tqdm
     except ImportError as exc:
         raise ImportError("progress=True needs tqdm, an optional extra: pip install taskrun[progress]") from exc
-    try:
-        total: int | None = len(items)  # type: ignore[arg-type]
-    except TypeError:
-        total = None
-    return tqdm(total=total, desc=task.name, unit="call", dynamic_ncols=True)
+    if _in_notebook():
+        try:
+            from tqdm import notebook
+        except Exception:  # any failure of the widget's imports: the text bar will do
+            return tqdm
+        if notebook.IProgress is not None:  # None: ipywidgets is not there
+            return notebook.tqdm
+    return tqdm
+
+
+def _in_notebook() -> bool:
+    """True in a Jupyter kernel that shows widgets: the test ``tqdm.autonotebook`` makes."""
+    if "ipykernel.zmqshell" in sys.modules:
+        if any(name == "QT_API" or name.startswith("SPYDER") for name in os.environ):
+            return False  # jupyter-qtconsole, spyder: a console, no widgets
+        ipython = sys.modules.get("IPython")
+        shell = getattr(ipython, "get_ipython", lambda: None)()
+        if shell is None:
+            return False
+        kind = type(shell).__name__.lower()
+        return "qt" not in kind and "spyder" not in kind
+    return "IPython.utils._process_emscripten" in sys.modules  # jupyterlite

@@ -410,7 +410,10 @@ class BaseTaskRun(Generic[R]):
         return self._status not in FINISHED
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the run has finished or ``timeout`` seconds pass; True if it finished."""
+        """Block until the run has finished or ``timeout`` seconds pass; True if it finished.
+
+        Ctrl-C (``KeyboardInterrupt``) while waiting stops the run, then propagates.
+        """
         if self._status in FINISHED:
             return True
         if getattr(threading.current_thread(), "taskrun_delivers", False):
@@ -420,19 +423,37 @@ class BaseTaskRun(Generic[R]):
             )
         waiter = threading.Lock()
         waiter.acquire()
-        with self._lock:
-            if self._status in FINISHED:
-                return True
-            if self._waiters is None:
-                self._waiters = []
-            self._waiters.append(waiter)
-        if timeout is None or timeout >= threading.TIMEOUT_MAX:  # float("inf") too: wait for good
-            waiter.acquire()
-        elif not waiter.acquire(True, max(0.0, timeout)):
+        try:
             with self._lock:
-                if self._waiters is not None and waiter in self._waiters:
-                    self._waiters.remove(waiter)
+                if self._status in FINISHED:
+                    return True
+                if self._waiters is None:
+                    self._waiters = []
+                self._waiters.append(waiter)
+            if timeout is None or timeout >= threading.TIMEOUT_MAX:  # float("inf") too: wait for good
+                waiter.acquire()
+            elif not waiter.acquire(True, max(0.0, timeout)):
+                self._forget_waiter(waiter)
+        except KeyboardInterrupt:
+            self._forget_waiter(waiter)
+            self._interrupted()
+            raise
         return self._status in FINISHED
+
+    def _forget_waiter(self, waiter: threading.Lock) -> None:
+        with self._lock:
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def _interrupted(self) -> None:
+        """Ctrl-C while the caller waited for this run: stop it (the caller then re-raises)."""
+        if self._status in FINISHED:
+            return
+        logger.info("%s: interrupted while waiting for it (KeyboardInterrupt); stopping it", self.id)
+        try:
+            self.stop("interrupted while waited for (KeyboardInterrupt)")
+        except Exception:
+            logger.exception("%s: stopping the run after KeyboardInterrupt failed", self.id)
 
     @overload
     def get_result(self, timeout: float | None = None, *, wait: bool = True, raise_exceptions: Literal[True] = True) -> R: ...
@@ -451,7 +472,7 @@ class BaseTaskRun(Generic[R]):
         ``__cause__``), a stopped one :class:`TaskStopped`; with ``raise_exceptions=False``
         that exception is returned instead. ``wait=False`` on an unfinished run raises
         :class:`TaskStillRunning`; a ``timeout`` that passes first raises ``TimeoutError``
-        and leaves the run going.
+        and leaves the run going. Ctrl-C while waiting stops the run (see :meth:`wait`).
         """
         if self._status not in FINISHED:
             if not wait:
@@ -466,7 +487,10 @@ class BaseTaskRun(Generic[R]):
         return self._result  # type: ignore[no-any-return]
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        """The run's failure (``TaskStopped`` for a stopped run), or None if it succeeded."""
+        """The run's failure (``TaskStopped`` for a stopped run), or None if it succeeded.
+
+        Waits like :meth:`wait` (Ctrl-C stops the run); ``TimeoutError`` if ``timeout`` passes first.
+        """
         if not self.wait(timeout):
             raise TimeoutError(f"{self.id} did not finish within {timeout} s; it is still running")
         return self._exception
@@ -542,6 +566,7 @@ class BaseTaskRun(Generic[R]):
         finally:
             lock.release()
         try:
+            self.task.check_call(self.args, self.kwargs)
             if not self.kwargs:
                 for arg in self.args:
                     if type(arg) not in PLAIN_TYPES:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import keyword
 import math
 import os
 import pickle
@@ -29,7 +30,12 @@ def default_runner() -> type[BaseTaskRun[Any]]:
 
 
 class Task(Generic[P, R]):
-    """A function turned into a task: calling it starts a run and returns its handle at once."""
+    """A function turned into a task: calling it starts a run and returns its handle at once.
+
+    Arguments that do not fit the function's signature raise ``TypeError`` at the call, before
+    anything starts. The task keeps the function's name, docstring, module and attributes, but
+    its options (``runner``, ``retries``...) are its own: a function attribute never overrides them.
+    """
 
     def __init__(
         self,
@@ -99,14 +105,48 @@ class Task(Generic[P, R]):
         #: Free for runners to keep per-task data in (a pickled function, a remote reference), under keys
         #: of their own; the task's pickle leaves it behind.
         self.runner_cache: dict[Any, Any] = {}
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        # The function's name, doc, module, qualname and __wrapped__, as functools.wraps gives them.
+        functools.update_wrapper(self, fn, updated=())  # type: ignore[arg-type]
+        # Its own attributes come along too, except any that would shadow the task's options,
+        # methods or private state (a function with `.runner = ...` must not undo the checks above).
+        for attr, value in getattr(fn, "__dict__", {}).items():
+            if attr in self.__dict__ or hasattr(Task, attr) or attr.startswith("_") and not attr.startswith("__"):
+                continue
+            setattr(self, attr, value)
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> BaseTaskRun[R]:
+    def __call__(self, /, *args: P.args, **kwargs: P.kwargs) -> BaseTaskRun[R]:
         run: BaseTaskRun[R] = self.runner(self, args, kwargs)
-        run.start()
+        run.start()  # arguments that do not fit the signature raise TypeError here (see check_call)
         return run
 
-    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+    #: Positional argument counts that fit when no keywords are given, for check_call's fast path
+    #: (a frozenset: its `in` is the cheapest test). Empty until the first call reads the signature.
+    _arity: frozenset[int] = frozenset()
+    _checker: Callable[..., None] | None = None
+
+    def check_call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Raise TypeError if ``fn(*args, **kwargs)`` could not bind to the function's signature.
+
+        Every call is checked when it starts, so arguments that cannot fit fail at the call
+        itself: nothing is sent, nothing is retried.
+        """
+        # Positional calls of a fitting count need no other check; anything else is bound to the
+        # function's signature (a compiled stand-in with the same parameters, made on first use).
+        if kwargs or len(args) not in self._arity:
+            self._check_slowly(args, kwargs)
+
+    def _check_slowly(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        checker = self._checker
+        if checker is None:
+            checker, arity = _signature_checker(self.fn, self.name)
+            self._checker = checker
+            self._arity = arity  # after the checker: a thread that sees the arity finds the checker
+        try:
+            checker(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(str(exc)) from None  # the caller's traceback, without the checker's frame
+
+    def __get__(self, instance: Any, owner: type | None = None, /) -> Any:
         """Used as a method, a task is called with the instance as its first argument."""
         if instance is None:
             return self
@@ -125,7 +165,8 @@ class Task(Generic[P, R]):
         Items are read lazily, keeping at most ``max_concurrency`` calls unfinished (None: a
         few thousand, so big inputs are not read up front). ``stop_when()`` is checked
         before each new run starts; once it is true nothing new starts and the remaining
-        items end STOPPED without running. ``progress=True`` shows a tqdm bar.
+        items end STOPPED without running. ``progress=True`` shows a tqdm bar. A function
+        that cannot take one argument raises ``TypeError`` here.
         """
         return start_map(self, items, star=False, max_concurrency=max_concurrency, stop_when=stop_when, progress=progress)
 
@@ -137,7 +178,11 @@ class Task(Generic[P, R]):
         stop_when: Callable[[], object] | None = None,
         progress: bool = False,
     ) -> RunGroup[R]:
-        """Like :meth:`map`, but each item is a tuple of positional arguments: ``fn(*item)``."""
+        """Like :meth:`map`, but each item is a tuple of positional arguments: ``fn(*item)``.
+
+        An item that does not fit the function's signature ends FAILED with that ``TypeError``,
+        without running or being retried; the other items go on.
+        """
         return start_map(self, items, star=True, max_concurrency=max_concurrency, stop_when=stop_when, progress=progress)
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -158,6 +203,61 @@ class Task(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<Task {self.name} runner={self.runner.__name__}>"
+
+
+#: Positional counts a function with ``*args`` is known to fit without a look at its checker (more go to it).
+_VARARGS_SPAN = 32
+_ANY_COUNT = frozenset(range(_VARARGS_SPAN))
+
+
+def _accept_any(*args: Any, **kwargs: Any) -> None:
+    """The check of a function whose signature cannot be read (some builtins): any call may be right."""
+
+
+def _signature_checker(fn: Callable[..., Any], name: str) -> tuple[Callable[..., None], frozenset[int]]:
+    """A checker that raises the TypeError a call of ``fn`` would for arguments that do not fit its
+    signature, and the positional argument counts that fit when no keywords are given.
+
+    The checker is a compiled function with ``fn``'s parameters (no defaults' values, no
+    annotations) and an empty body: Python binds the arguments, at a small fraction of the cost
+    of ``Signature.bind``, and says what is wrong in its own words. A decorated function is
+    checked against the wrapper's own signature (``(*args, **kwargs)`` accepts anything):
+    what the wrapper accepts is what the call can pass.
+    """
+    try:
+        signature = inspect.signature(fn, follow_wrapped=False)
+    except (TypeError, ValueError):
+        return _accept_any, _ANY_COUNT
+    params = list(signature.parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = sum(p.default is p.empty for p in positional)
+    most = len(positional) + (_VARARGS_SPAN if any(p.kind is p.VAR_POSITIONAL for p in params) else 1)
+    if any(p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in params):
+        arity: frozenset[int] = frozenset()  # a keyword is required: every call is checked
+    else:
+        arity = frozenset(range(required, most))
+    if all(p.name.isidentifier() and not keyword.iskeyword(p.name) for p in params):
+        bare = signature.replace(
+            parameters=[p.replace(annotation=p.empty, default=p.empty if p.default is p.empty else None) for p in params],
+            return_annotation=signature.empty,
+        )
+        namespace: dict[str, Any] = {}
+        exec(f"def check{bare}: pass", namespace)  # noqa: S102 - parameter names checked above
+        checker = namespace["check"]
+        code = checker.__code__.replace(co_name=name)
+        if hasattr(code, "co_qualname"):  # Python 3.11+: error messages name co_qualname
+            code = code.replace(co_qualname=name)
+        checker.__code__ = code
+        checker.__name__ = checker.__qualname__ = name
+        return checker, arity
+
+    def bind(*args: Any, **kwargs: Any) -> None:  # parameter names no def could have (a custom __signature__)
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{name}(): {exc}") from None
+
+    return bind, arity
 
 
 def _attribute_path(found: Any, qualname: str) -> Any:

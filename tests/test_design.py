@@ -144,7 +144,9 @@ def test_no_private_access_across_modules(name: str) -> None:
             problems.append(f"line {node.lineno}: .{node.attr}")
     for target, names, line in _imports(name):
         if target.startswith("taskrun"):
-            problems += [f"line {line}: imports {n} from {target}" for n in names if _private(n) and f"{target}.{n}" not in MODULES]
+            problems += [
+                f"line {line}: imports {n} from {target}" for n in names if _private(n) and f"{target}.{n}" not in MODULES
+            ]
     assert not problems, f"{name} uses private names of other modules: " + ", ".join(problems)
 
 

@@ -329,7 +329,8 @@ def test_progress_bar_counts_stopped_runs_as_stopped(capfd: pytest.CaptureFixtur
 
 
 def test_progress_without_tqdm_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    for name in ("tqdm", "tqdm.std", "tqdm.auto"):  # as if tqdm were not installed
+        monkeypatch.setitem(sys.modules, name, None)
 
     @task(runner=Threads)
     def ident(x: int) -> int:
@@ -381,7 +382,8 @@ def test_an_inline_runner_maps_in_the_caller() -> None:
     assert threads == {threading.current_thread().name}
 
 
-def test_shutdown_ends_the_feeder_thread() -> None:
+@pytest.mark.parametrize("sized", [True, False], ids=["range", "generator"])
+def test_shutdown_ends_the_feeder_thread(sized: bool) -> None:
     gate = threading.Event()
 
     @task(runner=TwoThreads)
@@ -390,7 +392,7 @@ def test_shutdown_ends_the_feeder_thread() -> None:
         return i
 
     try:
-        group = gated.map(range(100), max_concurrency=1)
+        group = gated.map(range(100) if sized else iter(range(100)), max_concurrency=1)
         feeders = [t for t in threading.enumerate() if t.name.startswith("taskrun-map-")]
         assert feeders and all(t.daemon for t in feeders)
         taskrun.shutdown(wait=False)
@@ -400,7 +402,10 @@ def test_shutdown_ends_the_feeder_thread() -> None:
     finally:
         gate.set()
     assert group.wait(timeout=WAIT)
-    assert len(group) < 100  # the input was left unread
+    if sized:  # the whole sequence: the items not started became STOPPED handles
+        assert len(group) == 100 and group.summary()["stopped"] == 100
+    else:
+        assert len(group) < 100  # the input was left unread
 
 
 def test_with_a_ledger_a_stopped_batch_resumes_where_it_stopped(tmp_path: Path) -> None:
