@@ -50,7 +50,10 @@ def _same_list(obj: Any, snapshot: tuple[Any, ...]) -> bool:
 
 def _same_dict(obj: Any, snapshot: tuple[tuple[Any, ...], tuple[Any, ...]]) -> bool:
     keys, values = snapshot
-    return len(obj) == len(keys) and all(map(is_, obj, keys)) and all(map(is_, obj.values(), values))
+    try:
+        return len(obj) == len(keys) and all(map(is_, obj, keys)) and all(map(is_, obj.values(), values))
+    except RuntimeError:  # it changed size while we compared it (another thread)
+        return False
 
 
 def _same_set(obj: Any, snapshot: frozenset[Any]) -> bool:
@@ -107,10 +110,11 @@ class Fingerprint:
     (an attribute of an instance, a list inside a dict, a class's method) is not.
 
     Holding the references keeps the objects alive, so an id is never reused meanwhile.
-    The comparisons are compiled into one expression: :meth:`unchanged` runs at every call.
+    The comparisons are compiled into one expression, ``unchanged()``, which runs at every
+    call (about 0.1 us for a function that uses no globals).
     """
 
-    __slots__ = ("checks", "_check")
+    __slots__ = ("checks", "unchanged")
 
     def __init__(self, fn: Any, by_value: Callable[[types.FunctionType], bool]) -> None:
         #: (expression, {name: object it uses}) for each thing recorded, in the order found.
@@ -165,7 +169,8 @@ class Fingerprint:
                 value = namespace.get(name, _MISSING)
                 self._add("{namespace}.get({name}, _MISSING) is {value}", namespace=namespace, name=name, value=value)
                 hold(value)
-        self._check = self._compile()
+        #: () -> bool: True while everything recorded is as it was.
+        self.unchanged: Callable[[], bool] = self._compile()
 
     def _add(self, template: str, **objects: Any) -> None:
         number = len(self.checks)
@@ -178,13 +183,6 @@ class Fingerprint:
             namespace.update(objects)
         source = " and ".join(f"({expression})" for expression, _ in self.checks) or "True"
         return eval(f"lambda: {source}", namespace)  # type: ignore[no-any-return]
-
-    def unchanged(self) -> bool:
-        """True while everything recorded is as it was."""
-        try:
-            return self._check()
-        except RuntimeError:  # a container changed size while we compared it
-            return False
 
 
 # ---- pickling by value ----------------------------------------------------------------------
@@ -304,24 +302,26 @@ class PickledFunction:
     Each call checks the fingerprint (a few comparisons); only when it changed is the
     function pickled again. New bytes get a new id, so a worker never runs an old version
     under a new call; the same bytes (a change the pickle does not see) keep their id.
+    ``current`` is ``(fingerprint.unchanged, payload)`` for callers on a hot path, which may
+    use the payload when ``current[0]()`` is true and call ``payload()`` otherwise.
     """
 
-    __slots__ = ("fn", "home", "_by_value", "_current", "_lock")
+    __slots__ = ("fn", "home", "_by_value", "current", "_lock")
 
     def __init__(self, fn: Any) -> None:
         self.fn = fn
         self.home = home_namespace(fn)
         self._by_value = by_value_rule(self.home)
-        self._current: tuple[Fingerprint, tuple[int, tuple[bytes, dict[str, list[str]]]]] | None = None
+        self.current: tuple[Callable[[], bool], tuple[int, tuple[bytes, dict[str, list[str]]]]] | None = None
         self._lock = threading.Lock()
 
     def payload(self) -> tuple[int, tuple[bytes, dict[str, list[str]]]]:
-        current = self._current
-        if current is not None and current[0].unchanged():
+        current = self.current
+        if current is not None and current[0]():
             return current[1]
         with self._lock:
-            current = self._current
-            if current is not None and current[0].unchanged():
+            current = self.current
+            if current is not None and current[0]():
                 return current[1]
             # Fingerprint first: a change made while we pickle is then seen at the next call.
             fingerprint = Fingerprint(self.fn, self._by_value)
@@ -330,7 +330,7 @@ class PickledFunction:
                 payload = (current[1][0], (data, sources))
             else:
                 payload = (next(_fn_ids), (data, sources))
-            self._current = (fingerprint, payload)
+            self.current = (fingerprint.unchanged, payload)
             return payload
 
 

@@ -5,12 +5,15 @@ that dies while idle."""
 import logging
 import os
 import signal
+import sys
+import tempfile
+import threading
 
 import pytest
 from _waiting import is_alive, wait_for
 from test_process_runner import WAIT, _no_child_processes, read_pid, runner, write_atomic  # noqa: F401
 
-from taskrun import SerializationError, Status, TaskrunError, _lifecycle, task
+from taskrun import SerializationError, Status, TaskrunError, WorkerDied, _lifecycle, task
 from taskrun.runners.process import ProcessPool
 
 
@@ -81,27 +84,39 @@ def test_a_failing_supervisor_fails_the_calls_it_holds_delivers_what_it_read_and
 # ---- stop a call sent ahead to a busy worker (CANCEL) -------------------------------------------
 
 
+def log_then_block(started, go, fifo):
+    """Say "started"; when told, log (which wakes the pool's supervisor, so it sends the backlog ahead); block."""
+    write_atomic(started, str(os.getpid()))
+    with open(go, "rb") as f:
+        f.read(1)
+    logging.getLogger("tests.failures").warning("send the calls behind me")
+    with open(fifo, "rb") as f:
+        f.read(1)
+    return os.getpid()
+
+
 def test_stopping_a_call_sent_ahead_to_a_busy_worker_skips_it_there(tmp_path):
     one = runner("fork", max_workers=1)
-    gated, tiny, rec = task(runner=one)(block_on_fifo), task(runner=one)(double), task(runner=one)(record)
+    tiny, rec = task(runner=one)(double), task(runner=one)(record)
     tiny.map(range(300)).results(timeout=WAIT)  # calls are short here: they are sent ahead
-    started_a, fifo_a, started_b, fifo_b = (tmp_path / n for n in ("started_a", "fifo_a", "started_b", "fifo_b"))
-    os.mkfifo(fifo_a)
-    os.mkfifo(fifo_b)
+    started, go, fifo = (tmp_path / n for n in ("started", "go", "fifo"))
+    os.mkfifo(go)
+    os.mkfifo(fifo)
     log = tmp_path / "log"
-    holder = gated(str(started_a), str(fifo_a))
-    worker_pid = read_pid(started_a)
-    first = gated(str(started_b), str(fifo_b))
+    first = task(runner=one)(log_then_block)(str(started), str(go), str(fifo))
+    worker_pid = read_pid(started)
     queued = [rec(str(log), name) for name in ("q1", "q2", "q3")]
-    release(fifo_a)  # the backlog goes out in one batch, `first` in front
-    assert holder.get_result(WAIT) == worker_pid
-    read_pid(started_b)
+    release(go)
     pool = one._pool()
-    assert sum(len(w.in_flight) for w in pool.workers) == 4  # first and the three behind it, in the worker
+
+    def in_the_workers_queue():
+        with pool.lock:
+            return any(list(w.in_flight)[1:].count(queued[1]._current.runner_state) for w in pool.workers)
+
+    wait_for(in_the_workers_queue, WAIT, "q2 to be sent ahead to the busy worker")
     assert queued[1].stop() is True  # in the worker's queue: cancelled there, the worker goes on
     assert queued[1].status is Status.STOPPED
-    assert sum(len(w.in_flight) for w in pool.workers) == 3
-    release(fifo_b)
+    release(fifo)
     assert first.get_result(WAIT) == worker_pid
     assert [queued[0].get_result(WAIT), queued[2].get_result(WAIT)] == [worker_pid, worker_pid]  # same worker
     assert log.read_text().split() == ["q1", "q3"]  # q2 never ran
@@ -175,3 +190,55 @@ def test_a_worker_that_dies_while_idle_is_logged_and_replaced(caplog):
     record_ = next(r for r in caplog.records if "died while idle" in r.getMessage())
     assert record_.levelno == logging.WARNING and "SIGKILL" in record_.getMessage()
     assert task(runner=R)(getpid)().get_result(WAIT) != pid
+
+
+# ---- calls that cannot start ------------------------------------------------------------------
+
+
+def test_a_function_that_cannot_be_pickled_fails_at_call_time():
+    lock = threading.Lock()
+
+    def holds_a_lock():
+        return lock.locked()
+
+    with pytest.raises(SerializationError, match="the function of task .*holds_a_lock could not be pickled"):
+        task(runner=runner("fork"))(holds_a_lock)()
+
+
+def test_a_worker_process_that_cannot_be_started_fails_the_call_and_the_pool_goes_on(monkeypatch):
+    import multiprocess.context
+
+    R = runner("fork", max_workers=1)
+    real_start = multiprocess.context.ForkProcess.start
+    calls = []
+
+    def start_fails_once(self):
+        if not calls:
+            calls.append(self)
+            raise BlockingIOError(11, "Resource temporarily unavailable (fork)")
+        return real_start(self)
+
+    monkeypatch.setattr(multiprocess.context.ForkProcess, "start", start_fails_once)
+    run = task(runner=R)(getpid)()
+    with pytest.raises(BlockingIOError, match="fork"):
+        run.get_result(WAIT)
+    pool = R._pool()
+    assert pool.workers == []  # the half-made worker was not kept
+    assert task(runner=R)(getpid)().get_result(WAIT) != os.getpid()
+
+
+def test_a_spawned_worker_that_cannot_start_says_why_in_process(monkeypatch, tmp_path):
+    """The main module names a file that is gone: the worker's FileNotFoundError comes back with the calls."""
+    main = sys.modules["__main__"]
+    monkeypatch.setattr(main, "__spec__", None, raising=False)
+    monkeypatch.setattr(main, "__file__", str(tmp_path / "gone.py"), raising=False)
+    R = runner("spawn", max_workers=1)
+    runs = [task(runner=R)(getpid)() for _ in range(2)]
+    for run in runs:
+        exc = run.exception(WAIT)
+        assert isinstance(exc, WorkerDied), exc
+        assert "could not start (exit code 1): FileNotFoundError" in str(exc) and "gone.py" in str(exc)
+        assert "The worker's traceback is this error's __cause__." in str(exc)
+        assert "FileNotFoundError" in exc.__cause__.tb_text
+    assert not list(tmp_path.iterdir())
+    assert not [f for f in os.listdir(tempfile.gettempdir()) if f.startswith(f"taskrun-start-{os.getpid()}-")]

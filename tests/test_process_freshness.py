@@ -278,3 +278,53 @@ def test_a_notebook_cells_traceback_shows_its_source_lines(method):
     assert 'raise RuntimeError(f"cell says {y}")' in out
     assert "RuntimeError: cell says 8" in out
     assert f"WARNING: [('{cell}', 3, 'cell warning')]" in out
+
+
+# ---- arguments naming objects of __main__, under fork -------------------------------------------
+
+
+def read_x(thing):
+    return [type(thing).__name__, thing.x]
+
+
+def _main_class(name, monkeypatch):
+    """A class that lives in __main__ under ``name``, as a script's or a notebook's classes do."""
+    cls = type(name, (), {"__module__": "__main__", "__init__": lambda self, x: setattr(self, "x", x)})
+    cls.__qualname__ = name
+    monkeypatch.setattr(sys.modules["__main__"], name, cls, raising=False)
+    return cls
+
+
+def test_fork_arguments_of_main_classes_made_before_and_after_the_pool_started(monkeypatch):
+    R = runner("fork", max_workers=1)
+    reader = task(runner=R)(read_x)
+    Early = _main_class("EarlyForFreshness", monkeypatch)
+    assert reader(Early(1)).get_result(WAIT) == ["EarlyForFreshness", 1]  # the pool starts: Early is in its workers
+    Late = _main_class("LateForFreshness", monkeypatch)  # made after the fork: the workers lack it
+    late = reader(Late(2))
+    assert b"cloudpickle" in late._payload  # so it goes by value
+    assert late.get_result(WAIT) == ["LateForFreshness", 2]
+    early = reader(Early(3))
+    assert b"cloudpickle" not in early._payload and b"EarlyForFreshness" in early._payload  # by name: fast
+    assert early.get_result(WAIT) == ["EarlyForFreshness", 3]
+    Early2 = _main_class("EarlyForFreshness", monkeypatch)  # redefined after the fork: by value
+    again = reader(Early2(4))
+    assert b"cloudpickle" in again._payload
+    assert again.get_result(WAIT) == ["EarlyForFreshness", 4]
+
+
+# ---- a worker holds a bounded number of functions ------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["fork"])
+def test_a_worker_forgets_the_oldest_functions_beyond_its_limit(method, monkeypatch):
+    from taskrun.runners import process
+
+    monkeypatch.setattr(process, "MAX_WORKER_FUNCTIONS", 3)
+    R = runner(method, max_workers=1)
+    tasks = [task(runner=R, name=f"t{i}")(lambda x, i=i: x + i) for i in range(6)]
+    assert [t(10).get_result(WAIT) for t in tasks] == [10, 11, 12, 13, 14, 15]
+    (worker,) = R._pool().workers
+    assert len(worker.fns_sent) == 3
+    assert [t(20).get_result(WAIT) for t in tasks] == [20, 21, 22, 23, 24, 25]  # the forgotten ones sent again
+    assert len(worker.fns_sent) == 3

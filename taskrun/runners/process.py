@@ -68,8 +68,8 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
     (default ``os.cpu_count()``), ``max_tasks_per_worker`` (None: reuse forever; 1: a fresh
     process per call). ``stop()`` and a timeout end the worker's whole process group
     (SIGTERM, then SIGKILL) and the pool replaces it. Functions, lambdas and closures travel
-    with cloudpickle, pickled once per task; arguments that cannot be pickled raise
-    :class:`SerializationError` at call time.
+    with cloudpickle, as they are when each call is made (see ``_freshness``); arguments that
+    cannot be pickled raise :class:`SerializationError` at call time.
     """
 
     start_method: ClassVar[str | None] = _default_start_method()
@@ -106,12 +106,16 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
         task = self.task
         # The function as it is now: its pickle is reused while nothing it captured has changed.
         pickled = getattr(task, "_process_fn", None)
-        if pickled is None:
-            pickled = task._process_fn = _freshness.PickledFunction(task.fn)  # type: ignore[attr-defined]
-        try:
-            self._function = pickled.payload()
-        except Exception as exc:
-            raise SerializationError(f"the function of task {task.name} could not be pickled: {exc}") from exc
+        current = pickled.current if pickled is not None else None
+        if current is not None and current[0]():  # PickledFunction.payload(), inline: it runs at every call
+            self._function = current[1]
+        else:
+            if pickled is None:
+                pickled = task._process_fn = _freshness.PickledFunction(task.fn)  # type: ignore[attr-defined]
+            try:
+                self._function = pickled.payload()
+            except Exception as exc:
+                raise SerializationError(f"the function of task {task.name} could not be pickled: {exc}") from exc
         args, kwargs = self.args, self.kwargs
         if not kwargs:
             for arg in args:
