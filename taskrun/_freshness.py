@@ -196,13 +196,12 @@ def _dynamic_class(cls: type) -> bool:
         return cls.__module__ == "__main__"
 
 
+@functools.cache
 def _installed_paths() -> tuple[str, ...]:
+    """The directories of the standard library and of installed distributions (computed once, when first needed)."""
     paths = sysconfig.get_paths()
     found = {os.path.realpath(paths[key]) + os.sep for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths}
     return tuple(sorted(found))
-
-
-_INSTALLED = _installed_paths()
 
 
 def home_namespace(fn: Any) -> dict[str, Any] | None:
@@ -217,7 +216,7 @@ def home_namespace(fn: Any) -> dict[str, Any] | None:
         return None
     namespace = fn.__globals__
     path = namespace.get("__file__")
-    if isinstance(path, str) and os.path.realpath(path).startswith(_INSTALLED):
+    if isinstance(path, str) and os.path.realpath(path).startswith(_installed_paths()):
         return None
     return namespace
 

@@ -242,3 +242,23 @@ def test_a_spawned_worker_that_cannot_start_says_why_in_process(monkeypatch, tmp
         assert "FileNotFoundError" in exc.__cause__.tb_text
     assert not list(tmp_path.iterdir())
     assert not [f for f in os.listdir(tempfile.gettempdir()) if f.startswith(f"taskrun-start-{os.getpid()}-")]
+
+
+# ---- a function goes with the first call that really goes ----------------------------------------
+
+
+def triple(x):
+    return 3 * x
+
+
+def test_a_call_held_back_from_a_batch_still_takes_its_function_along():
+    """A call with a timeout is never sent ahead: the batch stops before it. Its function must then
+    go with it when it does go, not be counted as sent with the batch it was held back from."""
+    R = runner("fork", max_workers=1)
+    tiny = task(runner=R)(double)
+    tiny.map(range(300)).results(timeout=WAIT)  # calls are short here: they are sent ahead
+    for _ in range(5):
+        backlog = [tiny(i) for i in range(60)]
+        timed = task(runner=R, timeout=30)(triple)(3)
+        assert timed.get_result(WAIT) == 9
+        assert [r.get_result(WAIT) for r in backlog] == [2 * i for i in range(60)]

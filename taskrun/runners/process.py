@@ -247,7 +247,7 @@ class _FrameReader:
         return frames
 
     def _fill(self) -> list[bytes | bytearray] | None:
-        """Read into the big frame under way, never past its end; it once it is complete."""
+        """Read into the big frame under way, never past its end; return it once it is complete."""
         frame = self.frame
         assert frame is not None
         size = len(frame)
@@ -364,7 +364,7 @@ class _Worker:
     # group id once its leader is reaped *and* the group is empty (Linux never hands out a
     # number still in use as a process group id). Under fork and spawn the worker is our child
     # and only we reap it (see __init__): until we do, even dead, it holds its pid and its
-    # group id, so signalling either is safe; so signal_group and _reap_exit take reap_lock,
+    # group id, so signalling either is safe; so signal_group and reap take reap_lock,
     # and nothing is signalled once ``reaped``. Under forkserver the forkserver reaps it, at
     # once; its sentinel then reports the exit code, so we signal nothing once that is there.
 
@@ -773,7 +773,8 @@ class ProcessPool:
         budget = PIPE_BUDGET - worker.bytes_in_flight
         sent = 0
         # Of the previous call: a batch is mostly one task's, and one version of its function.
-        task = function = fn_id = send_fn = timeout = None
+        task = function = fn_id = timeout = None
+        send_fn = False  # whether the call goes with its function (the worker does not hold it)
         while pending and room > 0:
             attempt = pending[0]
             if attempt._reported:
@@ -786,7 +787,7 @@ class ProcessPool:
             if run._function is not function:  # type: ignore[attr-defined]
                 function = run._function  # type: ignore[attr-defined]
                 fn_id = function[0]
-                send_fn = None if fn_id in worker.fns_sent and not fresh else self._function_message(worker, run, fresh)
+                send_fn = fresh or fn_id not in worker.fns_sent
             if timeout is not None and in_flight:
                 break  # a call with a timeout starts at once, never queued behind another
             payload = run._payload  # type: ignore[attr-defined]
@@ -795,15 +796,17 @@ class ProcessPool:
                 break
             pending.popleft()
             call_id = attempt.runner_state
-            batch.append((call_id, fn_id, send_fn, payload))  # type: ignore[arg-type]
+            if send_fn:
+                fn = self._function_message(worker, run, fresh)  # the worker holds it from now on
+                budget -= len(fn[0])  # counts in this batch only: the worker takes it in at once
+                send_fn = fresh
+            else:
+                fn = None
+            batch.append((call_id, fn_id, fn, payload))  # type: ignore[arg-type]
             budget -= size
             sent += size
             in_flight[call_id] = attempt
             room -= 1
-            if send_fn is not None:
-                budget -= len(send_fn[0])  # counts in this batch only: the worker takes it in at once
-                if not fresh:
-                    send_fn = None
             if timeout is not None:
                 break
         if not batch:
