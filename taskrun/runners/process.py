@@ -319,9 +319,13 @@ class _Worker:
         self.reaped = False
         number = next(_worker_numbers)
         # Where the worker leaves the traceback of an error that keeps it from starting (created only then).
-        self.start_error_path = os.path.join(
-            tempfile.gettempdir(), f"taskrun-start-{os.getpid()}-{number}-{uuid.uuid4().hex}.txt"
-        )
+        self.start_error_path: str | None
+        try:
+            self.start_error_path = os.path.join(
+                tempfile.gettempdir(), f"taskrun-start-{os.getpid()}-{number}-{uuid.uuid4().hex}.txt"
+            )
+        except OSError:  # no usable temporary directory: start errors say only the exit code
+            self.start_error_path = None
         config = {
             "max_tasks_per_worker": pool.max_tasks, "log_levels": _log_levels(), "start_error_path": self.start_error_path,
         }
@@ -331,7 +335,7 @@ class _Worker:
         self.process = ctx.Process(
             target=_worker.worker_main,
             args=(call_r, result_w, alive_r, config),
-            name=name if self.method == "fork" else _StartName(name, self.start_error_path),
+            name=name if self.method == "fork" or not self.start_error_path else _StartName(name, self.start_error_path),
             daemon=True,
         )
         pool.workers.append(self)  # registered before fork, so a forked child can close our ends
@@ -416,6 +420,8 @@ class _Worker:
 
     def take_start_error(self) -> str | None:
         """The traceback the worker left when it could not start, if it did (the file is removed)."""
+        if self.start_error_path is None:
+            return None
         try:
             with open(self.start_error_path) as f:
                 text = f.read()
@@ -521,7 +527,8 @@ class ProcessPool:
         if started:
             self._wake()  # the supervisor must watch the new workers
         self._deliver(out)
-        self._stop_shut_out(left)
+        if left:
+            self._stop_shut_out(left)
 
     def _take_submitted(self) -> list[Attempt]:
         """Empty the lock-free queue (one atomic popleft at a time: a submitter may append meanwhile)."""
