@@ -1,8 +1,11 @@
 """The worker side of the process pool: read calls, run them, send back each outcome.
 
-Messages are pickled tuples. Parent to worker: ``(CALLS, [(call_id, fn_id, fn_bytes | None,
-args), ...])`` (``args``: the pickled ``(args, kwargs)``, or a tuple of plain positional
-arguments) and ``(CANCEL, call_id)``; end of file means exit. Worker to parent:
+Messages are pickled tuples. Parent to worker: ``(CALLS, [(call_id, fn_id, fn | None,
+args), ...])`` and ``(CANCEL, call_id)``; end of file means exit. ``fn`` comes with the first
+call of a function this worker does not hold: ``(bytes, sources, drop)``, the pickled
+function, the source lines of code that has no file (for tracebacks), and the ids of the
+functions to forget first (old versions; the parent decides, so it knows what each worker
+holds). ``args``: the pickled ``(args, kwargs)``, or a tuple of plain positional arguments. Worker to parent:
 ``(kind, call_id, payload, seconds)`` with the kinds below (``seconds``: how long the call
 ran), one message per finished call, in the order the calls arrived, so the parent always
 knows which call a dead worker was running. With ``max_tasks_per_worker`` the worker forks a
@@ -29,6 +32,8 @@ from collections import deque
 from typing import Any
 
 import cloudpickle
+
+from ._freshness import register_sources
 
 CALLS, CANCEL = "calls", "cancel"
 OK, RAISED, SKIPPED, UNPICKLABLE, LOG, WARN, DIED, READY = range(8)
@@ -154,13 +159,24 @@ def _watch_parent(alive_conn: Any) -> None:
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
+def _load_function(fns: dict[int, Any], fn_id: int, fn: tuple[bytes, dict[str, list[str]], tuple[int, ...]]) -> None:
+    """Take in a function the parent sent: forget the ones it replaces, register its source lines, load it."""
+    data, sources, drop = fn
+    for old in drop:
+        fns.pop(old, None)
+    fns.pop(fn_id, None)  # if loading fails, no stale entry stays under this id
+    if sources:
+        register_sources(sources)
+    fns[fn_id] = cloudpickle.loads(data)
+
+
 def _run_call(
-    fns: dict[int, Any], fn_id: int, fn_bytes: bytes | None, payload: bytes | tuple[Any, ...]
+    fns: dict[int, Any], fn_id: int, fn: Any, payload: bytes | tuple[Any, ...]
 ) -> tuple[int, Any]:
     """Load the function and arguments, then call: ``(OK, value)``, ``(RAISED, exc)`` or ``(UNPICKLABLE, (reason, tb))``."""
     try:
-        if fn_bytes is not None:
-            fns[fn_id] = cloudpickle.loads(fn_bytes)
+        if fn is not None:
+            _load_function(fns, fn_id, fn)
     except Exception as exc:
         reason = f"the task's function could not be loaded in the worker process: {type(exc).__name__}: {exc}"
         return UNPICKLABLE, (reason, "")
@@ -172,8 +188,11 @@ def _run_call(
         except Exception as exc:
             reason = f"the call's arguments could not be unpickled in the worker process: {type(exc).__name__}: {exc}"
             return UNPICKLABLE, (reason, "")
+    function = fns.get(fn_id)
+    if function is None:  # its pickle failed to load with an earlier call, which said why
+        return UNPICKLABLE, ("the task's function could not be loaded in the worker process", "")
     try:
-        return OK, fns[fn_id](*args, **kwargs)
+        return OK, function(*args, **kwargs)
     except BaseException as exc:  # noqa: B036 - a task's SystemExit is its outcome, not ours
         return RAISED, exc
 
@@ -220,16 +239,29 @@ def _exception_payload(exc: BaseException) -> tuple[int, Any]:
     )
 
 
+def _ignore_signal(signum: int, frame: Any) -> None:
+    """SIGINT in a worker: Ctrl-C is the parent's to handle."""
+
+
 def worker_main(call_conn: Any, result_conn: Any, alive_conn: Any, config: dict[str, Any]) -> None:
     """Entry point of a worker process."""
-    os.setpgid(0, 0)  # lead a process group, so stop and timeout can end what the task started too
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    import multiprocess
+    try:
+        os.setpgid(0, 0)  # lead a process group, so stop and timeout can end what the task started too
+        # A handler, not SIG_IGN: an ignored signal stays ignored across exec, so every program a
+        # task started would ignore Ctrl-C; a handler is reset to the default on exec.
+        signal.signal(signal.SIGINT, _ignore_signal)
+        hook = sys.excepthook
+        if getattr(hook, "taskrun_start_hook", False):
+            sys.excepthook = hook.previous  # type: ignore[attr-defined]  # set up: the start went well
+        import multiprocess
 
-    multiprocess.current_process().daemon = False  # let tasks start processes of their own
-    threading.Thread(target=_watch_parent, args=(alive_conn,), name="taskrun-parent-watch", daemon=True).start()
-    sender = _Sender(result_conn)
-    _forward_logging(sender, config["log_levels"])
+        multiprocess.current_process().daemon = False  # let tasks start processes of their own
+        threading.Thread(target=_watch_parent, args=(alive_conn,), name="taskrun-parent-watch", daemon=True).start()
+        sender = _Sender(result_conn)
+        _forward_logging(sender, config["log_levels"])
+    except BaseException as exc:
+        write_start_error(config.get("start_error_path"), exc)
+        raise
     sender.send((READY, None, None, 0.0))
     try:
         if config["max_tasks_per_worker"] is None:
@@ -241,6 +273,43 @@ def worker_main(call_conn: Any, result_conn: Any, alive_conn: Any, config: dict[
         logging.getLogger().handlers.clear()
         sys.stdout.flush()
         sys.stderr.flush()
+
+
+def write_start_error(path: str | None, exc: BaseException) -> None:
+    """Leave why this worker could not start where the parent looks for it: the error, NUL, its traceback."""
+    if not path:
+        return
+    try:
+        text = "".join(traceback.format_exception_only(type(exc), exc)) + "\0" + "".join(
+            traceback.format_exception(type(exc), exc, exc.__traceback__)
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except Exception:
+        pass
+
+
+# Run in a spawned or forkserver worker before anything else (see process._StartName): until
+# the worker is set up, an uncaught exception -- in multiprocess's bootstrap, which runs the
+# main script -- leaves its traceback in PATH, where the parent reads it when the worker dies.
+# Standard library only: taskrun may not be importable before the parent's sys.path is set.
+START_HOOK = """
+import os, sys, traceback
+def hook(kind, value, tb, previous=sys.excepthook, path=PATH):
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(traceback.format_exception_only(kind, value)) + "\\0"
+                    + "".join(traceback.format_exception(kind, value, tb)))
+    except Exception:
+        pass
+    previous(kind, value, tb)
+if not getattr(sys.excepthook, "taskrun_start_hook", False):
+    hook.taskrun_start_hook = True
+    hook.previous = sys.excepthook
+    sys.excepthook = hook
+"""
 
 
 def _end_own_pools() -> None:
@@ -324,7 +393,7 @@ def _fork_server(call_conn: Any, sender: _Sender, max_calls: int) -> tuple[int, 
 def _serve(call_conn: Any, sender: _Sender, max_calls: int | None) -> None:
     """Read calls, run them in order and send back each outcome, until end of file or ``max_calls``."""
     fns: dict[int, Any] = {}
-    queued: deque[tuple[int, int, bytes | None, bytes | tuple[Any, ...]]] = deque()
+    queued: deque[tuple[int, int, Any, bytes | tuple[Any, ...]]] = deque()
     cancelled: set[int] = set()
     calls_done = 0
     call_fd = call_conn.fileno()
@@ -345,15 +414,18 @@ def _serve(call_conn: Any, sender: _Sender, max_calls: int | None) -> None:
                 take(_receive(call_fd))
             if not queued:
                 continue
-            call_id, fn_id, fn_bytes, payload = queued.popleft()
+            call_id, fn_id, fn, payload = queued.popleft()
             if call_id in cancelled:
                 cancelled.discard(call_id)
-                if fn_bytes is not None:
-                    fns[fn_id] = cloudpickle.loads(fn_bytes)
+                if fn is not None:
+                    try:
+                        _load_function(fns, fn_id, fn)
+                    except Exception:
+                        pass  # the calls that need it say why
                 sender.send((SKIPPED, call_id, None, 0.0))
                 continue
             began = time.perf_counter()
-            kind, value = _run_call(fns, fn_id, fn_bytes, payload)
+            kind, value = _run_call(fns, fn_id, fn, payload)
             seconds = time.perf_counter() - began
             calls_done += 1
             if kind != OK:

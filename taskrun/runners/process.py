@@ -16,17 +16,20 @@ import select
 import signal
 import struct
 import sys
+import tempfile
 import threading
 import time
+import uuid
 import warnings
 from collections import deque
 from typing import Any, ClassVar
 
 import cloudpickle
 import multiprocess
+from multiprocess import process as _mp_process
 from multiprocess.connection import wait
 
-from .. import _lifecycle, _worker
+from .. import _freshness, _lifecycle, _worker
 from .._config import positive_int_or_none
 from .._run import PLAIN_TYPES as _PLAIN
 from .._run import Attempt, BaseTaskRun, R
@@ -49,6 +52,8 @@ PIPE_BUDGET = 32 * 1024
 CALL_BYTES = 64
 #: Plain arguments (str and bytes up to this long) travel in the batch's own pickle.
 _PLAIN_MAX = 256
+#: Most functions a reused worker holds (one version per task); the oldest goes first.
+MAX_WORKER_FUNCTIONS = 64
 #: Seconds between SIGTERM and SIGKILL when a worker is ended.
 TERMINATE_GRACE = 1.0
 
@@ -64,8 +69,8 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
     (default ``os.cpu_count()``), ``max_tasks_per_worker`` (None: reuse forever; 1: a fresh
     process per call). ``stop()`` and a timeout end the worker's whole process group
     (SIGTERM, then SIGKILL) and the pool replaces it. Functions, lambdas and closures travel
-    with cloudpickle, pickled once per task; arguments that cannot be pickled raise
-    :class:`SerializationError` at call time.
+    with cloudpickle, as they are when each call is made (see ``_freshness``); arguments that
+    cannot be pickled raise :class:`SerializationError` at call time.
     """
 
     start_method: ClassVar[str | None] = _default_start_method()
@@ -78,6 +83,7 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
     # tuple itself when it holds only small plain values (the batch's own pickle carries them).
     _payload: bytes | tuple[Any, ...] | None = None
     _pool_used: ProcessPool | None = None  # the pool of the first attempt, which retries go to
+    _function: tuple[int, tuple[bytes, dict[str, list[str]]]]  # its function as pickled when called (prepare)
 
     @staticmethod
     def validate_setting(name: str, value: Any) -> None:
@@ -99,12 +105,18 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
 
     def prepare(self) -> None:
         task = self.task
-        if getattr(task, "_process_payload", None) is None:  # the function is pickled once per task
+        # The function as it is now: its pickle is reused while nothing it captured has changed.
+        pickled = getattr(task, "_process_fn", None)
+        current = pickled.current if pickled is not None else None
+        if current is not None and current[0]():  # PickledFunction.payload(), inline: it runs at every call
+            self._function = current[1]
+        else:
+            if pickled is None:
+                pickled = task._process_fn = _freshness.PickledFunction(task.fn)  # type: ignore[attr-defined]
             try:
-                fn_bytes = cloudpickle.dumps(task.fn, _worker.PROTOCOL)
+                self._function = pickled.payload()
             except Exception as exc:
                 raise SerializationError(f"the function of task {task.name} could not be pickled: {exc}") from exc
-            task._process_payload = (next(_fn_ids), fn_bytes)  # type: ignore[attr-defined]
         args, kwargs = self.args, self.kwargs
         if not kwargs:
             for arg in args:
@@ -117,15 +129,26 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
         try:
             call = (args, kwargs)
             data = _worker.dumps(call)
-            if (self.start_method or _default_start_method()) != "fork" and b"__main__" in data:
-                # pickle refers to classes of __main__ by name; a spawned worker's __main__ lacks
-                # those of a notebook or `python -c`: send them by value.
+            if b"__main__" in data and not self._main_names_resolve(call):
+                # pickle names classes and functions of __main__; a spawned worker's __main__ lacks
+                # those of a notebook or `python -c`, a forked one those made after it was forked:
+                # send them by value.
                 data = cloudpickle.dumps(call, _worker.PROTOCOL)
             self._payload = data
         except Exception as exc:
             raise SerializationError(
                 f"the arguments of {self.id} could not be pickled to send to a worker process: {exc}"
             ) from exc
+
+    def _main_names_resolve(self, call: Any) -> bool:
+        """True if every worker can look up, by name, the objects of __main__ that ``call`` names."""
+        if (self.start_method or _default_start_method()) != "fork":
+            return False
+        pool = _lifecycle.pools.get(type(self))
+        known = pool.forked_main if pool is not None else None  # type: ignore[attr-defined]
+        if known is None:  # no worker yet: they will be forked from __main__ as it is now
+            return True
+        return _freshness.main_references_known(call, known)
 
     def start_attempt(self, attempt: Attempt) -> None:
         # Retries go to the pool of the first attempt while it lives (it may be finishing at exit).
@@ -148,7 +171,6 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
             pool.shutdown(wait=wait)
 
 
-_fn_ids = itertools.count(1)
 _call_ids = itertools.count(1)
 _worker_numbers = itertools.count(1)
 
@@ -156,20 +178,33 @@ _worker_numbers = itertools.count(1)
 class _FrameReader:
     """Reads the length-prefixed frames a worker's ``send_bytes`` writes, many per system call.
 
-    The pipe is non-blocking: a read never waits, so the supervisor needs no second system
-    call to ask whether data is there (each one lets another thread take the GIL).
+    The pipe is non-blocking and ``read`` never waits: the supervisor neither blocks inside a
+    read (with the pool locked) nor needs a second system call to ask whether data is there
+    (each one lets another thread take the GIL). A frame that has not fully arrived stays
+    here until poll reports more: a small one in ``buffer``, a big one in a bytearray of its
+    final size that the next reads fill in place, so a 100 MB result is copied once.
     """
 
     CHUNK = 1 << 16
+    #: Reads one call of ``read`` makes into a big frame before it lets the supervisor go on.
+    FILL_READS = 16
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         os.set_blocking(fd, False)
-        self.buffer = bytearray()
+        self.buffer = bytearray()  # the start of a frame (or of its header) that is not complete yet
+        self.frame: bytearray | None = None  # a big frame being filled in place
+        self.filled = 0
         self.eof = False
 
     def read(self) -> list[bytes | bytearray] | None:
-        """One read, then every complete frame in the buffer; None if the pipe held nothing."""
+        """Read what the pipe holds now; the frames it completed, in order ([] if none). None if it held nothing.
+
+        At the end of the pipe ``eof`` turns True; an incomplete frame there (the worker died
+        while it wrote) is dropped, and every frame before it has been returned.
+        """
+        if self.frame is not None:
+            return self._fill()
         try:
             chunk = os.read(self.fd, self.CHUNK)
         except BlockingIOError:
@@ -197,12 +232,10 @@ class _FrameReader:
             if end - start >= size:
                 frames.append(buffer[start : start + size])
                 pos = start + size
-            elif size > self.CHUNK:  # a big frame: read the rest straight into place, now
-                frame = bytearray(size)
-                have = end - start
-                frame[:have] = buffer[start:end]
-                self._read_into(memoryview(frame)[have:])
-                frames.append(frame)
+            elif size > self.CHUNK:  # a big frame: the rest goes straight into place, as it comes
+                frame = self.frame = bytearray(size)
+                self.filled = end - start
+                frame[: self.filled] = memoryview(buffer)[start:end]
                 pos = end
                 break
             else:
@@ -214,17 +247,56 @@ class _FrameReader:
             del buffer[:pos]
         return frames
 
-    def _read_into(self, view: memoryview) -> None:
-        while len(view):
-            try:
-                n = os.readv(self.fd, [view])
-            except BlockingIOError:
-                select.select([self.fd], [], [])  # the rest of the message is on its way
-                continue
-            if n == 0:
-                self.eof = True
-                raise EOFError("the worker closed its pipe in the middle of a message")
-            view = view[n:]
+    def _fill(self) -> list[bytes | bytearray] | None:
+        """Read into the big frame under way, never past its end; return it once it is complete."""
+        frame = self.frame
+        assert frame is not None
+        size = len(frame)
+        view = memoryview(frame)
+        got = False
+        try:
+            for _ in range(self.FILL_READS):
+                try:
+                    n = os.readv(self.fd, [view[self.filled :]])
+                except BlockingIOError:
+                    break
+                got = True
+                if n == 0:
+                    self.eof = True
+                    self.frame = None  # the worker died in the middle of it
+                    return []
+                self.filled += n
+                if self.filled == size:
+                    self.frame = None
+                    return [frame]
+        finally:
+            view.release()
+        return [] if got else None
+
+
+class _StartName(str):
+    """The name of a spawned or forkserver worker process; unpickled there, it first installs a hook.
+
+    multiprocess's bootstrap in the new process unpickles its preparation data (which holds
+    the process name), then runs the main script again, and only then our entry point. A
+    failure in between -- the classic one: a script that calls a task at import time, without
+    an ``if __name__ == "__main__":`` guard -- ends the process with exit code 1 and its
+    traceback on stderr, out of the caller's sight. This name, unpickled first, runs
+    ``_worker.START_HOOK`` (standard library only, so it works before the parent's sys.path
+    is in place), whose excepthook writes that traceback to ``path``, where ``_reap`` reads
+    it. It evaluates back to a plain str, the name multiprocess expects.
+    """
+
+    path: str
+
+    def __new__(cls, name: str, path: str) -> _StartName:
+        self = super().__new__(cls, name)
+        self.path = path
+        return self
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return (eval, ("exec(hook, {'PATH': path}) or name", {"hook": _worker.START_HOOK, "path": self.path,
+                                                              "name": str(self)}))
 
 
 class _Worker:
@@ -236,18 +308,35 @@ class _Worker:
         self.result_r, result_w = ctx.Pipe(duplex=False)
         alive_r, self.alive_w = ctx.Pipe(duplex=False)
         self.in_flight: dict[int, Attempt] = {}  # call id -> attempt, in the order sent, which is the order they run
-        self.fns_sent: set[int] = set()
+        self.fns_sent: dict[int, Any] = {}  # id -> owner (PickledFunction) of the functions it holds, oldest first
         self.bytes_in_flight = 0
         self.ending = False  # stopped or timed out: being terminated
         self.ready = False  # set up and reading calls: calls sent to it begin (and their timeouts run) from then
         self.pool_fresh = pool.max_tasks is not None
+        self.method = pool.method
         self.kill_at: float | None = None
         self.gone_waiters: list[threading.Event] = []
-        config = {"max_tasks_per_worker": pool.max_tasks, "log_levels": _log_levels()}
+        self.reap_lock = threading.Lock()  # held to signal the process, and to reap it: never one after the other
+        self.reaped = False
+        number = next(_worker_numbers)
+        # Where the worker leaves the traceback of an error that keeps it from starting (created only then).
+        self.start_error_path: str | None
+        try:
+            self.start_error_path = os.path.join(
+                tempfile.gettempdir(), f"taskrun-start-{os.getpid()}-{number}-{uuid.uuid4().hex}.txt"
+            )
+        except OSError:  # no usable temporary directory: start errors say only the exit code
+            self.start_error_path = None
+        config = {
+            "max_tasks_per_worker": pool.max_tasks, "log_levels": _log_levels(), "start_error_path": self.start_error_path,
+        }
+        name = f"taskrun-worker-{number}"
+        if self.method == "fork":
+            pool.note_fork()
         self.process = ctx.Process(
             target=_worker.worker_main,
             args=(call_r, result_w, alive_r, config),
-            name=f"taskrun-worker-{next(_worker_numbers)}",
+            name=name if self.method == "fork" or not self.start_error_path else _StartName(name, self.start_error_path),
             daemon=True,
         )
         pool.workers.append(self)  # registered before fork, so a forked child can close our ends
@@ -259,6 +348,9 @@ class _Worker:
                 conn.close()
             self.close()
             raise
+        # Only we reap it: multiprocess would otherwise reap it whenever any process is started
+        # (or active_children() is called), and we must know when its pid is no longer ours.
+        _mp_process._children.discard(self.process)
         for conn in (call_r, result_w, alive_r):
             conn.close()
         self.pid: int = self.process.pid
@@ -273,18 +365,74 @@ class _Worker:
     def busy(self) -> bool:
         return bool(self.in_flight)
 
+    # Signals and pid reuse. A pid is free for reuse once its process is reaped; a process
+    # group id once its leader is reaped *and* the group is empty (Linux never hands out a
+    # number still in use as a process group id). Under fork and spawn the worker is our child
+    # and only we reap it (see __init__): until we do, even dead, it holds its pid and its
+    # group id, so signalling either is safe; so signal_group and reap take reap_lock,
+    # and nothing is signalled once ``reaped``. Under forkserver the forkserver reaps it, at
+    # once; its sentinel then reports the exit code, so we signal nothing once that is there.
+
     def signal_group(self, signum: int) -> None:
+        """Signal the worker's process group (what its task started too); the worker alone if it has none yet."""
+        with self.reap_lock:
+            if self.reaped or self.method == "forkserver" and wait([self.sentinel], 0):
+                return
+            try:
+                os.killpg(self.pid, signum)
+                return
+            except ProcessLookupError:
+                pass  # a worker that has not made its group yet (just started): signal it alone
+            except PermissionError:
+                return
+            try:
+                os.kill(self.pid, signum)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def reap(self, kill_group: bool, timeout: float) -> int | None:
+        """After the worker exited: end what its task left in its group (if ``kill_group``), then reap it.
+
+        Under fork and spawn the group is signalled while the dead worker still holds its
+        group id. Under forkserver it was reaped already: the group id stays reserved while
+        the task's processes live, which are the ones to kill; once none does, killpg finds
+        nothing, unless, within the milliseconds since the worker died, every pid was handed
+        out again and a new process made itself the leader of a group with this number.
+        """
+        with self.reap_lock:
+            if kill_group and not self.reaped:
+                try:
+                    os.killpg(self.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            self.process.join(timeout)
+            exitcode = self.process.exitcode
+            if exitcode is not None:
+                self.reaped = True
+            return exitcode
+
+    def poll_exit(self) -> int | None:
+        """The exit code if the worker has exited (reaping it), else None; never blocks."""
+        with self.reap_lock:
+            exitcode = self.process.exitcode
+            if exitcode is not None:
+                self.reaped = True
+            return exitcode
+
+    def take_start_error(self) -> str | None:
+        """The traceback the worker left when it could not start, if it did (the file is removed)."""
+        if self.start_error_path is None:
+            return None
         try:
-            os.killpg(self.pid, signum)
-            return
-        except ProcessLookupError:
-            pass  # a worker that has not made its group yet (just started): signal it alone
-        except PermissionError:
-            return
+            with open(self.start_error_path) as f:
+                text = f.read()
+        except OSError:
+            return None
         try:
-            os.kill(self.pid, signum)
-        except (ProcessLookupError, PermissionError):
+            os.unlink(self.start_error_path)
+        except OSError:
             pass
+        return text or None
 
     def close(self) -> None:
         for conn in (self.call_w, self.result_r, self.alive_w):
@@ -314,8 +462,11 @@ class ProcessPool:
     """
 
     def __init__(self, runner: type[MultiprocessTaskRun[Any]]) -> None:
-        method = runner.start_method or _default_start_method()
+        method = self.method = runner.start_method or _default_start_method()
         self.ctx = multiprocess.get_context(method)
+        # fork: the classes and functions of __main__ that every worker forked so far has as we
+        # do (None: no worker yet). A call's arguments may name those by reference.
+        self.forked_main: dict[str, Any] | None = None
         self.max_workers = runner.max_workers or os.cpu_count() or 1
         self.max_tasks = runner.max_tasks_per_worker
         self.lock = threading.Lock()
@@ -339,27 +490,62 @@ class ProcessPool:
     # ---- entry points from any thread ------------------------------------------------------
 
     def submit(self, attempt: Attempt) -> None:
-        """Queue ``attempt`` as a call to a worker. While the pool holds it, its ``runner_state`` is the call's id."""
+        """Queue ``attempt`` as a call to a worker. While the pool holds it, its ``runner_state`` is the call's id.
+
+        Every call submitted ends: it runs, or, if the pool is shut down first, it ends
+        STOPPED, saying so.
+        """
         attempt.runner_state = next(_call_ids)
-        if self.closing in ("now", "closed"):
-            raise RuntimeError("this MultiprocessTaskRun pool was shut down")
         queued: Attempt | None = attempt
         if not self.has_room:
             # Every worker is busy: queue without the lock; the supervisor takes it when a
             # result frees a worker. It publishes has_room before it takes from this queue,
-            # and we append before we read has_room, so a call is never left behind.
+            # and we append before we read has_room, so a call is never left behind. The same
+            # goes for closing: whoever sets it (under the lock) then empties this queue, so
+            # if we read it unset after our append, our call is taken; if set, we may have
+            # come after: we empty the queue ourselves.
             self.submitted.append(attempt)
+            if self.closing in ("now", "closed"):
+                with self.lock:
+                    left = self._take_submitted()
+                self._stop_shut_out(left)
+                return
             if not self.has_room:
                 return
             queued = None
         with self.lock:
-            if queued is not None:
-                self.pending.append(queued)
-            started = self._dispatch(idle_only=True)
-            out = self._take_outbox()
+            if self.closing in ("now", "closed"):
+                left = self._take_submitted()
+                if queued is not None:
+                    left.append(queued)
+                started, out = False, []
+            else:
+                left = []
+                if queued is not None:
+                    self.pending.append(queued)
+                started = self._dispatch(idle_only=True)
+                out = self._take_outbox()
         if started:
             self._wake()  # the supervisor must watch the new workers
         self._deliver(out)
+        if left:
+            self._stop_shut_out(left)
+
+    def _take_submitted(self) -> list[Attempt]:
+        """Empty the lock-free queue (one atomic popleft at a time: a submitter may append meanwhile)."""
+        taken: list[Attempt] = []
+        try:
+            taken.extend(iter(self.submitted.popleft, None))
+        except IndexError:
+            pass
+        return taken
+
+    @staticmethod
+    def _stop_shut_out(attempts: list[Attempt]) -> None:
+        """End calls that came in as the pool shut down: STOPPED, never left pending."""
+        for attempt in attempts:
+            attempt.runner_state = None
+            attempt.run.stop("its process pool was shut down")
 
     def stop_call(self, attempt: Attempt) -> None:
         """End the call of ``attempt`` wherever it is; returns once a running one's worker is gone."""
@@ -396,6 +582,12 @@ class ProcessPool:
                 os.write(self.wake_w, b"\0")
             except OSError:
                 pass
+
+    def note_fork(self) -> None:
+        """A worker is about to be forked: it will have __main__ as it is now (see ``forked_main``)."""
+        now = _freshness.main_objects()
+        known = self.forked_main
+        self.forked_main = now if known is None else {k: v for k, v in known.items() if now.get(k) is v}
 
     def after_fork_in_child(self) -> None:
         """In a forked child (a new worker, or the user's own fork): drop the parent's pipe ends."""
@@ -473,8 +665,11 @@ class ProcessPool:
                     finished = self.closing is not None and not self.pending and not self.submitted and not any(
                         w.in_flight for w in self.workers if not w.ending
                     )
+                    shut_out: list[Attempt] = []
                     if finished:
                         self.closing = "closed"
+                        self.has_room = False
+                        shut_out = self._take_submitted()  # came in after the last check: see submit
                     current = {self.wake_r: (None, False)}
                     for worker in self.workers:
                         current[worker.result_r.fileno()] = (worker, False)
@@ -484,6 +679,7 @@ class ProcessPool:
                 self._deliver(out)
                 del out  # its runs are the callers' now: do not keep them alive while we wait
                 if finished:
+                    self._stop_shut_out(shut_out)
                     break
                 if current != watched:
                     for fd in watched.keys() - current.keys():
@@ -500,6 +696,8 @@ class ProcessPool:
             with self.lock:
                 self.closing = "closed"
                 calls = self._take_all_calls()
+                out = self._take_outbox()
+            self._deliver(out)  # outcomes already read are delivered first: they are not failures
             error = TaskrunError(f"the process pool failed ({type(exc).__name__}: {exc}); see the taskrun log")
             for attempt in calls:
                 attempt.set_exception(error)
@@ -567,11 +765,13 @@ class ProcessPool:
     def _send_batch(self, worker: _Worker, depth: int) -> None:
         pending, fresh, in_flight = self.pending, self.max_tasks is not None, worker.in_flight
         was_idle = not in_flight
-        batch: list[tuple[int, int, bytes | None, bytes | tuple[Any, ...]]] = []
+        batch: list[tuple[int, int, Any, bytes | tuple[Any, ...]]] = []
         room = depth - len(in_flight)
         budget = PIPE_BUDGET - worker.bytes_in_flight
         sent = 0
-        task = fn_id = send_fn = timeout = None  # of the previous call: a batch is mostly one task's
+        # Of the previous call: a batch is mostly one task's, and one version of its function.
+        task = function = fn_id = timeout = None
+        send_fn = False  # whether the call goes with its function (the worker does not hold it)
         while pending and room > 0:
             attempt = pending[0]
             if attempt.reported:
@@ -581,8 +781,10 @@ class ProcessPool:
             if run.task is not task:
                 task = run.task
                 timeout = task.timeout
-                fn_id, fn_bytes = task._process_payload  # type: ignore[attr-defined]
-                send_fn = None if fn_id in worker.fns_sent and not fresh else fn_bytes
+            if run._function is not function:  # type: ignore[attr-defined]
+                function = run._function  # type: ignore[attr-defined]
+                fn_id = function[0]
+                send_fn = fresh or fn_id not in worker.fns_sent
             if timeout is not None and in_flight:
                 break  # a call with a timeout starts at once, never queued behind another
             payload = run._payload  # type: ignore[attr-defined]
@@ -591,16 +793,17 @@ class ProcessPool:
                 break
             pending.popleft()
             call_id = attempt.runner_state
-            batch.append((call_id, fn_id, send_fn, payload))  # type: ignore[arg-type]
+            if send_fn:
+                fn = self._function_message(worker, run, fresh)  # the worker holds it from now on
+                budget -= len(fn[0])  # counts in this batch only: the worker takes it in at once
+                send_fn = fresh
+            else:
+                fn = None
+            batch.append((call_id, fn_id, fn, payload))  # type: ignore[arg-type]
             budget -= size
             sent += size
             in_flight[call_id] = attempt
             room -= 1
-            if send_fn is not None:
-                worker.fns_sent.add(fn_id)  # type: ignore[arg-type]
-                budget -= len(send_fn)  # counts in this batch only: the worker takes it in at once
-                if not fresh:
-                    send_fn = None
             if timeout is not None:
                 break
         if not batch:
@@ -614,6 +817,27 @@ class ProcessPool:
         worker.bytes_in_flight += sent
         if worker.ready and was_idle:
             self._mark_started(worker)
+
+    @staticmethod
+    def _function_message(worker: _Worker, run: Any, fresh: bool) -> tuple[bytes, dict[str, list[str]], tuple[int, ...]]:
+        """The function of ``run`` as sent to ``worker``, which from then on holds it (see ``_worker``).
+
+        A reused worker holds one version of each task's function, and at most
+        ``MAX_WORKER_FUNCTIONS`` functions: the message says which ones to forget.
+        """
+        fn_id, (data, sources) = run._function
+        if fresh:
+            return data, sources, ()  # a fresh process forgets everything anyway
+        held = worker.fns_sent
+        owner = run.task._process_fn
+        drop = [old for old, old_owner in held.items() if old_owner is owner]
+        excess = len(held) - len(drop) + 1 - MAX_WORKER_FUNCTIONS
+        if excess > 0:
+            drop.extend([old for old in held if old not in drop][:excess])
+        for old in drop:
+            del held[old]
+        held[fn_id] = owner
+        return data, sources, tuple(drop)
 
     @staticmethod
     def _mark_started(worker: _Worker) -> None:
@@ -728,14 +952,26 @@ class ProcessPool:
         attempt.runner_state = None
 
     def _reap(self, worker: _Worker) -> None:
-        """A worker exited: drain what it sent, then settle its calls and forget it."""
-        self._drain(worker)
-        worker.process.join(1)
-        exitcode = worker.process.exitcode
+        """A worker exited: drain what it sent, end what its task left behind, reap it, settle its calls, forget it."""
+        self._drain(worker)  # every outcome it sent before it died is delivered first
         calls = list(worker.in_flight.values())
         worker.in_flight.clear()
         worker.bytes_in_flight = 0
-        if worker.ending:
+        # Whatever the task started dies with it (see _Worker.reap for why before the reaping).
+        exitcode = worker.reap(kill_group=worker.ending or bool(calls), timeout=1)
+        start_error = None if worker.ready or worker.ending else worker.take_start_error()
+        if start_error is not None:
+            # It could not start, and the next worker would fail the same way: the calls waiting
+            # for a worker end with its error (calls made from now on try a new worker again).
+            waiting = calls + [attempt for attempt in self.pending if not attempt.reported]
+            self.pending.clear()
+            for attempt in waiting:
+                attempt.runner_state = None
+                self.outbox.append((_worker.RAISED, attempt, self._start_failed(worker, attempt, exitcode, start_error),
+                                    None))
+            if not waiting:
+                logger.warning("%s", self._start_failed(worker, None, exitcode, start_error))
+        elif worker.ending:
             self.pending.extendleft(reversed(calls))  # queued behind the stopped call: never started
         elif calls:
             dead, rest = calls[0], calls[1:]
@@ -744,8 +980,6 @@ class ProcessPool:
             self.outbox.append((_worker.RAISED, dead, self._died(worker, dead, exitcode), None))
         elif self.closing is None:
             logger.warning("taskrun worker process %s died while idle: %s", worker.pid, describe_exit(exitcode))
-        if worker.ending or calls:
-            worker.signal_group(signal.SIGKILL)  # whatever the task started dies with it
         worker.close()
         self.workers.remove(worker)
         for event in worker.gone_waiters:
@@ -757,6 +991,28 @@ class ProcessPool:
         return WorkerDied(
             f"{where} (pid {worker.pid}) running {attempt.run.id} died: {describe_exit(exitcode)}", exitcode
         )
+
+    def _start_failed(self, worker: _Worker, attempt: Attempt | None, exitcode: int | None, text: str) -> WorkerDied:
+        """The error of a call whose worker could not start: the worker's own error, and what to do about it."""
+        summary, _, tb_text = text.partition("\0")
+        summary = " ".join(summary.split())
+        if "bootstrapping phase" in summary:
+            fix = (f'With start_method="{self.method}" a new worker first runs your main script again, and that '
+                   'script calls tasks as it runs: put the code that starts them under `if __name__ == "__main__":`.')
+        elif "<stdin>" in summary:
+            fix = (f'With start_method="{self.method}" a new worker first runs your main script again, which it '
+                   'cannot do for a script read from standard input: save the script to a file and run that, or '
+                   'use start_method="fork".')
+        else:
+            fix = "The worker's traceback is this error's __cause__."
+        who = f"{attempt.run.id} did not run: " if attempt is not None else ""
+        error = WorkerDied(
+            f"{who}the taskrun worker process (pid {worker.pid}) could not start ({describe_exit(exitcode)}): "
+            f"{summary.rstrip('.')}. {fix}",
+            exitcode,
+        )
+        error.__cause__ = RemoteTraceback(tb_text or text)
+        return error
 
     def _stop(self, attempt: Attempt) -> threading.Event | None:
         """Stop the call of ``attempt``. Returns an event set when its worker is gone, if it had to be ended."""
@@ -782,10 +1038,9 @@ class ProcessPool:
 
     def _take_all_calls(self) -> list[Attempt]:
         """The attempts of every call the pool holds, queued or in a worker; the workers are ended. No more calls start."""
-        calls = list(self.pending) + list(self.submitted)
-        self.pending.clear()
-        self.submitted.clear()
         self.has_room = False
+        calls = list(self.pending) + self._take_submitted()
+        self.pending.clear()
         for worker in self.workers:
             calls.extend(worker.in_flight.values())
             worker.in_flight.clear()
@@ -825,7 +1080,7 @@ class ProcessPool:
         deadline = time.monotonic() + 5
         for worker in workers:
             self._drain_until_exit(worker, deadline)
-            if worker.process.exitcode is None:
+            if worker.poll_exit() is None:
                 worker.signal_group(signal.SIGKILL)
                 self._drain_until_exit(worker, time.monotonic() + 5)
         with self.lock:
@@ -838,7 +1093,7 @@ class ProcessPool:
         self._deliver(out)
 
     def _drain_until_exit(self, worker: _Worker, deadline: float) -> None:
-        while worker.process.exitcode is None:
+        while worker.poll_exit() is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -849,4 +1104,4 @@ class ProcessPool:
             if worker.sentinel in ready:
                 with self.lock:
                     self._drain(worker)
-                worker.process.join(1)
+                worker.reap(kill_group=False, timeout=1)
