@@ -9,7 +9,7 @@ import types
 import cloudpickle
 import pytest
 
-from taskrun._freshness import Fingerprint, PickledFunction, by_value_rule, dumps_function, home_namespace
+from taskrun.runners.process._functions import Fingerprint, PickledFunction, by_value_rule, dumps_function, home_namespace
 
 # ---- a small world of globals for the functions below --------------------------------------------
 

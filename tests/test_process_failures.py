@@ -14,7 +14,7 @@ from _waiting import is_alive, wait_for
 from test_process_runner import WAIT, _no_child_processes, read_pid, runner, write_atomic  # noqa: F401
 
 from taskrun import SerializationError, Status, TaskrunError, WorkerDied, _lifecycle, task
-from taskrun.runners.process import ProcessPool
+from taskrun.runners.process._pool import ProcessPool
 
 
 def double(x):
@@ -111,7 +111,8 @@ def test_stopping_a_call_sent_ahead_to_a_busy_worker_skips_it_there(tmp_path):
 
     def in_the_workers_queue():
         with pool.lock:
-            return any(list(w.in_flight)[1:].count(queued[1]._current.runner_state) for w in pool.workers)
+            state = queued[1]._current.runner_state  # (call id, payload, function) while the pool holds it
+            return state is not None and any(state[0] in list(w.in_flight)[1:] for w in pool.workers)
 
     wait_for(in_the_workers_queue, WAIT, "q2 to be sent ahead to the busy worker")
     assert queued[1].stop() is True  # in the worker's queue: cancelled there, the worker goes on

@@ -18,7 +18,7 @@ import pytest
 from test_process_runner import WAIT, _no_child_processes, read_pid, runner, write_atomic  # noqa: F401
 
 from taskrun import Status, WorkerDied, task
-from taskrun.runners.process import _FrameReader
+from taskrun.runners.process._protocol import FrameReader as _FrameReader
 
 
 def frame(data, long_header=False):
@@ -179,12 +179,12 @@ def _write_all(fd, data):
 
 def result_sent_in_two_parts(started, fifo, size):
     """Return ``size`` bytes; the worker writes half of that result's frame, waits for the fifo, then the rest."""
-    from taskrun import _worker
+    from taskrun.runners.process import _protocol as _worker
 
-    original = _worker._Sender.send
+    original = _worker.Sender.send
 
     def send(self, message):
-        _worker._Sender.send = original
+        _worker.Sender.send = original
         data = frame(_worker.dumps(message))
         half = len(data) // 2
         with self.lock:
@@ -194,7 +194,7 @@ def result_sent_in_two_parts(started, fifo, size):
                 f.read(1)
             _write_all(self.fd, data[half:])
 
-    _worker._Sender.send = send
+    _worker.Sender.send = send
     return b"z" * size
 
 
@@ -228,9 +228,9 @@ def hold_outcomes(started, fifo):
     It waits for the test to queue the calls behind it, then logs: the log record (sent as
     usual) wakes the parent's supervisor, which sends the queued calls to this worker.
     """
-    from taskrun import _worker
+    from taskrun.runners.process import _protocol as _worker
 
-    original = _worker._Sender.send
+    original = _worker.Sender.send
     held = _worker._held_for_test = []
 
     def keep(self, message):
@@ -240,7 +240,7 @@ def hold_outcomes(started, fifo):
         _worker._held_fd_for_test = self.fd
         held.append(message)
 
-    _worker._Sender.send = keep
+    _worker.Sender.send = keep
     write_atomic(started, str(os.getpid()))
     with open(fifo, "rb") as f:
         f.read(1)
@@ -250,7 +250,7 @@ def hold_outcomes(started, fifo):
 
 def die_mid_frame():
     """Write every held outcome and the start of a big frame in one go, then die."""
-    from taskrun import _worker
+    from taskrun.runners.process import _protocol as _worker
 
     data = b"".join(frame(_worker.dumps(message)) for message in _worker._held_for_test)
     data += frame(b"x" * 300_000)[:2000]

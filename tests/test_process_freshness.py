@@ -321,9 +321,9 @@ def test_fork_arguments_of_main_classes_made_before_and_after_the_pool_started(m
 
 @pytest.mark.parametrize("method", ["fork"])
 def test_a_worker_forgets_the_oldest_functions_beyond_its_limit(method, monkeypatch):
-    from taskrun.runners import process
+    from taskrun.runners.process import _pool
 
-    monkeypatch.setattr(process, "MAX_WORKER_FUNCTIONS", 3)
+    monkeypatch.setattr(_pool, "MAX_WORKER_FUNCTIONS", 3)
     R = runner(method, max_workers=1)
     tasks = [task(runner=R, name=f"t{i}")(lambda x, i=i: x + i) for i in range(6)]
     assert [t(10).get_result(WAIT) for t in tasks] == [10, 11, 12, 13, 14, 15]

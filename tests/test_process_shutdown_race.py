@@ -82,7 +82,7 @@ def test_a_call_on_a_pool_closed_under_it_ends_stopped():
     late.prepare()
     attempt = late._current = Attempt(late, 1)
     late._attempts = 1
-    pool.submit(attempt)  # straight to the closed pool
+    pool.submit(attempt, late._payload, late._function)  # straight to the closed pool
     assert late.wait(WAIT)
     assert late.status is Status.STOPPED and "shut down" in str(late.exception())
 

@@ -1,4 +1,4 @@
-"""A task's function, pickled for worker processes, as it is when each call is made.
+"""A task's function, pickled for worker processes as it is when each call is made.
 
 The function is pickled once and its bytes reused while a cheap :class:`Fingerprint` of
 what that pickle captured still holds; when it does not, the function is pickled again
@@ -35,6 +35,10 @@ from typing import Any
 import cloudpickle
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
+#: The key of a task's PickledFunction in ``task.runner_cache``.
+CACHE_KEY = "taskrun.process.function"
+#: A version of a function as sent: ``(fn_id, (bytes, sources))``.
+Payload = tuple[int, tuple[bytes, dict[str, list[str]]]]
 _MISSING = object()  # a global name with no value (yet)
 _EMPTY = object()  # an empty closure cell
 
@@ -188,10 +192,14 @@ class Fingerprint:
 # ---- pickling by value ----------------------------------------------------------------------
 
 
+# cloudpickle's own rule for what travels by reference (not public API: looked up once, with a fallback).
+_by_reference: Callable[[Any], bool] | None = getattr(cloudpickle.cloudpickle, "_should_pickle_by_reference", None)
+
+
 def _dynamic_class(cls: type) -> bool:
     """True for a class cloudpickle sends by value (of ``__main__``, local, or not importable)."""
     try:
-        return not cloudpickle.cloudpickle._should_pickle_by_reference(cls)
+        return not _by_reference(cls)  # type: ignore[misc]
     except Exception:
         return cls.__module__ == "__main__"
 
@@ -228,7 +236,7 @@ def by_value_rule(home: dict[str, Any] | None) -> Callable[[types.FunctionType],
         if function.__globals__ is home:
             return True
         try:
-            return not cloudpickle.cloudpickle._should_pickle_by_reference(function)
+            return not _by_reference(function)  # type: ignore[misc]
         except Exception:
             return function.__module__ == "__main__"
 

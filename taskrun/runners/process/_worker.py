@@ -1,17 +1,8 @@
-"""The worker side of the process pool: read calls, run them, send back each outcome.
+"""The worker side of the process pool: a small loop that reads calls, runs them and sends back each outcome.
 
-Messages are pickled tuples. Parent to worker: ``(CALLS, [(call_id, fn_id, fn | None,
-args), ...])`` and ``(CANCEL, call_id)``; end of file means exit. ``fn`` comes with the first
-call of a function this worker does not hold: ``(bytes, sources, drop)``, the pickled
-function, the source lines of code that has no file (for tracebacks), and the ids of the
-functions to forget first (old versions; the parent decides, so it knows what each worker
-holds). ``args``: the pickled ``(args, kwargs)``, or a tuple of plain positional arguments. Worker to parent:
-``(kind, call_id, payload, seconds)`` with the kinds below (``seconds``: how long the call
-ran), one message per finished call, in the order the calls arrived, so the parent always
-knows which call a dead worker was running. With ``max_tasks_per_worker`` the worker forks a
-fresh child to serve each run of calls and reports ``(DIED, None, exitcode, 0.0)`` when one
-ends without finishing. ``(READY, None, None, 0.0)``, sent once set up, tells the parent that
-calls sent to it begin now (a spawned worker takes a while to start: that is not the calls' time).
+It runs in the worker process only (see ``_protocol`` for the messages). With
+``max_tasks_per_worker`` the worker forks a fresh child to serve each run of calls, from a
+clean copy of itself, and says when one ends without finishing.
 """
 
 from __future__ import annotations
@@ -22,7 +13,6 @@ import os
 import pickle
 import select
 import signal
-import struct
 import sys
 import threading
 import time
@@ -33,51 +23,27 @@ from typing import Any
 
 import cloudpickle
 
-from ._freshness import register_sources
-
-CALLS, CANCEL = "calls", "cancel"
-OK, RAISED, SKIPPED, UNPICKLABLE, LOG, WARN, DIED, READY = range(8)
-PROTOCOL = pickle.HIGHEST_PROTOCOL
-SMALL_FRAME = 4000  # bytes: with its header, one pipe write that cannot be split (PIPE_BUF is 4096)
-_frame_header = struct.Struct("!i").pack
-_unpack_header = struct.Struct("!i").unpack
-
-
-def dumps(obj: Any) -> bytes:
-    """Pickle with the fast standard pickler; fall back to cloudpickle (lambdas, local classes)."""
-    try:
-        return pickle.dumps(obj, PROTOCOL)
-    except Exception:
-        return cloudpickle.dumps(obj, PROTOCOL)
-
-
-class _Sender:
-    """The result pipe, shared by the call loop and by log records from any thread of a task.
-
-    Small messages are framed as ``Connection.send_bytes`` frames them (a 4-byte big-endian
-    length, then the bytes) and written in one system call; larger ones go through the
-    connection, which also handles partial writes.
-    """
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-        self.fd = conn.fileno()
-        self.lock = threading.Lock()
-
-    def send(self, message: tuple[Any, ...]) -> None:
-        data = dumps(message)
-        size = len(data)
-        with self.lock:
-            if size < SMALL_FRAME:
-                os.write(self.fd, _frame_header(size) + data)  # atomic: a pipe write under PIPE_BUF
-            else:
-                self.conn.send_bytes(data)
+from ._functions import register_sources
+from ._protocol import (
+    CALLS,
+    DIED,
+    LOG,
+    OK,
+    PROTOCOL,
+    RAISED,
+    READY,
+    SKIPPED,
+    UNPICKLABLE,
+    WARN,
+    Sender,
+    receive,
+)
 
 
 class _ForwardHandler(logging.Handler):
     """Sends every log record to the parent, which hands it to its own handlers."""
 
-    def __init__(self, sender: _Sender) -> None:
+    def __init__(self, sender: Sender) -> None:
         super().__init__()
         self.sender = sender
 
@@ -94,7 +60,7 @@ class _ForwardHandler(logging.Handler):
             self.handleError(record)
 
 
-def _forward_logging(sender: _Sender, levels: dict[str, int]) -> None:
+def _forward_logging(sender: Sender, levels: dict[str, int]) -> None:
     manager = logging.Logger.manager
     for logger in [logging.getLogger(), *manager.loggerDict.values()]:
         if isinstance(logger, logging.Logger):
@@ -114,40 +80,6 @@ def _forward_logging(sender: _Sender, levels: dict[str, int]) -> None:
         sender.send((WARN, None, (str(message), category, filename, lineno), 0.0))
 
     warnings.showwarning = show_warning
-
-
-def _read_exactly(fd: int, size: int) -> bytes | bytearray:
-    data = os.read(fd, size)
-    if len(data) == size:
-        return data
-    if not data:
-        raise EOFError("the parent closed the call pipe in the middle of a message")
-    buffer = bytearray(size)  # a big message: read the rest straight into place
-    buffer[: len(data)] = data
-    view = memoryview(buffer)[len(data) :]
-    while len(view):
-        n = os.readv(fd, [view])
-        if n == 0:
-            raise EOFError("the parent closed the call pipe in the middle of a message")
-        view = view[n:]
-    return buffer
-
-
-def _receive(fd: int) -> Any:
-    """Read and unpickle one message framed as ``Connection.send_bytes`` frames it.
-
-    Plain reads instead of the connection's own: a fresh child runs far less code, and so
-    copies fewer of the pages it shares with its zygote.
-    """
-    header = os.read(fd, 4)
-    if not header:
-        raise EOFError("the parent closed the call pipe")
-    if len(header) < 4:
-        header += _read_exactly(fd, 4 - len(header))
-    (size,) = _unpack_header(header)
-    if size == -1:  # 2 GiB or more
-        (size,) = struct.unpack("!Q", _read_exactly(fd, 8))
-    return pickle.loads(_read_exactly(fd, size))
 
 
 def _watch_parent(alive_conn: Any) -> None:
@@ -257,7 +189,7 @@ def worker_main(call_conn: Any, result_conn: Any, alive_conn: Any, config: dict[
 
         multiprocess.current_process().daemon = False  # let tasks start processes of their own
         threading.Thread(target=_watch_parent, args=(alive_conn,), name="taskrun-parent-watch", daemon=True).start()
-        sender = _Sender(result_conn)
+        sender = Sender(result_conn)
         _forward_logging(sender, config["log_levels"])
     except BaseException as exc:
         write_start_error(config.get("start_error_path"), exc)
@@ -318,17 +250,17 @@ def _end_own_pools() -> None:
     Worker processes end without running atexit handlers, and multiprocess would SIGTERM
     those pools' workers instead, which their supervisor took for deaths.
     """
-    from . import _lifecycle
+    from ..base import anything_started, shutdown
 
-    if not _lifecycle.anything_started():
+    if not anything_started():
         return  # the usual case: no task here called another
     try:
-        _lifecycle.shutdown(wait=True)
+        shutdown(wait=True)
     except BaseException:  # noqa: B036 - ending anyway; nothing here may keep the worker alive
         logging.getLogger("taskrun").exception("taskrun could not shut down the pools of a worker process")
 
 
-def _fork_servers(call_conn: Any, sender: _Sender, max_calls: int) -> None:
+def _fork_servers(call_conn: Any, sender: Sender, max_calls: int) -> None:
     """Serve every ``max_calls`` calls from a fresh child forked from this (clean) process.
 
     A spare child is forked while the current one works and waits for a go byte, so neither
@@ -364,7 +296,7 @@ def _fork_servers(call_conn: Any, sender: _Sender, max_calls: int) -> None:
                 return
 
 
-def _fork_server(call_conn: Any, sender: _Sender, max_calls: int) -> tuple[int, int, int]:
+def _fork_server(call_conn: Any, sender: Sender, max_calls: int) -> tuple[int, int, int]:
     """Fork a child that waits for a go byte, serves ``max_calls`` calls and says it finished."""
     go_r, go_w = os.pipe()
     done_r, done_w = os.pipe()
@@ -390,7 +322,7 @@ def _fork_server(call_conn: Any, sender: _Sender, max_calls: int) -> tuple[int, 
     return pid, go_w, done_r
 
 
-def _serve(call_conn: Any, sender: _Sender, max_calls: int | None) -> None:
+def _serve(call_conn: Any, sender: Sender, max_calls: int | None) -> None:
     """Read calls, run them in order and send back each outcome, until end of file or ``max_calls``."""
     fns: dict[int, Any] = {}
     queued: deque[tuple[int, int, Any, bytes | tuple[Any, ...]]] = deque()
@@ -409,9 +341,9 @@ def _serve(call_conn: Any, sender: _Sender, max_calls: int | None) -> None:
     try:
         while max_calls is None or calls_done < max_calls:
             if not queued:
-                take(_receive(call_fd))
+                take(receive(call_fd))
             while max_calls is None and arrivals.poll(0):  # cancels arrive while we work
-                take(_receive(call_fd))
+                take(receive(call_fd))
             if not queued:
                 continue
             call_id, fn_id, fn, payload = queued.popleft()

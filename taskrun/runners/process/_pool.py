@@ -1,9 +1,10 @@
-"""``MultiprocessTaskRun``: attempts run on a pool of reusable worker processes.
+"""The process pool of one runner class: its worker processes and the supervisor thread that watches them.
 
-The parent side is one supervisor thread per pool. It waits in one place on the workers'
-result pipes, their process sentinels and a wake-up pipe together (never on a timer),
-drains a worker's results before it ever joins or replaces it, tops workers up from the
-backlog (in batches), and ends workers on stop, timeout and shutdown.
+The supervisor waits in one place on the workers' result pipes, their process sentinels and
+a wake-up pipe together (never on a timer), reads without ever blocking, drains a worker's
+results before it joins or replaces it, tops workers up from the backlog (in batches), and
+ends workers on stop, timeout and shutdown. Outcomes are collected under the pool's lock and
+reported after it is released.
 """
 
 from __future__ import annotations
@@ -14,441 +15,34 @@ import os
 import pickle
 import select
 import signal
-import struct
-import sys
-import tempfile
 import threading
 import time
-import uuid
 import warnings
 from collections import deque
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import cloudpickle
 import multiprocess
-from multiprocess import process as _mp_process
 from multiprocess.connection import wait
 
-from .. import _freshness, _lifecycle, _worker
-from .._config import positive_int_or_none
-from .._run import PLAIN_TYPES as _PLAIN
-from .._run import Attempt, BaseTaskRun, R
-from ..errors import RemoteTraceback, SerializationError, TaskrunError, WorkerDied, describe_exit
+from ...errors import RemoteTraceback, SerializationError, TaskrunError, WorkerDied, describe_exit
+from ..base import Attempt, forget_pool
+from . import _functions
+from ._batching import CALL_BYTES, PIPE_BUDGET, BatchPolicy
+from ._protocol import CALLS, CANCEL, DIED, LOG, OK, PROTOCOL, RAISED, READY, WARN
+from ._workers import WorkerProcess, default_start_method
+
+if TYPE_CHECKING:
+    from . import MultiprocessTaskRun
 
 logger = logging.getLogger("taskrun")
 
-_OK = _worker.OK
-#: Most calls sent to one worker ahead of time when there is a backlog.
-MAX_BATCH = 256
-#: Seconds of work a worker is given ahead of time when there is a backlog: enough to keep it
-#: busy while the parent's threads take turns with the GIL, short enough to balance the end
-#: of a batch of long calls (they go one at a time).
-AHEAD_SECONDS = 0.01
-#: A worker's own cost of one call (receive, unpickle, pickle, send), added to its run time.
-CALL_OVERHEAD = 20e-6
-#: Bytes of calls a busy worker may have waiting in its pipe; more could block the supervisor.
-PIPE_BUDGET = 32 * 1024
-#: Bytes of one call's message besides its pickled arguments, as counted against the budget.
-CALL_BYTES = 64
-#: Plain arguments (str and bytes up to this long) travel in the batch's own pickle.
-_PLAIN_MAX = 256
+_call_ids = itertools.count(1)
+
 #: Most functions a reused worker holds (one version per task); the oldest goes first.
 MAX_WORKER_FUNCTIONS = 64
 #: Seconds between SIGTERM and SIGKILL when a worker is ended.
 TERMINATE_GRACE = 1.0
-
-
-def _default_start_method() -> str:
-    return "fork" if "fork" in multiprocess.get_all_start_methods() and sys.platform != "darwin" else "spawn"
-
-
-class MultiprocessTaskRun(BaseTaskRun[R]):
-    """Runs calls on a pool of reusable worker processes; best for CPU-bound work.
-
-    Settings: ``start_method`` (fork where available, else spawn), ``max_workers``
-    (default ``os.cpu_count()``), ``max_tasks_per_worker`` (None: reuse forever; 1: a fresh
-    process per call). ``stop()`` and a timeout end the worker's whole process group
-    (SIGTERM, then SIGKILL) and the pool replaces it. Functions, lambdas and closures travel
-    with cloudpickle, as they are when each call is made (see ``_freshness``); arguments that
-    cannot be pickled raise :class:`SerializationError` at call time.
-    """
-
-    start_method: ClassVar[str | None] = _default_start_method()
-    max_workers: ClassVar[int | None] = os.cpu_count() or 1
-    max_tasks_per_worker: ClassVar[int | None] = None
-    settings: ClassVar[dict[str, Any]] = {
-        "start_method": start_method, "max_workers": max_workers, "max_tasks_per_worker": max_tasks_per_worker,
-    }
-    # The call's arguments as sent, made by prepare(): the pickled (args, kwargs), or the args
-    # tuple itself when it holds only small plain values (the batch's own pickle carries them).
-    _payload: bytes | tuple[Any, ...] | None = None
-    _pool_used: ProcessPool | None = None  # the pool of the first attempt, which retries go to
-    _function: tuple[int, tuple[bytes, dict[str, list[str]]]]  # its function as pickled when called (prepare)
-
-    @staticmethod
-    def validate_setting(name: str, value: Any) -> None:
-        if name == "start_method":
-            if value is not None and value not in multiprocess.get_all_start_methods():
-                available = ", ".join(multiprocess.get_all_start_methods())
-                raise ValueError(
-                    f"MultiprocessTaskRun setting start_method={value!r} is not available here; use one of {available}"
-                )
-        else:
-            positive_int_or_none("MultiprocessTaskRun", name, value)
-
-    @classmethod
-    def _pool(cls) -> ProcessPool:
-        pool = _lifecycle.pools.get(cls)
-        if pool is None:
-            pool = _lifecycle.get_pool(cls, lambda: ProcessPool(cls))
-        return pool  # type: ignore[return-value]
-
-    def prepare(self) -> None:
-        task = self.task
-        # The function as it is now: its pickle is reused while nothing it captured has changed.
-        pickled = getattr(task, "_process_fn", None)
-        current = pickled.current if pickled is not None else None
-        if current is not None and current[0]():  # PickledFunction.payload(), inline: it runs at every call
-            self._function = current[1]
-        else:
-            if pickled is None:
-                pickled = task._process_fn = _freshness.PickledFunction(task.fn)  # type: ignore[attr-defined]
-            try:
-                self._function = pickled.payload()
-            except Exception as exc:
-                raise SerializationError(f"the function of task {task.name} could not be pickled: {exc}") from exc
-        args, kwargs = self.args, self.kwargs
-        if not kwargs:
-            for arg in args:
-                kind = type(arg)
-                if kind not in _PLAIN or (kind is str or kind is bytes) and len(arg) > _PLAIN_MAX:
-                    break
-            else:
-                self._payload = args
-                return
-        try:
-            call = (args, kwargs)
-            data = _worker.dumps(call)
-            if b"__main__" in data and not self._main_names_resolve(call):
-                # pickle names classes and functions of __main__; a spawned worker's __main__ lacks
-                # those of a notebook or `python -c`, a forked one those made after it was forked:
-                # send them by value.
-                data = cloudpickle.dumps(call, _worker.PROTOCOL)
-            self._payload = data
-        except Exception as exc:
-            raise SerializationError(
-                f"the arguments of {self.id} could not be pickled to send to a worker process: {exc}"
-            ) from exc
-
-    def _main_names_resolve(self, call: Any) -> bool:
-        """True if every worker can look up, by name, the objects of __main__ that ``call`` names."""
-        if (self.start_method or _default_start_method()) != "fork":
-            return False
-        pool = _lifecycle.pools.get(type(self))
-        known = pool.forked_main if pool is not None else None  # type: ignore[attr-defined]
-        if known is None:  # no worker yet: they will be forked from __main__ as it is now
-            return True
-        return _freshness.main_references_known(call, known)
-
-    def start_attempt(self, attempt: Attempt) -> None:
-        # Retries go to the pool of the first attempt while it lives (it may be finishing at exit).
-        pool = self._pool_used
-        if pool is None or pool.closing in ("now", "closed"):
-            if self._payload is None:  # a subclass's prepare() did not call ours
-                MultiprocessTaskRun.prepare(self)
-            # _pool(), inline: a classmethod call costs about 2% of a map call
-            pool = self._pool_used = _lifecycle.pools.get(type(self)) or self._pool()  # type: ignore[assignment]
-        pool.submit(attempt)
-
-    def stop_attempt(self, attempt: Attempt) -> None:
-        pool = self._pool_used
-        if pool is not None and attempt.runner_state is not None:
-            pool.stop_call(attempt)
-
-    @classmethod
-    def shutdown(cls, wait: bool = True) -> None:
-        for pool in _lifecycle.drop_pools(cls):
-            pool.shutdown(wait=wait)
-
-
-_call_ids = itertools.count(1)
-_worker_numbers = itertools.count(1)
-
-
-class _FrameReader:
-    """Reads the length-prefixed frames a worker's ``send_bytes`` writes, many per system call.
-
-    The pipe is non-blocking and ``read`` never waits: the supervisor neither blocks inside a
-    read (with the pool locked) nor needs a second system call to ask whether data is there
-    (each one lets another thread take the GIL). A frame that has not fully arrived stays
-    here until poll reports more: a small one in ``buffer``, a big one in a bytearray of its
-    final size that the next reads fill in place, so a 100 MB result is copied once.
-    """
-
-    CHUNK = 1 << 16
-    #: Reads one call of ``read`` makes into a big frame before it lets the supervisor go on.
-    FILL_READS = 16
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        os.set_blocking(fd, False)
-        self.buffer = bytearray()  # the start of a frame (or of its header) that is not complete yet
-        self.frame: bytearray | None = None  # a big frame being filled in place
-        self.filled = 0
-        self.eof = False
-
-    def read(self) -> list[bytes | bytearray] | None:
-        """Read what the pipe holds now; the frames it completed, in order ([] if none). None if it held nothing.
-
-        At the end of the pipe ``eof`` turns True; an incomplete frame there (the worker died
-        while it wrote) is dropped, and every frame before it has been returned.
-        """
-        if self.frame is not None:
-            return self._fill()
-        try:
-            chunk = os.read(self.fd, self.CHUNK)
-        except BlockingIOError:
-            return None
-        if not chunk:
-            self.eof = True
-            return []
-        buffer: bytes | bytearray
-        if self.buffer:
-            buffer = self.buffer
-            buffer += chunk
-        else:
-            buffer = chunk  # the usual case, whole frames: sliced straight out of what was read
-        frames: list[bytes | bytearray] = []
-        pos, end = 0, len(buffer)
-        while end - pos >= 4:
-            (size,) = struct.unpack_from("!i", buffer, pos)
-            header = 4
-            if size == -1:  # a frame of 2 GiB or more
-                if end - pos < 12:
-                    break
-                (size,) = struct.unpack_from("!Q", buffer, pos + 4)
-                header = 12
-            start = pos + header
-            if end - start >= size:
-                frames.append(buffer[start : start + size])
-                pos = start + size
-            elif size > self.CHUNK:  # a big frame: the rest goes straight into place, as it comes
-                frame = self.frame = bytearray(size)
-                self.filled = end - start
-                frame[: self.filled] = memoryview(buffer)[start:end]
-                pos = end
-                break
-            else:
-                break
-        if buffer is chunk:
-            if pos < end:
-                self.buffer = bytearray(chunk[pos:])
-        else:
-            del buffer[:pos]
-        return frames
-
-    def _fill(self) -> list[bytes | bytearray] | None:
-        """Read into the big frame under way, never past its end; return it once it is complete."""
-        frame = self.frame
-        assert frame is not None
-        size = len(frame)
-        view = memoryview(frame)
-        got = False
-        try:
-            for _ in range(self.FILL_READS):
-                try:
-                    n = os.readv(self.fd, [view[self.filled :]])
-                except BlockingIOError:
-                    break
-                got = True
-                if n == 0:
-                    self.eof = True
-                    self.frame = None  # the worker died in the middle of it
-                    return []
-                self.filled += n
-                if self.filled == size:
-                    self.frame = None
-                    return [frame]
-        finally:
-            view.release()
-        return [] if got else None
-
-
-class _StartName(str):
-    """The name of a spawned or forkserver worker process; unpickled there, it first installs a hook.
-
-    multiprocess's bootstrap in the new process unpickles its preparation data (which holds
-    the process name), then runs the main script again, and only then our entry point. A
-    failure in between -- the classic one: a script that calls a task at import time, without
-    an ``if __name__ == "__main__":`` guard -- ends the process with exit code 1 and its
-    traceback on stderr, out of the caller's sight. This name, unpickled first, runs
-    ``_worker.START_HOOK`` (standard library only, so it works before the parent's sys.path
-    is in place), whose excepthook writes that traceback to ``path``, where ``_reap`` reads
-    it. It evaluates back to a plain str, the name multiprocess expects.
-    """
-
-    path: str
-
-    def __new__(cls, name: str, path: str) -> _StartName:
-        self = super().__new__(cls, name)
-        self.path = path
-        return self
-
-    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
-        return (eval, ("exec(hook, {'PATH': path}) or name", {"hook": _worker.START_HOOK, "path": self.path,
-                                                              "name": str(self)}))
-
-
-class _Worker:
-    """One worker process and the parent's ends of its three pipes."""
-
-    def __init__(self, pool: ProcessPool) -> None:
-        ctx = pool.ctx
-        call_r, self.call_w = ctx.Pipe(duplex=False)
-        self.result_r, result_w = ctx.Pipe(duplex=False)
-        alive_r, self.alive_w = ctx.Pipe(duplex=False)
-        self.in_flight: dict[int, Attempt] = {}  # call id -> attempt, in the order sent, which is the order they run
-        self.fns_sent: dict[int, Any] = {}  # id -> owner (PickledFunction) of the functions it holds, oldest first
-        self.bytes_in_flight = 0
-        self.ending = False  # stopped or timed out: being terminated
-        self.ready = False  # set up and reading calls: calls sent to it begin (and their timeouts run) from then
-        self.pool_fresh = pool.max_tasks is not None
-        self.method = pool.method
-        self.kill_at: float | None = None
-        self.gone_waiters: list[threading.Event] = []
-        self.reap_lock = threading.Lock()  # held to signal the process, and to reap it: never one after the other
-        self.reaped = False
-        number = next(_worker_numbers)
-        # Where the worker leaves the traceback of an error that keeps it from starting (created only then).
-        self.start_error_path: str | None
-        try:
-            self.start_error_path = os.path.join(
-                tempfile.gettempdir(), f"taskrun-start-{os.getpid()}-{number}-{uuid.uuid4().hex}.txt"
-            )
-        except OSError:  # no usable temporary directory: start errors say only the exit code
-            self.start_error_path = None
-        config = {
-            "max_tasks_per_worker": pool.max_tasks, "log_levels": _log_levels(), "start_error_path": self.start_error_path,
-        }
-        name = f"taskrun-worker-{number}"
-        if self.method == "fork":
-            pool.note_fork()
-        self.process = ctx.Process(
-            target=_worker.worker_main,
-            args=(call_r, result_w, alive_r, config),
-            name=name if self.method == "fork" or not self.start_error_path else _StartName(name, self.start_error_path),
-            daemon=True,
-        )
-        pool.workers.append(self)  # registered before fork, so a forked child can close our ends
-        try:
-            self.process.start()
-        except BaseException:
-            pool.workers.remove(self)
-            for conn in (call_r, result_w, alive_r):
-                conn.close()
-            self.close()
-            raise
-        # Only we reap it: multiprocess would otherwise reap it whenever any process is started
-        # (or active_children() is called), and we must know when its pid is no longer ours.
-        _mp_process._children.discard(self.process)
-        for conn in (call_r, result_w, alive_r):
-            conn.close()
-        self.pid: int = self.process.pid
-        try:
-            os.setpgid(self.pid, self.pid)  # as the worker does first thing: its group exists from now on
-        except OSError:
-            pass  # it already did (or, under spawn, exec'd and must do it itself)
-        self.sentinel: int = self.process.sentinel
-        self.reader = _FrameReader(self.result_r.fileno())
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.in_flight)
-
-    # Signals and pid reuse. A pid is free for reuse once its process is reaped; a process
-    # group id once its leader is reaped *and* the group is empty (Linux never hands out a
-    # number still in use as a process group id). Under fork and spawn the worker is our child
-    # and only we reap it (see __init__): until we do, even dead, it holds its pid and its
-    # group id, so signalling either is safe; so signal_group and reap take reap_lock,
-    # and nothing is signalled once ``reaped``. Under forkserver the forkserver reaps it, at
-    # once; its sentinel then reports the exit code, so we signal nothing once that is there.
-
-    def signal_group(self, signum: int) -> None:
-        """Signal the worker's process group (what its task started too); the worker alone if it has none yet."""
-        with self.reap_lock:
-            if self.reaped or self.method == "forkserver" and wait([self.sentinel], 0):
-                return
-            try:
-                os.killpg(self.pid, signum)
-                return
-            except ProcessLookupError:
-                pass  # a worker that has not made its group yet (just started): signal it alone
-            except PermissionError:
-                return
-            try:
-                os.kill(self.pid, signum)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    def reap(self, kill_group: bool, timeout: float) -> int | None:
-        """After the worker exited: end what its task left in its group (if ``kill_group``), then reap it.
-
-        Under fork and spawn the group is signalled while the dead worker still holds its
-        group id. Under forkserver it was reaped already: the group id stays reserved while
-        the task's processes live, which are the ones to kill; once none does, killpg finds
-        nothing, unless, within the milliseconds since the worker died, every pid was handed
-        out again and a new process made itself the leader of a group with this number.
-        """
-        with self.reap_lock:
-            if kill_group and not self.reaped:
-                try:
-                    os.killpg(self.pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            self.process.join(timeout)
-            exitcode = self.process.exitcode
-            if exitcode is not None:
-                self.reaped = True
-            return exitcode
-
-    def poll_exit(self) -> int | None:
-        """The exit code if the worker has exited (reaping it), else None; never blocks."""
-        with self.reap_lock:
-            exitcode = self.process.exitcode
-            if exitcode is not None:
-                self.reaped = True
-            return exitcode
-
-    def take_start_error(self) -> str | None:
-        """The traceback the worker left when it could not start, if it did (the file is removed)."""
-        if self.start_error_path is None:
-            return None
-        try:
-            with open(self.start_error_path) as f:
-                text = f.read()
-        except OSError:
-            return None
-        try:
-            os.unlink(self.start_error_path)
-        except OSError:
-            pass
-        return text or None
-
-    def close(self) -> None:
-        for conn in (self.call_w, self.result_r, self.alive_w):
-            try:
-                conn.close()
-            except OSError:
-                pass
-
-
-def _log_levels() -> dict[str, int]:
-    """The caller's logger levels, so a spawned worker forwards what the caller would handle."""
-    levels = {"": logging.getLogger().getEffectiveLevel()}
-    for name, item in logging.Logger.manager.loggerDict.items():
-        if isinstance(item, logging.Logger) and item.level:
-            levels[name] = item.level
-    return levels
 
 
 class ProcessPool:
@@ -462,7 +56,7 @@ class ProcessPool:
     """
 
     def __init__(self, runner: type[MultiprocessTaskRun[Any]]) -> None:
-        method = self.method = runner.start_method or _default_start_method()
+        method = self.method = runner.start_method or default_start_method()
         self.ctx = multiprocess.get_context(method)
         # fork: the classes and functions of __main__ that every worker forked so far has as we
         # do (None: no worker yet). A call's arguments may name those by reference.
@@ -470,13 +64,11 @@ class ProcessPool:
         self.max_workers = runner.max_workers or os.cpu_count() or 1
         self.max_tasks = runner.max_tasks_per_worker
         self.lock = threading.Lock()
-        self.workers: list[_Worker] = []
+        self.workers: list[WorkerProcess] = []
         self.pending: deque[Attempt] = deque()  # the attempts of calls waiting for a worker
         self.submitted: deque[Attempt] = deque()  # appended without the lock while no worker has room
         self.has_room = True  # a worker is idle, or another may start
-        # Moving average of a call's duration in a worker, with its overhead. It starts at a
-        # value that sends calls one at a time, until calls have shown they are short.
-        self.call_seconds = AHEAD_SECONDS
+        self.batching = BatchPolicy(fresh=self.max_tasks is not None)
         self.outbox: list[tuple[Any, ...]] = []
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
@@ -489,13 +81,14 @@ class ProcessPool:
 
     # ---- entry points from any thread ------------------------------------------------------
 
-    def submit(self, attempt: Attempt) -> None:
-        """Queue ``attempt`` as a call to a worker. While the pool holds it, its ``runner_state`` is the call's id.
+    def submit(self, attempt: Attempt, payload: bytes | tuple[Any, ...], function: _functions.Payload) -> None:
+        """Queue ``attempt`` as a call to a worker, sending ``payload`` (its arguments) and ``function``.
 
-        Every call submitted ends: it runs, or, if the pool is shut down first, it ends
-        STOPPED, saying so.
+        While the pool holds the call, the attempt's ``runner_state`` is ``(call id, payload,
+        function)``. Every call submitted ends: it runs, or, if the pool is shut down first,
+        it ends STOPPED, saying so.
         """
-        attempt.runner_state = next(_call_ids)
+        attempt.runner_state = (next(_call_ids), payload, function)
         queued: Attempt | None = attempt
         if not self.has_room:
             # Every worker is busy: queue without the lock; the supervisor takes it when a
@@ -585,7 +178,7 @@ class ProcessPool:
 
     def note_fork(self) -> None:
         """A worker is about to be forked: it will have __main__ as it is now (see ``forked_main``)."""
-        now = _freshness.main_objects()
+        now = _functions.main_objects()
         known = self.forked_main
         self.forked_main = now if known is None else {k: v for k, v in known.items() if now.get(k) is v}
 
@@ -614,17 +207,17 @@ class ProcessPool:
         for item in out:
             kind = item[0]
             try:
-                if kind == _OK:
+                if kind == OK:
                     successes.append((item[1], item[2], item[3]))
                     ended = item[4]
-                elif kind == _worker.RAISED:
+                elif kind == RAISED:
                     item[1].set_exception(item[2], started_at=item[3])
-                elif kind == _worker.LOG:
+                elif kind == LOG:
                     record = logging.makeLogRecord(item[1])
                     target = logging.getLogger(record.name)
                     if target.isEnabledFor(record.levelno):
                         target.handle(record)
-                elif kind == _worker.WARN:
+                elif kind == WARN:
                     message, category, filename, lineno = item[1]
                     try:
                         warnings.warn_explicit(message, category, filename, lineno)
@@ -645,7 +238,7 @@ class ProcessPool:
         # One poll object over the wake-up pipe and every worker's result pipe and sentinel;
         # rebuilt only when the set of workers changes.
         poller = select.poll()
-        watched: dict[int, tuple[_Worker | None, bool]] = {}  # fd -> (worker, is its sentinel)
+        watched: dict[int, tuple[WorkerProcess | None, bool]] = {}  # fd -> (worker, is its sentinel)
         ready: list[tuple[int, int]] = []
         try:
             while True:
@@ -692,7 +285,7 @@ class ProcessPool:
             self._close_workers()
         except BaseException as exc:
             logger.exception("taskrun process pool supervisor failed; ending its workers and runs")
-            _lifecycle.forget_pool(self)  # the next call starts a new pool
+            forget_pool(self)  # the next call starts a new pool
             with self.lock:
                 self.closing = "closed"
                 calls = self._take_all_calls()
@@ -739,21 +332,15 @@ class ProcessPool:
         idle = len(free) - running
         started = False
         while idle < len(pending) and len(free) < self.max_workers:
-            free.append(_Worker(self))
+            free.append(WorkerProcess(self))
             idle += 1
             started = True
-        depth = 1
-        # Fresh processes (max_tasks_per_worker) take one call at a time: a queued call would
-        # otherwise wait in a process that is about to be replaced.
-        if len(pending) > len(free) and self.max_tasks is None:
-            ahead = int(AHEAD_SECONDS / self.call_seconds)
-            depth = max(1, min(MAX_BATCH, ahead, len(pending) // max(1, len(free))))
+        depth = self.batching.depth(len(pending), len(free))
         for worker in free:
             if not pending:
                 break
             if worker.busy:
-                # A busy worker gets more only when there is a backlog and it is running low.
-                if idle_only or depth == 1 or len(worker.in_flight) > depth // 2:
+                if idle_only or not BatchPolicy.tops_up(len(worker.in_flight), depth):
                     continue
             elif running >= self.max_workers:
                 continue
@@ -762,7 +349,7 @@ class ProcessPool:
             self._send_batch(worker, depth)
         return started
 
-    def _send_batch(self, worker: _Worker, depth: int) -> None:
+    def _send_batch(self, worker: WorkerProcess, depth: int) -> None:
         pending, fresh, in_flight = self.pending, self.max_tasks is not None, worker.in_flight
         was_idle = not in_flight
         batch: list[tuple[int, int, Any, bytes | tuple[Any, ...]]] = []
@@ -777,24 +364,23 @@ class ProcessPool:
             if attempt.reported:
                 pending.popleft()
                 continue
-            run = attempt.run
-            if run.task is not task:
-                task = run.task
+            run_task = attempt.run.task
+            if run_task is not task:
+                task = run_task
                 timeout = task.timeout
-            if run._function is not function:  # type: ignore[attr-defined]
-                function = run._function  # type: ignore[attr-defined]
+            call_id, payload, call_function = attempt.runner_state
+            if call_function is not function:
+                function = call_function
                 fn_id = function[0]
                 send_fn = fresh or fn_id not in worker.fns_sent
             if timeout is not None and in_flight:
                 break  # a call with a timeout starts at once, never queued behind another
-            payload = run._payload  # type: ignore[attr-defined]
             size = len(payload) + CALL_BYTES
             if size > budget and in_flight:
                 break
             pending.popleft()
-            call_id = attempt.runner_state
             if send_fn:
-                fn = self._function_message(worker, run, fresh)  # the worker holds it from now on
+                fn = self._function_message(worker, task, function, fresh)  # the worker holds it from now on
                 budget -= len(fn[0])  # counts in this batch only: the worker takes it in at once
                 send_fn = fresh
             else:
@@ -809,7 +395,7 @@ class ProcessPool:
         if not batch:
             return
         try:
-            worker.call_w.send_bytes(pickle.dumps((_worker.CALLS, batch), _worker.PROTOCOL))
+            worker.call_w.send_bytes(pickle.dumps((CALLS, batch), PROTOCOL))
         except OSError:  # the worker is gone; its sentinel will say so
             pending.extendleft(reversed([in_flight.pop(entry[0]) for entry in batch]))
             worker.fns_sent.clear()
@@ -819,17 +405,19 @@ class ProcessPool:
             self._mark_started(worker)
 
     @staticmethod
-    def _function_message(worker: _Worker, run: Any, fresh: bool) -> tuple[bytes, dict[str, list[str]], tuple[int, ...]]:
-        """The function of ``run`` as sent to ``worker``, which from then on holds it (see ``_worker``).
+    def _function_message(
+        worker: WorkerProcess, task: Any, function: _functions.Payload, fresh: bool
+    ) -> tuple[bytes, dict[str, list[str]], tuple[int, ...]]:
+        """``function`` (of ``task``) as sent to ``worker``, which from then on holds it (see ``_worker``).
 
         A reused worker holds one version of each task's function, and at most
         ``MAX_WORKER_FUNCTIONS`` functions: the message says which ones to forget.
         """
-        fn_id, (data, sources) = run._function
+        fn_id, (data, sources) = function
         if fresh:
             return data, sources, ()  # a fresh process forgets everything anyway
         held = worker.fns_sent
-        owner = run.task._process_fn
+        owner = task.runner_cache.get(_functions.CACHE_KEY)
         drop = [old for old, old_owner in held.items() if old_owner is owner]
         excess = len(held) - len(drop) + 1 - MAX_WORKER_FUNCTIONS
         if excess > 0:
@@ -840,7 +428,7 @@ class ProcessPool:
         return data, sources, tuple(drop)
 
     @staticmethod
-    def _mark_started(worker: _Worker) -> None:
+    def _mark_started(worker: WorkerProcess) -> None:
         """The worker's first call in flight is the one it executes: it turns RUNNING (and its timeout starts).
 
         Calls sent ahead stay PENDING behind it; each begins when the one before it is reported.
@@ -850,7 +438,7 @@ class ProcessPool:
                 attempt.mark_started()
             return
 
-    def _read_once(self, worker: _Worker) -> None:
+    def _read_once(self, worker: WorkerProcess) -> None:
         """Handle what one read brings (the pipe was reported readable); poll reports the rest.
 
         Between the supervisor's poll and its taking the lock, stop() in another thread may
@@ -863,7 +451,7 @@ class ProcessPool:
         if frames:
             self._handle(worker, frames)
 
-    def _drain(self, worker: _Worker) -> None:
+    def _drain(self, worker: WorkerProcess) -> None:
         """Read every message the worker has sent so far."""
         reader = worker.reader
         try:
@@ -875,7 +463,7 @@ class ProcessPool:
         except (EOFError, OSError):
             pass
 
-    def _handle(self, worker: _Worker, frames: list[bytes | bytearray]) -> None:
+    def _handle(self, worker: WorkerProcess, frames: list[bytes | bytearray]) -> None:
         """Handle the messages of one read, then mark the call the worker has gone on to started.
 
         A call whose outcome comes in the same read as the one before it was never marked
@@ -896,42 +484,42 @@ class ProcessPool:
                 if attempt is not None:
                     self._finish_call(worker, attempt)
                     reason = f"the outcome of {attempt.run.id} could not be unpickled here: {exc}"
-                    outbox.append((_worker.RAISED, attempt, SerializationError(reason), None))
+                    outbox.append((RAISED, attempt, SerializationError(reason), None))
                 continue
-            if kind == _OK:  # the hot path, inline
+            if kind == OK:  # the hot path, inline
                 attempt = in_flight.pop(call_id, None)
                 if attempt is None:
                     continue  # its run was stopped
-                freed += len(attempt.run._payload) + CALL_BYTES
+                freed += len(attempt.runner_state[1]) + CALL_BYTES
                 attempt.runner_state = None
-                outbox.append((_OK, attempt, payload, now - seconds, now))
+                outbox.append((OK, attempt, payload, now - seconds, now))
             else:
                 self._handle_other(worker, kind, call_id, payload, seconds, now)
         worker.bytes_in_flight -= freed
         if seconds >= 0:  # the last call's time stands for the read's: calls of one read are alike
-            self.call_seconds += 0.2 * (seconds + CALL_OVERHEAD - self.call_seconds)
+            self.batching.observe(seconds)
         if worker.ready:
             self._mark_started(worker)
 
-    def _handle_other(self, worker: _Worker, kind: int, call_id: int | None, payload: Any, seconds: float,
+    def _handle_other(self, worker: WorkerProcess, kind: int, call_id: int | None, payload: Any, seconds: float,
                       now: float) -> None:
-        if kind == _worker.READY:
+        if kind == READY:
             worker.ready = True
             return
-        if kind == _worker.LOG or kind == _worker.WARN:
+        if kind == LOG or kind == WARN:
             self.outbox.append((kind, payload))
             return
-        if kind == _worker.DIED:  # a fresh child of this worker ended without finishing its call
+        if kind == DIED:  # a fresh child of this worker ended without finishing its call
             attempt = next(iter(worker.in_flight.values()), None)
             if attempt is not None:
                 self._finish_call(worker, attempt)
-                self.outbox.append((_worker.RAISED, attempt, self._died(worker, attempt, payload), None))
+                self.outbox.append((RAISED, attempt, self._died(worker, attempt, payload), None))
             return
         attempt = worker.in_flight.get(call_id)  # type: ignore[arg-type]
         if attempt is None:
             return  # its run was stopped (a cancelled call's acknowledgement lands here too)
         self._finish_call(worker, attempt)
-        if kind == _worker.RAISED:
+        if kind == RAISED:
             exc_bytes, tb_text = payload
             try:
                 exc = cloudpickle.loads(exc_bytes)
@@ -942,22 +530,23 @@ class ProcessPool:
             exc = SerializationError(reason)
         if tb_text:
             exc.__cause__ = RemoteTraceback(tb_text)
-        self.outbox.append((_worker.RAISED, attempt, exc, now - seconds))
+        self.outbox.append((RAISED, attempt, exc, now - seconds))
 
     @staticmethod
-    def _finish_call(worker: _Worker, attempt: Attempt) -> None:
+    def _finish_call(worker: WorkerProcess, attempt: Attempt) -> None:
         """The call of ``attempt`` leaves ``worker`` (and the pool)."""
-        if worker.in_flight.pop(attempt.runner_state, None) is not None:
-            worker.bytes_in_flight -= len(attempt.run._payload) + CALL_BYTES  # type: ignore[attr-defined]
+        state = attempt.runner_state
+        if state is not None and worker.in_flight.pop(state[0], None) is not None:
+            worker.bytes_in_flight -= len(state[1]) + CALL_BYTES
         attempt.runner_state = None
 
-    def _reap(self, worker: _Worker) -> None:
+    def _reap(self, worker: WorkerProcess) -> None:
         """A worker exited: drain what it sent, end what its task left behind, reap it, settle its calls, forget it."""
         self._drain(worker)  # every outcome it sent before it died is delivered first
         calls = list(worker.in_flight.values())
         worker.in_flight.clear()
         worker.bytes_in_flight = 0
-        # Whatever the task started dies with it (see _Worker.reap for why before the reaping).
+        # Whatever the task started dies with it (see WorkerProcess.reap for why before the reaping).
         exitcode = worker.reap(kill_group=worker.ending or bool(calls), timeout=1)
         start_error = None if worker.ready or worker.ending else worker.take_start_error()
         if start_error is not None:
@@ -967,7 +556,7 @@ class ProcessPool:
             self.pending.clear()
             for attempt in waiting:
                 attempt.runner_state = None
-                self.outbox.append((_worker.RAISED, attempt, self._start_failed(worker, attempt, exitcode, start_error),
+                self.outbox.append((RAISED, attempt, self._start_failed(worker, attempt, exitcode, start_error),
                                     None))
             if not waiting:
                 logger.warning("%s", self._start_failed(worker, None, exitcode, start_error))
@@ -977,7 +566,7 @@ class ProcessPool:
             dead, rest = calls[0], calls[1:]
             self.pending.extendleft(reversed(rest))
             dead.runner_state = None
-            self.outbox.append((_worker.RAISED, dead, self._died(worker, dead, exitcode), None))
+            self.outbox.append((RAISED, dead, self._died(worker, dead, exitcode), None))
         elif self.closing is None:
             logger.warning("taskrun worker process %s died while idle: %s", worker.pid, describe_exit(exitcode))
         worker.close()
@@ -986,13 +575,13 @@ class ProcessPool:
             event.set()
 
     @staticmethod
-    def _died(worker: _Worker, attempt: Attempt, exitcode: int | None) -> WorkerDied:
+    def _died(worker: WorkerProcess, attempt: Attempt, exitcode: int | None) -> WorkerDied:
         where = "a fresh process of worker" if worker.pool_fresh else "the worker process"
         return WorkerDied(
             f"{where} (pid {worker.pid}) running {attempt.run.id} died: {describe_exit(exitcode)}", exitcode
         )
 
-    def _start_failed(self, worker: _Worker, attempt: Attempt | None, exitcode: int | None, text: str) -> WorkerDied:
+    def _start_failed(self, worker: WorkerProcess, attempt: Attempt | None, exitcode: int | None, text: str) -> WorkerDied:
         """The error of a call whose worker could not start: the worker's own error, and what to do about it."""
         summary, _, tb_text = text.partition("\0")
         summary = " ".join(summary.split())
@@ -1016,7 +605,10 @@ class ProcessPool:
 
     def _stop(self, attempt: Attempt) -> threading.Event | None:
         """Stop the call of ``attempt``. Returns an event set when its worker is gone, if it had to be ended."""
-        call_id = attempt.runner_state
+        state = attempt.runner_state
+        if state is None:
+            return None  # already back
+        call_id = state[0]
         worker = next((w for w in self.workers if call_id in w.in_flight), None)
         if worker is None:  # still queued (dispatch skips it), or already back
             return None
@@ -1027,7 +619,7 @@ class ProcessPool:
         self._finish_call(worker, attempt)
         if first != call_id:  # queued in the worker behind another call: tell it to skip this one
             try:
-                worker.call_w.send_bytes(pickle.dumps((_worker.CANCEL, call_id), _worker.PROTOCOL))
+                worker.call_w.send_bytes(pickle.dumps((CANCEL, call_id), PROTOCOL))
             except OSError:
                 pass
             return None
@@ -1050,7 +642,7 @@ class ProcessPool:
             attempt.runner_state = None
         return calls
 
-    def _end_worker(self, worker: _Worker) -> None:
+    def _end_worker(self, worker: WorkerProcess) -> None:
         if not worker.ending:
             worker.ending = True
             worker.kill_at = time.monotonic() + TERMINATE_GRACE
@@ -1092,7 +684,7 @@ class ProcessPool:
             out = self._take_outbox()
         self._deliver(out)
 
-    def _drain_until_exit(self, worker: _Worker, deadline: float) -> None:
+    def _drain_until_exit(self, worker: WorkerProcess, deadline: float) -> None:
         while worker.poll_exit() is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
