@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 import warnings
 from collections import deque
 from typing import Any
@@ -173,7 +174,12 @@ def _run_call(
             reason = f"the call's arguments could not be unpickled in the worker process: {type(exc).__name__}: {exc}"
             return UNPICKLABLE, (reason, "")
     try:
-        return OK, fns[fn_id](*args, **kwargs)
+        value = fns[fn_id](*args, **kwargs)
+        if type(value) is types.CoroutineType:  # an async def: run it to completion in this process
+            import asyncio
+
+            value = asyncio.run(value)
+        return OK, value
     except BaseException as exc:  # noqa: B036 - a task's SystemExit is its outcome, not ours
         return RAISED, exc
 
