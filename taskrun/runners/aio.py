@@ -194,12 +194,12 @@ class LoopPool:
             self.call_soon_threadsafe(self._close, wait)
         except RuntimeError:
             pass  # already ended
-        if threading.current_thread() is not self.thread:  # from the loop itself (a task called shutdown()): it ends soon
-            self.thread.join()
-        self.busy.set()  # the watchdog sees `ended` and leaves
+        if threading.current_thread() is self.thread:
+            return  # a task called shutdown(): the loop ends once it is idle (or its runs stopped), then the watchdog
+        self.thread.join()
         watchdog = self.watchdog
-        if watchdog is not None and watchdog is not threading.current_thread():
-            watchdog.join()
+        if watchdog is not None:
+            watchdog.join()  # it leaves once it sees the loop `ended`
 
     def after_fork_in_child(self) -> None:
         """The child has no loop thread: this pool takes nothing more there (its loop is left unclosed, as it
@@ -290,6 +290,13 @@ class LoopPool:
         self.delivering = len(batch)
         try:
             Attempt.report_results(batch)
+        except Exception:  # not one of these runs may be left unfinished: those not reported yet are, one by one
+            logger.exception("%s: reporting %d results together failed", self.runner.__name__, len(batch))
+            for attempt, value, _ in batch:
+                try:
+                    attempt.set_result(value)
+                except Exception:
+                    logger.exception("%s: reporting the result of %s failed", self.runner.__name__, attempt.run.id)
         finally:
             self.delivering = 0
         if self.closing:
