@@ -131,10 +131,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fresh", action="store_true", help="forget what earlier runs fetched")
     parser.add_argument("--no-ledger", action="store_true", help="remember nothing between runs")
+    parser.add_argument("--ledger", default=LEDGER_PATH, help=f"the ledger file (default {LEDGER_PATH})")
     options = parser.parse_args()
-    if options.fresh and os.path.exists(LEDGER_PATH):
-        os.remove(LEDGER_PATH)
-    ledger = None if options.no_ledger else taskrun.Ledger(LEDGER_PATH)
+    if options.fresh and os.path.exists(options.ledger):
+        os.remove(options.ledger)
+    ledger = None if options.no_ledger else taskrun.Ledger(options.ledger)
     fetch = make_fetch(ledger)
 
     global site
@@ -150,7 +151,7 @@ def main() -> None:
         print(f"{len(sizes)} pages, {sum(sizes):,} bytes in {elapsed:.2f} s: {summary['succeeded'] - summary['cached']} "
               f"fetched, {summary['cached']} from the ledger")
         if ledger is not None:
-            print(f"run it again to have them all from the ledger; --fresh starts over (ledger: {LEDGER_PATH})")
+            print(f"run it again to have them all from the ledger; --fresh starts over (ledger: {options.ledger})")
     finally:
         close_sessions().wait(10)
         stop_server.set()

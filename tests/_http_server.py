@@ -78,10 +78,11 @@ class LocalHTTPServer:
                             self._full.set()
                         try:
                             await asyncio.wait_for(self._full.wait(), self.hold_timeout)
-                        except TimeoutError:
+                        except asyncio.TimeoutError:
                             self._full.set()  # answer everyone: the test then sees the peak fell short
                     body = f"echo:{path}".encode()
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(body)
+                    writer.write(head + body)
                     await writer.drain()
                 finally:
                     self.in_flight -= 1

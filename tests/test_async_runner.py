@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import pathlib
 import resource
 import signal
 import subprocess
@@ -35,6 +36,7 @@ from taskrun import (
     UpstreamFailed,
     task,
 )
+from taskrun.runners.base import registered_pools
 
 WAIT = 10  # seconds: the cap on every wait; never reached when things work
 
@@ -716,11 +718,51 @@ def test_shutdown_without_wait_stops_running_coroutines_and_their_cleanup_runs()
             cleaned.append(i)
 
     runs = [held(i) for i in range(5)]
-    assert gate.entered.wait(WAIT)
+    deadline = time.monotonic() + WAIT
+    while sum(run.status is Status.RUNNING for run in runs) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
     taskrun.shutdown(wait=False)
     assert [run.status for run in runs] == [Status.STOPPED] * 5
     assert sorted(cleaned) == [0, 1]  # the two that were running; the rest never started
     assert loop_threads() == []
+
+
+def test_shutdown_ends_the_watchdog_even_when_closing_the_loop_runs_it_once_more():
+    """Regression: the loop runs again while it closes (here: waiting for its executor's thread), and a
+    heartbeat due then told the watchdog "idle" after shutdown had told it "ended": shutdown() hung."""
+    runner = AsyncTaskRun.configure(slow_callback_seconds=0.02)
+    started = threading.Event()
+
+    @task(runner=runner)
+    async def leaves_executor_work():
+        asyncio.get_running_loop().run_in_executor(None, time.sleep, 0.3)  # still running when the loop closes
+        started.set()
+        await asyncio.sleep(0.1)  # running when shutdown() begins: the watchdog is watching
+        return "ok"
+
+    class LateToLook(threading.Event):
+        """The watchdog's event, looked at 50 ms late: the heartbeat gets its turn first."""
+
+        def wait(self, timeout=None):
+            time.sleep(0.05)
+            return super().wait(timeout)
+
+    run = leaves_executor_work()
+    assert started.wait(WAIT)
+    pool = registered_pools[runner]
+    late = LateToLook()
+    if pool.busy.is_set():
+        late.set()
+    pool.busy = late
+    finished = threading.Event()
+    closer = threading.Thread(target=lambda: (taskrun.shutdown(wait=True), finished.set()), daemon=True)
+    closer.start()
+    try:
+        assert finished.wait(WAIT), "taskrun.shutdown() hung waiting for the watchdog"
+    finally:
+        pool.ended = True
+        late.set()  # let a stuck watchdog go, so that this test leaves no thread behind
+    assert run.get_result() == "ok"
 
 
 def test_an_async_task_may_call_shutdown_itself():
@@ -790,3 +832,16 @@ def test_an_http_client_fetches_from_a_local_server_with_1000_requests_in_flight
         assert pages == [f"echo:page/{i}" for i in range(1000)]
         assert server.requests == 1000
         assert server.peak == 1000  # all of them were in flight at once
+
+
+def test_the_async_fetch_example_fetches_1000_pages_then_answers_them_from_its_ledger(tmp_path):
+    """Needs the ledger (ported on another branch at the time of writing)."""
+    pytest.importorskip("aiohttp")
+    example = pathlib.Path(__file__).resolve().parent.parent / "examples" / "async_fetch.py"
+    command = [sys.executable, str(example), "--ledger", str(tmp_path / "pages.db")]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "1000 pages" in first.stdout and "1000 fetched, 0 from the ledger" in first.stdout
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "0 fetched, 1000 from the ledger" in again.stdout

@@ -329,7 +329,7 @@ class LoopPool:
         else:
             try:
                 await asyncio.wait_for(asyncio.shield(idle), CANCEL_GRACE)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 logger.warning(
                     "%s: %d stopped coroutine(s) still running %.1f s after being cancelled (they catch "
                     "CancelledError and go on?); the event loop closes without them",
@@ -377,6 +377,8 @@ class LoopPool:
     # ---- the watchdog -------------------------------------------------------------------
 
     def _heartbeat(self) -> None:
+        if self.ended:
+            return  # the loop runs once more while it closes: `busy` now tells the watchdog to leave, and stays set
         self.beat = time.monotonic()
         if self.running or self.waiting or self.incoming or self.delivering:
             self.loop.call_later(self.interval, self._heartbeat)
