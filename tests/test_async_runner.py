@@ -9,6 +9,7 @@ local server with 1,000 requests in flight.
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import pathlib
@@ -419,6 +420,58 @@ def test_await_from_a_loop_in_another_thread_and_from_many_loops_at_once():
     for t in threads:
         t.join(WAIT)
     assert results == {i: 2 * i for i in range(4)}
+
+
+KERNEL_CELL = """
+import asyncio, threading, time
+from taskrun import task
+
+@task
+async def double(x):
+    await asyncio.sleep(0.01)
+    return 2 * x
+
+t0 = time.monotonic()
+handle = double(21)  # in the kernel's running loop: a handle at once
+returned_at_once = time.monotonic() - t0 < 1 and not handle.done()
+one = await handle  # top-level await, on the kernel's own loop
+many = await asyncio.gather(*(double(i) for i in range(100)))
+print("result:", one, sum(many), returned_at_once, threading.current_thread() is threading.main_thread())
+"""
+
+
+def test_top_level_await_in_a_jupyter_kernel(tmp_path):
+    """A notebook's top-level await: a real ipykernel runs the cell in its own event loop."""
+    pytest.importorskip("jupyter_client", reason="the notebook extra (pip install taskrun[notebook]) is not installed")
+    pytest.importorskip("ipykernel", reason="the notebook extra (pip install taskrun[notebook]) is not installed")
+    from jupyter_client import KernelManager
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec_dir = tmp_path / "kernels" / "taskrun-test"  # this interpreter, whatever kernels the machine has
+    spec_dir.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec_dir / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "taskrun test", "language": "python"}))
+    specs = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")], ensure_native_kernel=False)
+    km = KernelManager(kernel_name="taskrun-test", kernel_spec_manager=specs, connection_file=str(tmp_path / "c.json"))
+    km.start_kernel(cwd=str(tmp_path))
+    kc = km.client()
+    kc.start_channels()
+    out = []
+    try:
+        kc.wait_for_ready(timeout=60)
+
+        def collect(message):
+            if message["msg_type"] == "stream":
+                out.append(message["content"]["text"])
+            elif message["msg_type"] == "error":
+                out.append("\n".join(message["content"]["traceback"]))
+
+        reply = kc.execute_interactive(KERNEL_CELL, output_hook=collect, timeout=60)
+        assert reply["content"]["status"] == "ok", "".join(out)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    assert "result: 42 9900 True True" in "".join(out), "".join(out)
 
 
 def test_an_async_task_awaits_another_on_the_same_loop():
