@@ -350,6 +350,34 @@ def test_coroutines_that_await_are_not_reported_as_blocking(blocked_warnings):
     assert blocked_warnings.records == []
 
 
+def test_a_done_callback_that_blocks_the_loop_is_logged(blocked_warnings):
+    gate = AsyncGate()
+
+    @task(runner=AsyncTaskRun.configure(slow_callback_seconds=0.05))
+    async def body():
+        await gate.wait()
+
+    run = body()
+    assert gate.entered.wait(WAIT)
+    run.add_done_callback(lambda r: blocked_warnings.event.wait(WAIT))  # runs on the loop thread, blocking it
+    gate.open()
+    assert blocked_warnings.event.wait(WAIT)
+    assert "the done callbacks of finished runs" in blocked_warnings.records[0].getMessage()
+
+
+def test_a_burst_of_quick_coroutines_is_not_reported_as_blocking(blocked_warnings):
+    """Regression: a loop iteration running thousands of quick steps took longer than the threshold, and
+    whichever task was current then was named as blocking the loop."""
+
+    @task(runner=AsyncTaskRun.configure(slow_callback_seconds=0.05))
+    async def quick(i):
+        await asyncio.sleep(0)
+        return i
+
+    assert quick.map(range(20_000)).results(timeout=WAIT * 3) == list(range(20_000))
+    assert [r.getMessage() for r in blocked_warnings.records] == []
+
+
 # ---- waiting and awaiting -------------------------------------------------------------------------
 
 

@@ -9,8 +9,8 @@ task; successes are reported together once per loop iteration (``Attempt.report_
 
 ``stop()`` and a timeout cancel the asyncio task: the coroutine gets ``CancelledError`` at its
 next ``await`` (so ``finally`` blocks and ``async with`` clean up) while the run is already
-STOPPED (or failed with ``TaskTimeout``). A watchdog thread notices a loop that has not come
-round for ``slow_callback_seconds`` and logs a warning naming the task that blocks it.
+STOPPED (or failed with ``TaskTimeout``). A watchdog thread notices one step of a task that
+holds the loop for ``slow_callback_seconds`` and logs a warning naming it.
 
 asyncio is imported when the first loop starts, not by ``import taskrun``.
 """
@@ -126,6 +126,7 @@ class LoopPool:
         self.succeeded: list[tuple[Attempt, Any, None]] = []  # reported together by _flush
         self.flush_due = False
         self.delivering = 0  # runs whose outcome (and done callbacks) _flush is delivering
+        self.flushes = 0  # deliveries so far (the watchdog tells one from the next)
         self.lock = threading.Lock()
         self.shut = False  # shutdown() was called
         self.closing = False  # the loop finishes (or stops) what it has, then ends
@@ -287,6 +288,7 @@ class LoopPool:
         """Report the successes of this loop iteration together."""
         self.flush_due = False
         batch, self.succeeded = self.succeeded, []
+        self.flushes += 1
         self.delivering = len(batch)
         try:
             Attempt.report_results(batch)
@@ -387,36 +389,53 @@ class LoopPool:
             self.busy.clear()
 
     def _watch(self) -> None:
-        """Warn (once per block) when the loop has not come round for ``slow`` seconds while something ran on it."""
-        slow = self.slow
+        """Warn (once per block) when one step of a task (or one delivery of done callbacks) holds the loop for ``slow`` s.
+
+        Within one loop iteration a task takes at most one step. So when the heartbeat has not
+        come round (the same iteration) and the same task is running at two looks ``slow``
+        apart, that one step has held the loop all that time. A long iteration of many quick
+        steps (a burst of thousands) is not a block.
+        """
+        slow, interval = self.slow, self.interval
         assert slow is not None
-        warned_beat = None
+        watched: tuple[Any, float] | None = None  # (what holds the loop, the heartbeat's stamp) first seen...
+        since = 0.0  # ...at this time
+        warned: tuple[Any, float] | None = None
         while True:
             self.busy.wait()
             if self.ended:
                 return
-            time.sleep(self.interval)
-            beat = self.beat
-            lag = time.monotonic() - beat
-            if lag <= slow or beat == warned_beat or not self.beating:
+            time.sleep(interval)
+            holder = self._holder()
+            now = time.monotonic()
+            if holder is None or not self.beating:
+                watched = None
                 continue
-            culprit = self._blocking()
-            if culprit is not None:
-                warned_beat = beat
+            key = (holder, self.beat)
+            if key != watched:
+                watched, since = key, now
+                continue
+            if now - since >= slow and key != warned:
+                warned = key
                 logger.warning(
-                    "%s has blocked the event loop of %s for %.2f s so far (slow_callback_seconds=%g): every other "
-                    "async task waits meanwhile. A blocking call (time.sleep, a synchronous HTTP client, heavy CPU "
-                    "work) belongs in its async form (await asyncio.sleep, an async client) or in a ThreadTaskRun "
-                    "or MultiprocessTaskRun task", culprit, self.runner.__name__, lag, slow,
+                    "%s has blocked the event loop of %s for over %.2f s so far (slow_callback_seconds=%g): every "
+                    "other async task waits meanwhile. A blocking call (time.sleep, a synchronous HTTP client, heavy "
+                    "CPU work) belongs in its async form (await asyncio.sleep, an async client) or in a "
+                    "ThreadTaskRun or MultiprocessTaskRun task", self._describe(holder), self.runner.__name__,
+                    now - since, slow,
                 )
 
-    def _blocking(self) -> str | None:
-        """What holds the loop now: a run's id, another asyncio task, done callbacks; None if it is idle."""
+    def _holder(self) -> Any:
+        """What runs on the loop now: the current asyncio task, the number of a delivery of done callbacks, or None."""
         task = self.current_task(self.loop)
-        if task is None:
-            delivering = self.delivering
-            return f"the done callbacks of {delivering} finished run(s)" if delivering else None
+        if task is not None:
+            return task
+        return self.flushes if self.delivering else None
+
+    def _describe(self, holder: Any) -> str:
+        if isinstance(holder, int):
+            return "the done callbacks of finished runs"
         for attempt, own in list(self.running.items()):
-            if own is task:
+            if own is holder:
                 return attempt.run.id
-        return f"asyncio task {task.get_name()!r}"
+        return f"asyncio task {holder.get_name()!r}"
