@@ -1,4 +1,4 @@
-"""taskrun: call a function, get a handle back at once; the work runs in a process, a thread or inline."""
+"""taskrun: call a function, get a handle back at once; the work runs in a process, a thread, an event loop or inline."""
 
 from ._group import RunGroup
 from ._ledger import Ledger, RunRecord
@@ -15,7 +15,7 @@ from .errors import (
     UpstreamFailed,
     WorkerDied,
 )
-from .runners import MultiprocessTaskRun, SequentialTaskRun, ThreadTaskRun
+from .runners import AsyncTaskRun, MultiprocessTaskRun, SequentialTaskRun, ThreadTaskRun
 
 TaskRun = BaseTaskRun
 
@@ -31,6 +31,7 @@ __all__ = [
     "BaseTaskRun",
     "Attempt",
     "Status",
+    "AsyncTaskRun",
     "MultiprocessTaskRun",
     "SequentialTaskRun",
     "ThreadTaskRun",

@@ -614,7 +614,8 @@ def start_map(
             length = None
     bar = _make_bar(task, length) if progress else None
     window = max_concurrency or DEFAULT_WINDOW
-    workers = getattr(task.runner, "max_workers", None)
+    runner = task.runner
+    workers = getattr(runner, "max_workers", None) or getattr(runner, "max_concurrency", None)
     if stop_when is not None and type(workers) is int and workers < window:
         # No run waits in the pool's queue: stop_when is then asked right before each run starts.
         window = workers

@@ -15,11 +15,13 @@ claimed? the record written?) through callbacks the run hands it; the run acts o
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import logging
 import os
 import threading
 import time
+import types
 from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, overload
 
@@ -45,6 +47,9 @@ Notify = Callable[[Sequence["BaseTaskRun[Any]"], bool], None]
 _PENDING, _RUNNING, _SUCCEEDED = Status.PENDING, Status.RUNNING, Status.SUCCEEDED  # enum lookups cost on hot paths
 
 _local = threading.local()
+#: The attempt of the asyncio task running here (each asyncio task runs in a context of its own).
+_context_attempt: contextvars.ContextVar[BaseTaskRun.Attempt | None] = contextvars.ContextVar("taskrun_attempt", default=None)
+_CoroutineType = types.CoroutineType
 _run_numbers = itertools.count(1)
 
 # Runs take their lock from a fixed set instead of making one each: a lock is one more object
@@ -83,7 +88,9 @@ def stop_requested() -> bool:
     """True inside a task whose run was asked to stop (or timed out); poll it to end early."""
     attempt: BaseTaskRun.Attempt | None = getattr(_local, "attempt", None)
     if attempt is None:
-        return False
+        attempt = _context_attempt.get()
+        if attempt is None:
+            return False
     if attempt.stop_requested:
         return True
     deadline = attempt.deadline  # an inline attempt past its timeout: it fails anyway, so it may stop
@@ -203,6 +210,14 @@ class BaseTaskRun(Generic[R]):
             """Report failure with ``exc`` (the task's own exception, or the runner's error)."""
             self._report(False, exc, started_at)
 
+        def mark_current(self) -> None:
+            """Make :func:`taskrun.stop_requested` read this attempt in the current context.
+
+            For runners that run many attempts on one thread, each in a context of its own (an
+            asyncio task runs in a copy of the context it was created in): call it inside that context.
+            """
+            _context_attempt.set(self)
+
         def execute(self) -> None:
             """Run the call in the current thread and report its outcome (the in-process runners' way)."""
             self.mark_started()
@@ -210,6 +225,8 @@ class BaseTaskRun(Generic[R]):
             _local.attempt = self
             try:
                 value = self.run.task.fn(*self.run.args, **self.run.kwargs)
+                if type(value) is _CoroutineType:  # an async def: run it to completion on a loop of its own
+                    value = run_coroutine(value, self.run.id)
             except BaseException as exc:
                 self.set_exception(attach_traceback(exc))
                 if isinstance(exc, KeyboardInterrupt):
@@ -416,8 +433,11 @@ class BaseTaskRun(Generic[R]):
         """
         if self._status in FINISHED:
             return True
-        if getattr(threading.current_thread(), "taskrun_delivers", False):
+        delivers = getattr(threading.current_thread(), "taskrun_delivers", False)
+        if delivers:
+            # A str says why in that thread's own words ({run} is this run's id).
             raise RuntimeError(
+                delivers.format(run=self.id) if isinstance(delivers, str) else
                 f"waiting for {self.id} on a taskrun pool's own thread (in a done callback) would block that "
                 "pool for good; wait in your own thread, or chain work by passing the handle to a task"
             )
@@ -881,6 +901,25 @@ class BaseTaskRun(Generic[R]):
 
 
 Attempt = BaseTaskRun.Attempt
+
+
+def run_coroutine(coro: Any, what: str) -> Any:
+    """Run ``coro`` (what the function of ``what`` returned) to completion on an event loop of its own, here.
+
+    Refused inside a running event loop, which this thread would block: such a call belongs on
+    ``AsyncTaskRun`` (or is awaited).
+    """
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    coro.close()  # never awaited: closed, so Python does not warn about it
+    raise RuntimeError(
+        f"{what} is an async function called inside a running event loop, which running it here would block; "
+        "give the task runner=AsyncTaskRun (the default for an async def), or await the coroutine yourself"
+    )
 
 
 def _resolve(waiter: asyncio.Future[Any]) -> None:

@@ -23,7 +23,12 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def default_runner() -> type[BaseTaskRun[Any]]:
+def default_runner(is_async: bool = False) -> type[BaseTaskRun[Any]]:
+    """The runner of a task given none: ``AsyncTaskRun`` for an ``async def``, else ``MultiprocessTaskRun``."""
+    if is_async:
+        from .runners.aio import AsyncTaskRun
+
+        return AsyncTaskRun
     from .runners.process import MultiprocessTaskRun
 
     return MultiprocessTaskRun
@@ -56,10 +61,10 @@ class Task(Generic[P, R]):
             raise TypeError(f"task() needs a function to wrap, got {fn!r} ({type(fn).__name__})")
         if isinstance(fn, Task):
             fn = fn.fn
-        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        if inspect.isasyncgenfunction(fn):
             raise TypeError(
-                f"task() got {getattr(fn, '__qualname__', fn)!r}, an async function: its calls would only make coroutine "
-                "objects, never run them; wrap it in a plain function, e.g. def run(*args): return asyncio.run(fn(*args))"
+                f"task() got {getattr(fn, '__qualname__', fn)!r}, an async generator function: a call has one result, "
+                "not a stream; make it an async def that collects the items and returns them (a list)"
             )
         if name is None:
             name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
@@ -73,7 +78,7 @@ class Task(Generic[P, R]):
         if timeout is not None:
             _check_number("timeout", timeout, minimum=0, inclusive=False)
         if runner is None:
-            runner = default_runner()
+            runner = default_runner(inspect.iscoroutinefunction(fn))
         elif not (isinstance(runner, type) and issubclass(runner, BaseTaskRun)):
             raise TypeError(
                 f"task option runner must be a BaseTaskRun subclass such as ThreadTaskRun, got {runner!r}"

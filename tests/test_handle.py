@@ -1,8 +1,10 @@
-"""API.md section 2: every member of a run handle, for ThreadTaskRun and SequentialTaskRun alike.
+"""API.md section 2: every member of a run handle, for ThreadTaskRun, SequentialTaskRun and AsyncTaskRun alike.
 
 A SequentialTaskRun has finished by the time the call returns, so "while it runs" is seen from
 inside the task body: the runner is subclassed with a ``prepare`` hook that records each handle,
-and the body looks at its own handle. The same tests run unchanged on ThreadTaskRun.
+and the body looks at its own handle. The same tests run unchanged on ThreadTaskRun, and on
+AsyncTaskRun with each body run as a coroutine (see tests/_async_bodies.py); a body that would
+block the event loop (a wait on its own handle, ``time.sleep``) has a coroutine of its own there.
 """
 
 import asyncio
@@ -12,12 +14,13 @@ import threading
 import time
 
 import pytest
+from _async_bodies import AsyncGate, is_async, task
 
 import taskrun
-from taskrun import BaseTaskRun, SequentialTaskRun, Status, TaskStillRunning, TaskStopped, ThreadTaskRun, task
+from taskrun import AsyncTaskRun, BaseTaskRun, SequentialTaskRun, Status, TaskStillRunning, TaskStopped, ThreadTaskRun
 from taskrun.errors import RemoteTraceback
 
-RUNNERS = [ThreadTaskRun, SequentialTaskRun]
+RUNNERS = [ThreadTaskRun, SequentialTaskRun, AsyncTaskRun]
 WAIT = 10  # seconds: the cap on every wait; never reached when things work
 
 
@@ -69,6 +72,19 @@ def test_get_result_returns_none_and_falsy_values(runner):
 
 
 def test_get_result_timeout_raises_timeout_error_and_the_run_goes_on(runner):
+    if is_async(runner):  # seen from outside: inside, a wait on the loop thread is refused (test_async_runner.py)
+        gate = AsyncGate()
+        run = task(runner=runner)(gate.wait)()
+        assert gate.entered.wait(WAIT)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError) as info:
+            run.get_result(timeout=0.05)
+        assert time.monotonic() - t0 >= 0.04
+        assert not isinstance(info.value, taskrun.TaskrunError) and run.id in str(info.value)
+        assert run.status is Status.RUNNING
+        gate.open()
+        assert run.get_result(timeout=WAIT) is None
+        return
     spy = Spy(runner)
     seen = []
 
@@ -212,17 +228,33 @@ def test_stop_requested_is_false_outside_a_task():
 def test_wait_is_running_done_and_status_over_a_life(runner):
     spy = Spy(runner)
     inside = {}
+    gate = AsyncGate()
 
-    @task(runner=spy.runner)
-    def body():
-        me = spy.me()
-        inside["wait"] = me.wait(0.01)
-        inside["is_running"] = me.is_running()
-        inside["done"] = me.done()
-        inside["status"] = me.status
-        return 1
+    if is_async(runner):  # wait(0.01) from outside, while the coroutine waits
+
+        @task(runner=spy.runner)
+        async def body():
+            me = spy.me()
+            inside.update(is_running=me.is_running(), done=me.done(), status=me.status)
+            await gate.wait()
+            return 1
+
+    else:
+
+        @task(runner=spy.runner)
+        def body():
+            me = spy.me()
+            inside["wait"] = me.wait(0.01)
+            inside["is_running"] = me.is_running()
+            inside["done"] = me.done()
+            inside["status"] = me.status
+            return 1
 
     run = body()
+    if is_async(runner):
+        assert gate.entered.wait(WAIT)
+        inside["wait"] = run.wait(0.01)
+        gate.open()
     assert run.wait(WAIT) is True
     assert inside == {"wait": False, "is_running": True, "done": False, "status": Status.RUNNING}
     assert run.wait() is True
@@ -247,16 +279,32 @@ def test_cached_is_false_when_the_task_ran(runner):
 def test_exception(runner):
     spy = Spy(runner)
     inside = []
+    gate = AsyncGate()
 
-    @task(runner=spy.runner)
-    def body():
-        try:
-            spy.me().exception(timeout=0.01)
-        except TimeoutError as exc:
-            inside.append(exc)
-        return 1
+    if is_async(runner):  # exception(timeout=0.01) from outside, while the coroutine waits
+
+        @task(runner=spy.runner)
+        async def body():
+            await gate.wait()
+            return 1
+
+    else:
+
+        @task(runner=spy.runner)
+        def body():
+            try:
+                spy.me().exception(timeout=0.01)
+            except TimeoutError as exc:
+                inside.append(exc)
+            return 1
 
     ok = body()
+    if is_async(runner):
+        assert gate.entered.wait(WAIT)
+        with pytest.raises(TimeoutError) as info:
+            ok.exception(timeout=0.01)
+        inside.append(info.value)
+        gate.open()
     assert ok.exception(timeout=WAIT) is None
     assert len(inside) == 1
     bad = task(runner=runner)(_failing)()
@@ -311,12 +359,23 @@ def test_started_finished_and_duration(runner):
     spy = Spy(runner)
     inside = {}
 
-    @task(runner=spy.runner)
-    def body():
-        me = spy.me()
-        inside.update(started_at=me.started_at, finished_at=me.finished_at, duration=me.duration)
-        time.sleep(0.02)  # work
-        return 1
+    if is_async(runner):
+
+        @task(runner=spy.runner)
+        async def body():
+            me = spy.me()
+            inside.update(started_at=me.started_at, finished_at=me.finished_at, duration=me.duration)
+            await asyncio.sleep(0.02)  # work
+            return 1
+
+    else:
+
+        @task(runner=spy.runner)
+        def body():
+            me = spy.me()
+            inside.update(started_at=me.started_at, finished_at=me.finished_at, duration=me.duration)
+            time.sleep(0.02)  # work
+            return 1
 
     t0 = time.time()
     run = body()

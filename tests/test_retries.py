@@ -1,5 +1,10 @@
-"""Retries, waits between attempts, retry_on, per-attempt timeouts, and the retry log lines."""
+"""Retries, waits between attempts, retry_on, per-attempt timeouts, and the retry log lines.
 
+The runner-parametrized tests run on AsyncTaskRun too, each plain body as a coroutine (see
+tests/_async_bodies.py); a body that would block the event loop has a coroutine of its own there.
+"""
+
+import asyncio
 import itertools
 import logging
 import random
@@ -8,12 +13,13 @@ import threading
 import time
 
 import pytest
+from _async_bodies import is_async, task
 
 import taskrun
-from taskrun import SequentialTaskRun, Status, TaskStopped, TaskTimeout, ThreadTaskRun, task
+from taskrun import AsyncTaskRun, SequentialTaskRun, Status, TaskStopped, TaskTimeout, ThreadTaskRun
 from taskrun._retry import RetryPolicy
 
-RUNNERS = [ThreadTaskRun, SequentialTaskRun]
+RUNNERS = [ThreadTaskRun, SequentialTaskRun, AsyncTaskRun]
 WAIT = 10
 
 
@@ -233,12 +239,23 @@ def test_thread_timed_out_attempt_is_retried():
 def test_timeout_is_per_attempt_not_per_run(runner):
     calls = []
 
-    def fn():
-        calls.append(1)
-        time.sleep(0.05)  # work: each attempt well within its timeout, all of them together not
-        if len(calls) < 4:
-            raise OSError("again")
-        return "ok"
+    if is_async(runner):
+
+        async def fn():
+            calls.append(1)
+            await asyncio.sleep(0.05)  # the same work, awaited
+            if len(calls) < 4:
+                raise OSError("again")
+            return "ok"
+
+    else:
+
+        def fn():
+            calls.append(1)
+            time.sleep(0.05)  # work: each attempt well within its timeout, all of them together not
+            if len(calls) < 4:
+                raise OSError("again")
+            return "ok"
 
     run = task(runner=runner, timeout=0.15, retries=3)(fn)()
     assert run.get_result(timeout=WAIT) == "ok"
@@ -282,12 +299,19 @@ def test_sequential_task_sees_stop_requested_once_its_timeout_passed():
 
 
 def test_timeout_not_retried_when_retry_on_excludes_it(runner):
-    def fn():
-        if runner is SequentialTaskRun:
-            time.sleep(0.04)
-        else:
-            while not taskrun.stop_requested():
-                time.sleep(0.005)
+    if is_async(runner):
+
+        async def fn():
+            await asyncio.sleep(WAIT)  # ended by the cancel the timeout sends
+
+    else:
+
+        def fn():
+            if runner is SequentialTaskRun:
+                time.sleep(0.04)
+            else:
+                while not taskrun.stop_requested():
+                    time.sleep(0.005)
 
     run = task(runner=runner, timeout=0.02, retries=3, retry_on=OSError)(fn)()
     assert run.wait(WAIT)
@@ -298,15 +322,25 @@ def test_timeout_not_retried_when_retry_on_excludes_it(runner):
 def test_timeout_can_be_listed_in_retry_on(runner):
     calls = []
 
-    def fn():
-        calls.append(1)
-        if len(calls) == 1:
-            if runner is SequentialTaskRun:
-                time.sleep(0.15)
-            else:
-                while not taskrun.stop_requested():
-                    time.sleep(0.005)
-        return len(calls)
+    if is_async(runner):
+
+        async def fn():
+            calls.append(1)
+            if len(calls) == 1:
+                await asyncio.sleep(WAIT)  # ended by the cancel the timeout sends
+            return len(calls)
+
+    else:
+
+        def fn():
+            calls.append(1)
+            if len(calls) == 1:
+                if runner is SequentialTaskRun:
+                    time.sleep(0.15)
+                else:
+                    while not taskrun.stop_requested():
+                        time.sleep(0.005)
+            return len(calls)
 
     run = task(runner=runner, timeout=0.1, retries=1, retry_on=TaskTimeout)(fn)()
     assert run.get_result(timeout=WAIT) == 2

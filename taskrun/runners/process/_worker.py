@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 import warnings
 from collections import deque
 from typing import Any
@@ -124,7 +125,12 @@ def _run_call(
     if function is None:  # its pickle failed to load with an earlier call, which said why
         return UNPICKLABLE, ("the task's function could not be loaded in the worker process", "")
     try:
-        return OK, function(*args, **kwargs)
+        value = function(*args, **kwargs)
+        if type(value) is types.CoroutineType:  # an async def: run it to completion in this process
+            import asyncio
+
+            value = asyncio.run(value)
+        return OK, value
     except BaseException as exc:  # noqa: B036 - a task's SystemExit is its outcome, not ours
         return RAISED, exc
 

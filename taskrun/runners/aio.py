@@ -1,0 +1,441 @@
+"""``AsyncTaskRun``: the coroutines of ``async def`` tasks, thousands at once, on an event loop thread of taskrun's.
+
+Each configured runner class has one loop, run by a daemon thread (``taskrun-async-N``) that
+starts on the first call and ends with ``taskrun.shutdown()`` or the interpreter. Calls are
+handed to the loop in bursts: a caller appends its attempt to a queue and wakes the loop only
+if no wake-up is pending, so a ``map`` of 20,000 calls costs a handful of wake-ups, not 20,000.
+On the loop, an attempt waits for one of ``max_concurrency`` slots, then runs as an asyncio
+task; successes are reported together once per loop iteration (``Attempt.report_results``).
+
+``stop()`` and a timeout cancel the asyncio task: the coroutine gets ``CancelledError`` at its
+next ``await`` (so ``finally`` blocks and ``async with`` clean up) while the run is already
+STOPPED (or failed with ``TaskTimeout``). A watchdog thread notices one step of a task that
+holds the loop for ``slow_callback_seconds`` and logs a warning naming it.
+
+asyncio is imported when the first loop starts, not by ``import taskrun``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import threading
+import time
+import types
+from collections import deque
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..errors import attach_traceback
+from .base import Attempt, BaseTaskRun, R, check_setting_int, drop_pools, registered_pools, shared_pool
+
+if TYPE_CHECKING:
+    import asyncio
+
+logger = logging.getLogger("taskrun")
+
+#: Seconds that coroutines stopped by ``shutdown(wait=False)`` get to run their cleanup
+#: (``finally``, ``async with``) before the loop closes without them.
+CANCEL_GRACE = 2.0
+#: Shown by ``wait()``/``get_result()`` called on the loop thread (``{run}``: the id of the run waited for).
+LOOP_THREAD_WAIT = (
+    "waiting for {run} on taskrun's event loop thread (in an async task or a done callback) would block every async "
+    "task, and for good if {run} needs this loop; in an async task use `await run` (with a timeout: "
+    "`await asyncio.wait_for(run, seconds)`)"
+)
+
+_CoroutineType = types.CoroutineType
+_loop_numbers = itertools.count(1)
+
+
+class AsyncTaskRun(BaseTaskRun[R]):
+    """Runs the coroutines of ``async def`` tasks on an event loop thread owned by taskrun; best for many I/O calls.
+
+    Settings: ``max_concurrency`` (coroutines in flight at once, default 1,000; the rest wait
+    PENDING for a slot; None: no limit) and ``slow_callback_seconds`` (default 0.1: a task
+    that holds the loop longer, with ``time.sleep`` or a blocking client, is logged as a
+    WARNING on the ``taskrun`` logger naming it; None: not watched). ``stop()`` and a timeout
+    cancel the coroutine at its next ``await``. A plain function given this runner runs on the
+    loop thread (keep it short); if it returns an awaitable, that is awaited.
+    """
+
+    max_concurrency: ClassVar[int | None] = 1000
+    slow_callback_seconds: ClassVar[float | None] = 0.1
+    settings: ClassVar[dict[str, Any]] = {"max_concurrency": max_concurrency, "slow_callback_seconds": slow_callback_seconds}
+    preemptive_timeout: ClassVar[bool] = True
+
+    @staticmethod
+    def validate_setting(name: str, value: Any) -> None:
+        if name == "slow_callback_seconds":
+            if value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"AsyncTaskRun setting slow_callback_seconds must be a number > 0 or None, got {value!r}")
+            if not value > 0 or value == float("inf"):
+                raise ValueError(f"AsyncTaskRun setting slow_callback_seconds must be > 0 and finite (or None), got {value!r}")
+        else:
+            check_setting_int("AsyncTaskRun", name, value)
+
+    @classmethod
+    def _pool(cls) -> LoopPool:
+        own = getattr(threading.current_thread(), "taskrun_loop_pool", None)
+        if own is not None and own.runner is cls and not own.ended:
+            return own  # a retry from the loop of a pool shutting down (and so unregistered) while it finishes its runs
+        return shared_pool(cls, lambda: LoopPool(cls))
+
+    def start_attempt(self, attempt: Attempt) -> None:
+        pool = registered_pools.get(type(self))
+        if pool is None:
+            pool = self._pool()
+        attempt.runner_state = pool
+        pool.submit(attempt)  # type: ignore[attr-defined]
+
+    def stop_attempt(self, attempt: Attempt) -> None:
+        pool = attempt.runner_state
+        if pool is not None:
+            pool.cancel(attempt)
+
+    @classmethod
+    def shutdown(cls, wait: bool = True) -> None:
+        for pool in drop_pools(cls):
+            pool.shutdown(wait=wait)
+
+
+class LoopPool:
+    """One event loop, its thread, and the attempts handed to it.
+
+    Only the loop thread touches ``waiting``, ``running`` and ``succeeded``; other threads
+    append to ``incoming`` and call into the loop with ``call_soon_threadsafe``.
+    """
+
+    def __init__(self, runner: type[AsyncTaskRun[Any]]) -> None:
+        import asyncio
+
+        self.runner = runner
+        self.limit: int | None = runner.max_concurrency
+        self.slow: float | None = runner.slow_callback_seconds
+        self.loop = loop = asyncio.new_event_loop()
+        self.call_soon = loop.call_soon
+        self.call_soon_threadsafe = loop.call_soon_threadsafe
+        self.create_task = loop.create_task
+        self.current_task = asyncio.current_task
+        self.incoming: deque[Attempt] = deque()  # handed over by any thread, not yet seen by the loop
+        self.scheduled = False  # a _take_incoming is due on the loop
+        self.waiting: deque[Attempt] = deque()  # taken, waiting for a slot
+        self.running: dict[Attempt, asyncio.Task[None]] = {}
+        self.succeeded: list[tuple[Attempt, Any, None]] = []  # reported together by _flush
+        self.flush_due = False
+        self.delivering = 0  # runs whose outcome (and done callbacks) _flush is delivering
+        self.flushes = 0  # deliveries so far (the watchdog tells one from the next)
+        self.lock = threading.Lock()
+        self.shut = False  # shutdown() was called
+        self.closing = False  # the loop finishes (or stops) what it has, then ends
+        self.stopping = False  # closing with wait=False: what is handed over now is stopped, not run
+        self.ended = False  # the loop has ended: it takes nothing more
+        self.idle: asyncio.Future[None] | None = None  # resolved when a closing pool has nothing left
+        number = next(_loop_numbers)
+        self.thread = threading.Thread(target=self._main, name=f"taskrun-async-{number}", daemon=True)
+        self.thread.taskrun_delivers = LOOP_THREAD_WAIT  # type: ignore[attr-defined]  # see BaseTaskRun.wait
+        self.thread.taskrun_loop_pool = self  # type: ignore[attr-defined]
+        self.thread_id: int | None = None
+        # The watchdog: the loop stamps `beat` every `interval` while it has work; a gap longer than `slow` is a block.
+        self.beat = 0.0
+        self.beating = False
+        self.interval = 0.0 if self.slow is None else max(0.005, self.slow / 4)
+        self.busy = threading.Event()  # set while the loop has work: the watchdog watches only then
+        self.watchdog: threading.Thread | None = None
+        if self.slow is not None:
+            self.watchdog = threading.Thread(target=self._watch, name=f"taskrun-async-{number}-watchdog", daemon=True)
+        self.thread.start()
+        if self.watchdog is not None:
+            self.watchdog.start()
+
+    # ---- any thread ---------------------------------------------------------------------
+
+    def submit(self, attempt: Attempt) -> None:
+        """Hand ``attempt`` to the loop; wake it only if no wake-up is pending already."""
+        self.incoming.append(attempt)
+        if not self.scheduled:
+            # Set before the wake-up is sent and cleared by the loop before it takes the queue: an
+            # attempt appended after the loop took the queue always finds it clear and wakes it.
+            self.scheduled = True
+            try:
+                self.call_soon_threadsafe(self._take_incoming)
+            except RuntimeError:  # the loop is closed
+                self.scheduled = False
+                self._refuse(attempt)
+                return
+        if self.ended:
+            self._refuse(attempt)
+
+    def _refuse(self, attempt: Attempt) -> None:
+        try:
+            self.incoming.remove(attempt)
+        except ValueError:
+            return  # the ending loop took it, and stops it
+        raise RuntimeError(f"this {self.runner.__name__} event loop was shut down")
+
+    def cancel(self, attempt: Attempt) -> None:
+        """End a stopped or timed-out attempt: its coroutine is cancelled (on the loop, at its next ``await``)."""
+        if threading.get_ident() == self.thread_id:
+            self._cancel(attempt)
+            return
+        try:
+            self.call_soon_threadsafe(self._cancel, attempt)
+        except RuntimeError:
+            pass  # the loop has ended: nothing of the attempt runs there
+
+    def shutdown(self, wait: bool = True) -> None:
+        """End the loop: ``wait=True`` lets every run it has finish; ``wait=False`` stops them (their cleanup may run)."""
+        with self.lock:
+            if self.shut:
+                return
+            self.shut = True
+        try:
+            self.call_soon_threadsafe(self._close, wait)
+        except RuntimeError:
+            pass  # already ended
+        if threading.current_thread() is self.thread:
+            return  # a task called shutdown(): the loop ends once it is idle (or its runs stopped), then the watchdog
+        self.thread.join()
+        watchdog = self.watchdog
+        if watchdog is not None:
+            watchdog.join()  # it leaves once it sees the loop `ended`
+
+    def after_fork_in_child(self) -> None:
+        """The child has no loop thread: this pool takes nothing more there (its loop is left unclosed, as it
+        still looks running)."""
+        self.ended = self.shut = True
+        self.incoming = deque()
+
+    # ---- the loop thread ----------------------------------------------------------------
+
+    def _main(self) -> None:
+        import asyncio
+
+        loop = self.loop
+        self.thread_id = threading.get_ident()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            self._end()
+
+    def _take_incoming(self) -> None:
+        self.scheduled = False
+        incoming = self.incoming
+        running = self.running
+        limit = self.limit
+        while incoming:
+            attempt = incoming.popleft()
+            if attempt.reported:  # stopped while it was handed over
+                continue
+            if self.stopping:
+                attempt.run.stop("taskrun.shutdown(wait=False) was called")
+                continue
+            if limit is not None and len(running) >= limit:
+                self.waiting.append(attempt)
+            else:
+                self._start(attempt)
+        if self.closing:
+            self._check_idle()
+
+    def _start(self, attempt: Attempt) -> None:
+        self.running[attempt] = self.create_task(self._drive(attempt))
+        if not self.beating and self.watchdog is not None:
+            self.beating = True
+            self.beat = time.monotonic()
+            self.busy.set()
+            self.loop.call_later(self.interval, self._heartbeat)
+
+    async def _drive(self, attempt: Attempt) -> None:
+        """Run one attempt in its asyncio task and report how it went (a success is reported by ``_flush``)."""
+        try:
+            if attempt.stop_requested:  # stopped before this task's first step
+                return
+            attempt.mark_started()
+            attempt.mark_current()  # this task's context: taskrun.stop_requested() reads it
+            run = attempt.run
+            try:
+                value = run.task.fn(*run.args, **run.kwargs)
+                if type(value) is _CoroutineType or inspect.isawaitable(value):
+                    value = await value
+            except BaseException as exc:  # noqa: B036 - the coroutine's failure (or its cancelling) is its outcome
+                if not attempt.reported:  # else stopped or timed out: the CancelledError we sent, or too late
+                    attempt.set_exception(attach_traceback(exc))
+            else:
+                self.succeeded.append((attempt, value, None))
+                if not self.flush_due:
+                    self.flush_due = True
+                    self.call_soon(self._flush)
+        finally:
+            del self.running[attempt]
+            if self.waiting:
+                self._start_waiting()
+            if self.closing:
+                self._check_idle()
+
+    def _start_waiting(self) -> None:
+        waiting = self.waiting
+        running = self.running
+        limit = self.limit
+        while waiting and (limit is None or len(running) < limit):
+            attempt = waiting.popleft()
+            if not attempt.reported:
+                self._start(attempt)
+
+    def _flush(self) -> None:
+        """Report the successes of this loop iteration together."""
+        self.flush_due = False
+        batch, self.succeeded = self.succeeded, []
+        self.flushes += 1
+        self.delivering = len(batch)
+        try:
+            Attempt.report_results(batch)
+        except Exception:  # not one of these runs may be left unfinished: those not reported yet are, one by one
+            logger.exception("%s: reporting %d results together failed", self.runner.__name__, len(batch))
+            for attempt, value, _ in batch:
+                try:
+                    attempt.set_result(value)
+                except Exception:
+                    logger.exception("%s: reporting the result of %s failed", self.runner.__name__, attempt.run.id)
+        finally:
+            self.delivering = 0
+        if self.closing:
+            self._check_idle()
+
+    def _cancel(self, attempt: Attempt) -> None:
+        task = self.running.get(attempt)
+        if task is None:
+            return  # still waiting for a slot: it is dropped when its turn comes
+        if inspect.getcoroutinestate(task.get_coro()) == inspect.CORO_CREATED:
+            return  # its first step is due: _drive sees the stop there (a cancel now would skip its bookkeeping)
+        task.cancel("taskrun: the run was stopped or its attempt timed out")
+
+    def _close(self, wait: bool) -> None:
+        import asyncio
+
+        self.closing = True
+        self.stopping = not wait
+        self.idle = self.loop.create_future()
+        if not wait:
+            self._stop_all("taskrun.shutdown(wait=False) was called")
+        self._check_idle()
+        self.create_task(self._close_when_idle(wait, asyncio))
+
+    async def _close_when_idle(self, wait: bool, asyncio: Any) -> None:
+        idle = self.idle
+        assert idle is not None
+        if wait:
+            await idle
+        else:
+            try:
+                await asyncio.wait_for(asyncio.shield(idle), CANCEL_GRACE)
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+                logger.warning(
+                    "%s: %d stopped coroutine(s) still running %.1f s after being cancelled (they catch "
+                    "CancelledError and go on?); the event loop closes without them",
+                    self.runner.__name__, len(self.running), CANCEL_GRACE,
+                )
+        self.loop.stop()
+
+    def _stop_all(self, reason: str) -> None:
+        for attempt in [*self.incoming, *self.waiting, *self.running]:
+            attempt.run.stop(reason)
+
+    def _check_idle(self) -> None:
+        idle = self.idle
+        if (
+            idle is not None and not idle.done()
+            and not self.running and not self.waiting and not self.incoming and not self.succeeded
+        ):
+            idle.set_result(None)
+
+    def _end(self) -> None:
+        """After the loop stopped: stop what was handed over too late, then close the loop."""
+        self.ended = True
+        self.busy.set()
+        while self.incoming:
+            self.incoming.popleft().run.stop("its event loop was shut down")
+        for attempt in list(self.running):
+            attempt.run.stop("its event loop was shut down")
+        loop = self.loop
+        try:
+            import asyncio
+
+            leftover = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            for task in leftover:
+                task.cancel()
+            if leftover:
+                loop.run_until_complete(asyncio.wait(leftover, timeout=CANCEL_GRACE))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        except Exception:
+            logger.exception("%s: the event loop did not shut down cleanly", self.runner.__name__)
+        finally:
+            self.running.clear()
+            loop.close()
+
+    # ---- the watchdog -------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        if self.ended:
+            return  # the loop runs once more while it closes: `busy` now tells the watchdog to leave, and stays set
+        self.beat = time.monotonic()
+        if self.running or self.waiting or self.incoming or self.delivering:
+            self.loop.call_later(self.interval, self._heartbeat)
+        else:
+            self.beating = False
+            self.busy.clear()
+
+    def _watch(self) -> None:
+        """Warn (once per block) when one step of a task (or one delivery of done callbacks) holds the loop for ``slow`` s.
+
+        Within one loop iteration a task takes at most one step. So when the heartbeat has not
+        come round (the same iteration) and the same task is running at two looks ``slow``
+        apart, that one step has held the loop all that time. A long iteration of many quick
+        steps (a burst of thousands) is not a block.
+        """
+        slow, interval = self.slow, self.interval
+        assert slow is not None
+        watched: tuple[Any, float] | None = None  # (what holds the loop, the heartbeat's stamp) first seen...
+        since = 0.0  # ...at this time
+        warned: tuple[Any, float] | None = None
+        while True:
+            self.busy.wait()
+            if self.ended:
+                return
+            time.sleep(interval)
+            holder = self._holder()
+            now = time.monotonic()
+            if holder is None or not self.beating:
+                watched = None
+                continue
+            key = (holder, self.beat)
+            if key != watched:
+                watched, since = key, now
+                continue
+            if now - since >= slow and key != warned:
+                warned = key
+                logger.warning(
+                    "%s has blocked the event loop of %s for over %.2f s so far (slow_callback_seconds=%g): every "
+                    "other async task waits meanwhile. A blocking call (time.sleep, a synchronous HTTP client, heavy "
+                    "CPU work) belongs in its async form (await asyncio.sleep, an async client) or in a "
+                    "ThreadTaskRun or MultiprocessTaskRun task", self._describe(holder), self.runner.__name__,
+                    now - since, slow,
+                )
+
+    def _holder(self) -> Any:
+        """What runs on the loop now: the current asyncio task, the number of a delivery of done callbacks, or None."""
+        task = self.current_task(self.loop)
+        if task is not None:
+            return task
+        return self.flushes if self.delivering else None
+
+    def _describe(self, holder: Any) -> str:
+        if isinstance(holder, int):
+            return "the done callbacks of finished runs"
+        for attempt, own in list(self.running.items()):
+            if own is holder:
+                return attempt.run.id
+        return f"asyncio task {holder.get_name()!r}"
