@@ -13,7 +13,8 @@ import pytest
 
 import taskrun
 from taskrun import Ledger, LedgerError, SequentialTaskRun, SerializationError, Status, TaskStopped, ThreadTaskRun, task
-from taskrun._ledger import _MACHINE, SCHEMA_VERSION, make_key
+from taskrun._ledger import SCHEMA_VERSION, make_key, store_for
+from taskrun._ledger._owners import MACHINE
 
 WAIT = 10
 
@@ -399,7 +400,7 @@ def test_a_claim_left_by_a_dead_process_is_taken_over(db, caplog):
     pid = int(dead.stdout)
     conn = sqlite3.connect(db)
     with conn:
-        conn.execute("INSERT INTO owners VALUES ('gone', 'host', ?, ?, '', 0)", (_MACHINE, pid))
+        conn.execute("INSERT INTO owners VALUES ('gone', 'host', ?, ?, '', 0)", (MACHINE, pid))
         conn.execute("INSERT INTO runs (task, key, status, owner, claim) VALUES ('work', '2', 'running', 'gone', 1)")
     conn.close()
     ledger = Ledger(db)
@@ -560,12 +561,12 @@ def test_when_the_file_cannot_be_written_outcomes_still_arrive_and_claims_fail(d
         return x + 1
 
     assert inc(1).get_result(timeout=WAIT) == 2
-    store = Ledger(db)._store
+    storage = store_for(Ledger(db)).storage
 
     def broken(*args):
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(store, "_commit", broken)
+    monkeypatch.setattr(storage, "transaction", broken)  # every write of the file
     with caplog.at_level(logging.ERROR, logger="taskrun"):
         run = inc(2)
         error = run.exception(timeout=WAIT)
