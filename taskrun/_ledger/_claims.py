@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._status import Status
-from ._owners import owner_alive
-from ._storage import Storage
+from ._owners import holder_alive
+from ._storage import Ident, Storage, Unclaimed
 
 if TYPE_CHECKING:
     from .._run import BaseTaskRun
@@ -53,13 +53,13 @@ _PENDING = Status.PENDING
 class Decision:
     """What one claim transaction found for the runs of one task."""
 
-    claimed: list[Run] = field(default_factory=list)
+    claimed: list[Run] = field(default_factory=lambda: [])
     #: Runs whose key succeeded meanwhile, with the stored result if it is small (else None).
-    succeeded: list[tuple[Run, bytes | None]] = field(default_factory=list)
+    succeeded: list[tuple[Run, bytes | None]] = field(default_factory=lambda: [])
     #: Runs whose key a live owner holds: to watch.
-    held_elsewhere: list[Run] = field(default_factory=list)
+    held_elsewhere: list[Run] = field(default_factory=lambda: [])
     #: Keys whose dead owner's claim was taken over (to say so once committed).
-    interrupted: list[str] = field(default_factory=list)
+    interrupted: list[str] = field(default_factory=lambda: [])
 
 
 class Claims:
@@ -72,11 +72,11 @@ class Claims:
         """Nothing active, held or watched (also in a forked child: the parent's runs are not its own)."""
         self.lock = threading.Lock()  # for the rare compare-and-set on `active`, and for `watching`
         #: The run of this process that holds each (task, key).
-        self.active: dict[tuple[str, str], Run] = {}
+        self.active: dict[Ident, Run] = {}
         #: Runs holding a claim in the file -> its claim number.
         self.held: dict[Run, int] = {}
         #: Keys another process holds -> the run waiting for them, and its admission's reply.
-        self.watching: dict[tuple[str, str], tuple[Run, Admission]] = {}
+        self.watching: dict[Ident, tuple[Run, Admission]] = {}
         #: Admissions to claim once runs finish (more than the runners would start soon).
         self.deferred: collections.deque[tuple[Run, Admission]] = collections.deque()
         self._finished_lately: collections.deque[tuple[float, int]] = collections.deque()  # (when, how many)
@@ -149,10 +149,10 @@ class Claims:
             return []
         rows = storage.holders([ident for ident, _entry in watching])
         now = time.time()
-        ready = []
+        ready: list[tuple[Ident, tuple[Run, Admission]]] = []
         for ident, entry in watching:
             row = rows[ident]
-            if entry[0].done() or row is None or row[0] != "running" or row[1] == own or not owner_alive(*row[2:], now):
+            if entry[0].done() or row is None or row[0] != "running" or row[1] == own or not holder_alive(row[2:], now):
                 ready.append((ident, entry))
         with self.lock:
             for ident, entry in ready:
@@ -208,10 +208,10 @@ class Claims:
         own = storage.owner
         keys = json.dumps([run.key for run in runs])
         decision = Decision()
-        others: dict[str, Any] = {}
+        others: dict[Any, Unclaimed] = {}
         if storage.claim_many(conn, task, keys, now, number) != len(runs):
             others = storage.unclaimed(conn, task, keys, number)
-        unclaimed = []
+        unclaimed: list[tuple[Run, Unclaimed]] = []
         for run in runs:  # first the claims made: they hold whatever happens next
             row = others.get(run.key)
             if row is None:
@@ -219,10 +219,12 @@ class Claims:
             else:
                 unclaimed.append((run, row))
         for run, row in unclaimed:
-            key, status, row_owner, _row_claim, *row_owner_info, hex_result = row
+            key: str = row[0]
+            status: str = row[1]
+            hex_result: str | None = row[8]
             if status == "succeeded" and (task, key) not in unloadable:
                 decision.succeeded.append((run, None if hex_result is None else bytes.fromhex(hex_result)))
-            elif status == "running" and row_owner != own and owner_alive(*row_owner_info, now):
+            elif status == "running" and row[2] != own and holder_alive(row[4:8], now):
                 decision.held_elsewhere.append(run)
             elif storage.take_over(conn, task, key, row, now, number):
                 decision.claimed.append(run)

@@ -27,7 +27,7 @@ def make_key(task: Task[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     """
     key_fn = task.key
     if key_fn is not None:
-        key = key_fn(*args, **kwargs)
+        key: Any = key_fn(*args, **kwargs)
         if type(key) is not str:
             if isinstance(key, str):
                 return str(key)

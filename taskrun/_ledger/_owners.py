@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from collections.abc import Sequence
+from typing import Any
 
 #: Seconds a claim stays valid without renewal, for owners on another machine.
 LEASE = 30.0
@@ -53,6 +55,12 @@ def own_process_start() -> str:
 def new_owner() -> str:
     """A new owner id: this process in a file's ``owners`` table (a forked child takes a new one)."""
     return secrets.token_hex(8)
+
+
+def holder_alive(owner: Sequence[Any], now: float) -> bool:
+    """:func:`owner_alive` of ``(machine, pid, pid_start, lease_until)`` as read from the ``owners`` table."""
+    machine, pid, pid_start, lease_until = owner
+    return owner_alive(machine, pid, pid_start, lease_until, now)
 
 
 def owner_alive(machine: str | None, pid: int | None, pid_start: str | None, lease_until: float | None, now: float) -> bool:

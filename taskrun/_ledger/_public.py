@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import pickle
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .._status import Status
 from ..errors import LedgerError, SerializationError
-from ._owners import owner_alive
+from ._owners import holder_alive
 from ._storage import BUSY_TIMEOUT, STATUSES, ReadOnlyFile, Storage, call_rows, failure_rows, record_rows, summary_of
 from ._store import Store, open_store
 
@@ -240,12 +240,12 @@ def _check_busy_timeout(value: Any) -> float:
 
 def _records(rows: list[tuple[Any, ...]]) -> list[RunRecord]:
     now = time.time()
-    records = []
+    records: list[RunRecord] = []
     for row in rows:
-        task, key, status, attempts, etype, emsg, tb, call, started, finished, duration, pid, host, *owner = row
-        if status == "running" and not owner_alive(*owner, now):
-            status = "interrupted"
-        records.append(RunRecord(task, key, status, attempts, etype, emsg, tb, call, started, finished, duration, pid, host))
+        record = RunRecord(*row[:13])
+        if record.status == "running" and not holder_alive(row[13:], now):
+            record = replace(record, status="interrupted")
+        records.append(record)
     return records
 
 

@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .. import _lifecycle
+from .._lifecycle import get_pool, register_feeder, unregister_feeder
 from .._status import Status
 from ..errors import LedgerError, RemoteTraceback, SerializationError, TaskStopped, format_traceback
 from . import _owners
@@ -158,7 +158,9 @@ class Store:
 
     def admit_here(self, run: Run) -> tuple[str, Any]:
         """:meth:`admit`, decided in the caller: ``(verdict, value)``; polls here while another process holds the key."""
-        found, value = self.lookup(run.name, run.key)  # the run it waited for may have stored it
+        key = run.key
+        assert key is not None, "the handle sets the key before it asks"
+        found, value = self.lookup(run.name, key)  # the run it waited for may have stored it
         if found:
             return "cached", value
         holder = self.claims.enter(run)
@@ -187,7 +189,7 @@ class Store:
             claims.held[run] = number
             return "claimed", None
         if decision.succeeded:
-            found, value = self._unpickle(run.name, run.key, decision.succeeded[0][1])
+            found, value = self._unpickle(run.name, run.key or "", decision.succeeded[0][1])
             if found:
                 claims.leave(run)
                 return "cached", value
@@ -401,7 +403,7 @@ class Store:
 
     def _finish_succeeded(self, run: Run, reply: Admission, blob: bytes | None) -> None:
         """Its key succeeded elsewhere meanwhile: answer with the result, or claim again if it cannot be loaded here."""
-        found, value = self._unpickle(run.name, run.key, blob)
+        found, value = self._unpickle(run.name, run.key or "", blob)
         if found:
             self.claims.leave(run)
             reply("cached", value)
@@ -414,8 +416,8 @@ class Store:
         now = time.monotonic()
         self._next_beat = now + _owners.LEASE / 3
         self._next_poll = now + POLL_INTERVAL
-        _lifecycle.register_feeder(self.claims_phase)
-        _lifecycle.get_pool(("ledger", self), lambda: self.records_phase)
+        register_feeder(self.claims_phase)
+        get_pool(("ledger", self), lambda: self.records_phase)
 
     def sleep_for(self) -> float:
         wake = min(self._next_beat, self._next_poll) if self.claims.watching else self._next_beat
@@ -487,7 +489,7 @@ class Store:
                 logger.warning("ledger %s: %s still runs after 60 s of shutdown; not waiting for it", self.path, run.id)
         writer.stop(60)
         self._stop_watched()
-        _lifecycle.unregister_feeder(self.claims_phase)
+        unregister_feeder(self.claims_phase)
         writer.open_gate()
         if not writer.running:
             self.storage.close()

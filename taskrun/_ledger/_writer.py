@@ -121,7 +121,8 @@ class Writer:
 
     def take(self, claims_only: bool = False) -> list[Any]:
         """Everything queued (hold ``batch_lock``); ``claims_only``: only the claims, records stay queued."""
-        queue, items = self.queue, []
+        queue = self.queue
+        items: list[Any] = []
         for _ in range(len(queue)):
             item = queue.popleft()
             if claims_only and not is_claim(item):
