@@ -250,13 +250,13 @@ class Storage:
     def _initialize(self, conn: sqlite3.Connection) -> None:
         """Check what the file is before writing to it, then make it a ledger if it is empty."""
         try:
-            _check_identity(self.path, *_identity(conn), NEW_FILE_ADVICE)
+            app_id, version, tables = _identity(conn)
+            _check_identity(self.path, app_id, version, tables, NEW_FILE_ADVICE)
             _configure(conn, self.busy_timeout)
         except sqlite3.OperationalError as exc:
             if _is_busy(exc):
                 raise self._busy_error(conn, exc) from exc
             raise
-        app_id, version, _tables = _identity(conn)
         if app_id == APPLICATION_ID and version == SCHEMA_VERSION:
             return
 
@@ -470,28 +470,29 @@ class Storage:
 
     # ---- short reads of the run side (on the writing connection) ---------------------------
 
+    def query(self, look: Callable[[sqlite3.Connection], T]) -> T:
+        """``look(conn)`` on the writing connection, outside any transaction; SQLite errors as LedgerError."""
+        with self.lock:
+            try:
+                return look(self.connection())
+            except sqlite3.Error as exc:
+                raise LedgerError(f"cannot read ledger {self.path!r}: {exc}") from exc
+
     def succeeded(self, task: str) -> list[tuple[str, bytes | None]]:
         """The keys of ``task``'s succeeded calls, each with its result if it is small (else None)."""
-        with self.lock:
-            return self.connection().execute(
-                "SELECT key, CASE WHEN length(result) <= ? THEN result END FROM runs WHERE task = ? AND status = 'succeeded'",
-                (CACHE_LIMIT, task),
-            ).fetchall()
+        sql = "SELECT key, CASE WHEN length(result) <= ? THEN result END FROM runs WHERE task = ? AND status = 'succeeded'"
+        return self.query(lambda conn: conn.execute(sql, (CACHE_LIMIT, task)).fetchall())
 
     def stored_result(self, task: str, key: str) -> bytes | None:
         """The stored result of a succeeded call; None if it has none (any more)."""
-        with self.lock:
-            row = self.connection().execute(
-                "SELECT result FROM runs WHERE task = ? AND key = ? AND status = 'succeeded'", (task, key)
-            ).fetchone()
+        sql = "SELECT result FROM runs WHERE task = ? AND key = ? AND status = 'succeeded'"
+        row = self.query(lambda conn: conn.execute(sql, (task, key)).fetchone())
         return None if row is None else row[0]
 
     def holders(self, idents: Iterable[Ident]) -> dict[Ident, tuple[Any, ...] | None]:
         """Per (task, key): its row's status and owner, and the owner's machine, pid, pid_start and lease (None: no row)."""
         sql = f"SELECT r.status, r.owner, {_OWNER_COLUMNS} FROM {_RUNS_WITH_OWNERS} WHERE r.task = ? AND r.key = ?"
-        with self.lock:
-            conn = self.connection()
-            return {ident: conn.execute(sql, ident).fetchone() for ident in idents}
+        return self.query(lambda conn: {ident: conn.execute(sql, ident).fetchone() for ident in idents})
 
     # ---- inspection and changes (for people) ---------------------------------------------
 

@@ -60,6 +60,7 @@ Recorded = Callable[[Status, Any, "BaseException | None", "BaseException | None"
 _MISSING: Any = object()
 _SUCCEEDED = Status.SUCCEEDED
 _FAILED = Status.FAILED
+_STOPPED = Status.STOPPED
 
 
 class Store:
@@ -187,6 +188,8 @@ class Store:
             return "failed", _claim_error(run, exc, problem)
         if decision.claimed:
             claims.held[run] = number
+            if run.status is _STOPPED:  # stopped while claiming: its record may have missed this claim
+                self.record(run, _STOPPED, None, TaskStopped(f"{run.id} was stopped"), None)
             return "claimed", None
         if decision.succeeded:
             found, value = self._unpickle(run.name, run.key or "", decision.succeeded[0][1])
@@ -456,7 +459,15 @@ class Store:
     # ---- shutdown and fork -----------------------------------------------------------------
 
     def settle_claims(self, wait: bool) -> None:
-        """Before the pools stop: start the queued claims (``wait``) or stop them; stop the watched runs."""
+        """Before the pools stop: start the queued claims (``wait``) or stop them; stop the watched runs.
+
+        ``taskrun.shutdown()`` calls it as a feeder of the pools (after map's feeders and the
+        launcher, which may still admit runs). Once the gate is closed no claim is queued any
+        more, and once ``batch_lock`` is held the ledger thread is between batches: every claim
+        it granted has been started in its pool, as claimed runs are started under that lock.
+        What is still queued is then claimed and started here (``wait``) or answered stopped,
+        before any pool stops.
+        """
         writer = self.writer
         writer.close_gate()  # from now on new claims end STOPPED
         replies: list[Reply] = []
