@@ -44,7 +44,9 @@ POLL_INTERVAL = 0.1
 AHEAD = 0.1
 
 #: How a run's admission is answered: ``reply(verdict, value)`` (see Store.admit).
-Admission = Callable[[str, Any], None]
+Answer = Callable[[str, Any], None]
+#: A run asking to be admitted, and how to answer it.
+Admission = tuple[Run, Answer]
 
 _PENDING = Status.PENDING
 
@@ -53,11 +55,11 @@ _PENDING = Status.PENDING
 class Decision:
     """What one claim transaction found for the runs of one task."""
 
-    claimed: list[Run] = field(default_factory=lambda: [])
-    #: Runs whose key succeeded meanwhile, with the stored result if it is small (else None).
-    succeeded: list[tuple[Run, bytes | None]] = field(default_factory=lambda: [])
-    #: Runs whose key a live owner holds: to watch.
-    held_elsewhere: list[Run] = field(default_factory=lambda: [])
+    claimed: list[Admission] = field(default_factory=lambda: [])
+    #: Admissions whose key succeeded meanwhile, with the stored result if it is small (else None).
+    succeeded: list[tuple[Admission, bytes | None]] = field(default_factory=lambda: [])
+    #: Admissions whose key a live owner holds: to watch.
+    held_elsewhere: list[Admission] = field(default_factory=lambda: [])
     #: Keys whose dead owner's claim was taken over (to say so once committed).
     interrupted: list[str] = field(default_factory=lambda: [])
 
@@ -76,9 +78,9 @@ class Claims:
         #: Runs holding a claim in the file -> its claim number.
         self.held: dict[Run, int] = {}
         #: Keys another process holds -> the run waiting for them, and its admission's reply.
-        self.watching: dict[Ident, tuple[Run, Admission]] = {}
+        self.watching: dict[Ident, Admission] = {}
         #: Admissions to claim once runs finish (more than the runners would start soon).
-        self.deferred: collections.deque[tuple[Run, Admission]] = collections.deque()
+        self.deferred: collections.deque[Admission] = collections.deque()
         self._finished_lately: collections.deque[tuple[float, int]] = collections.deque()  # (when, how many)
         self._numbers = itertools.count(1)
 
@@ -117,12 +119,13 @@ class Claims:
 
     # ---- keys other processes hold ---------------------------------------------------------
 
-    def watch(self, runs: list[tuple[Run, Admission]]) -> None:
+    def watch(self, admissions: list[Admission]) -> None:
         with self.lock:
-            for run, reply in runs:
-                self.watching[(run.name, run.key)] = (run, reply)
+            for admission in admissions:
+                run = admission[0]
+                self.watching[(run.name, run.key)] = admission
 
-    def unwatch(self, run: Run) -> Admission | None:
+    def unwatch(self, run: Run) -> Answer | None:
         """Stop watching ``run``'s key for it; the reply its admission still owes, if it was watched."""
         ident = (run.name, run.key)
         with self.lock:
@@ -132,13 +135,13 @@ class Claims:
             del self.watching[ident]
         return entry[1]
 
-    def take_watched(self) -> list[tuple[Run, Admission]]:
+    def take_watched(self) -> list[Admission]:
         with self.lock:
             watched = list(self.watching.values())
             self.watching.clear()
         return watched
 
-    def released(self, storage: Storage, own: str) -> list[tuple[Run, Admission]]:
+    def released(self, storage: Storage, own: str) -> list[Admission]:
         """The watched keys that no live process holds any more (or whose run finished), no longer watched.
 
         ``own`` is this process's owner id: a key it holds itself is free to claim again.
@@ -149,7 +152,7 @@ class Claims:
             return []
         rows = storage.holders([ident for ident, _entry in watching])
         now = time.time()
-        ready: list[tuple[Ident, tuple[Run, Admission]]] = []
+        ready: list[tuple[Ident, Admission]] = []
         for ident, entry in watching:
             row = rows[ident]
             if entry[0].done() or row is None or row[0] != "running" or row[1] == own or not holder_alive(row[2:], now):
@@ -194,9 +197,12 @@ class Claims:
 
     @staticmethod
     def claim(
-        storage: Storage, conn: sqlite3.Connection, task: str, runs: list[Run], number: int, unloadable: set[tuple[str, str]]
+        storage: Storage, conn: sqlite3.Connection, task: str, admissions: list[Admission], number: int,
+        unloadable: set[tuple[str, str]],
     ) -> Decision:
-        """Claim the keys of ``runs`` (of ``task``) that nobody live holds, as claim ``number``; in a transaction.
+        """Claim the keys of the runs of ``admissions`` (of ``task``) that nobody live holds, as claim ``number``.
+
+        It runs in a transaction (``conn``'s).
 
         One statement claims every key that is new, failed, stopped or left by this process;
         only if some were not claimed are their rows read, and a dead owner's claim (or a
@@ -206,30 +212,31 @@ class Claims:
         """
         now = time.time()
         own = storage.owner
-        keys = json.dumps([run.key for run in runs])
+        keys = json.dumps([admission[0].key for admission in admissions])
         decision = Decision()
-        others: dict[Any, Unclaimed] = {}
-        if storage.claim_many(conn, task, keys, now, number) != len(runs):
-            others = storage.unclaimed(conn, task, keys, number)
-        unclaimed: list[tuple[Run, Unclaimed]] = []
-        for run in runs:  # first the claims made: they hold whatever happens next
-            row = others.get(run.key)
+        if storage.claim_many(conn, task, keys, now, number) == len(admissions):
+            decision.claimed = admissions
+            return decision
+        others: dict[Any, Unclaimed] = storage.unclaimed(conn, task, keys, number)
+        unclaimed: list[tuple[Admission, Unclaimed]] = []
+        for admission in admissions:  # first the claims made: they hold whatever happens next
+            row = others.get(admission[0].key)
             if row is None:
-                decision.claimed.append(run)
+                decision.claimed.append(admission)
             else:
-                unclaimed.append((run, row))
-        for run, row in unclaimed:
+                unclaimed.append((admission, row))
+        for admission, row in unclaimed:
             key: str = row[0]
             status: str = row[1]
             hex_result: str | None = row[8]
             if status == "succeeded" and (task, key) not in unloadable:
-                decision.succeeded.append((run, None if hex_result is None else bytes.fromhex(hex_result)))
+                decision.succeeded.append((admission, None if hex_result is None else bytes.fromhex(hex_result)))
             elif status == "running" and row[2] != own and holder_alive(row[4:8], now):
-                decision.held_elsewhere.append(run)
+                decision.held_elsewhere.append(admission)
             elif storage.take_over(conn, task, key, row, now, number):
-                decision.claimed.append(run)
+                decision.claimed.append(admission)
                 if status == "running":
                     decision.interrupted.append(key)
             else:
-                decision.held_elsewhere.append(run)  # the row changed meanwhile: look again shortly
+                decision.held_elsewhere.append(admission)  # the row changed meanwhile: look again shortly
         return decision

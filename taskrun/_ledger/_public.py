@@ -211,17 +211,14 @@ class Ledger:
             raise ValueError(f"key {key!r} names calls of several tasks ({names}) in {self.path}; pass task=")
         return rows[0]
 
-    def _store_for_runs(self) -> Store:
-        if self._store is None:
-            raise LedgerError(
-                f"{self!r} was opened read-only: tasks cannot record calls in it; pass Ledger({self.path!r}) to @task"
-            )
-        return self._store
-
-
 def store_for(ledger: Ledger) -> Store:
     """The store of ``ledger``'s file in this process: what runs of its tasks talk to (see :mod:`._store`)."""
-    return ledger._store_for_runs()  # pyright: ignore[reportPrivateUsage]  # the run side's one way in
+    store = ledger._store  # pyright: ignore[reportPrivateUsage]  # the run side's one way in
+    if store is None:
+        raise LedgerError(
+            f"{ledger!r} was opened read-only: tasks cannot record calls in it; pass Ledger({ledger.path!r}) to @task"
+        )
+    return store
 
 
 def _reopen(path: str, busy_timeout: float, read_only: bool = False) -> Ledger:

@@ -404,7 +404,10 @@ class Storage:
 
     def write_successes(self, conn: sqlite3.Connection, task: str, successes: Sequence[Success]) -> None:
         """Write the successes of ``task`` in one statement (see _SUCCEED_MANY for how they are packed)."""
-        base = min(min(finished, finished if started is None else started) for _k, _a, _b, started, finished, _c in successes)
+        base = min([success[4] for success in successes])
+        starts = [success[3] for success in successes if success[3] is not None]
+        if starts:
+            base = min(base, min(starts))
         offset = 1
         numbers: list[tuple[int, int, int, int, int, int]] = []
         blobs: list[bytes] = []

@@ -38,10 +38,10 @@ from .._lifecycle import get_pool, register_feeder, unregister_feeder
 from .._status import Status
 from ..errors import LedgerError, RemoteTraceback, SerializationError, TaskStopped, format_traceback
 from . import _owners
-from ._claims import POLL_INTERVAL, Admission, Claims
+from ._claims import POLL_INTERVAL, Admission, Answer, Claims, Decision
 from ._keys import make_key
 from ._storage import BUSY_TIMEOUT, CACHE_LIMIT, Outcome, Storage, Success, write_problem
-from ._writer import CLAIM, RECORD, Reply, Writer, call_all, is_claim
+from ._writer import Call, Writer, call_all, is_claim
 
 if TYPE_CHECKING:
     from .._run import BaseTaskRun
@@ -61,6 +61,7 @@ _MISSING: Any = object()
 _SUCCEEDED = Status.SUCCEEDED
 _FAILED = Status.FAILED
 _STOPPED = Status.STOPPED
+_STATUS_NAMES = {status: status.value for status in Status}
 
 
 class Store:
@@ -144,16 +145,20 @@ class Store:
 
     # ---- the run side: may it run? ---------------------------------------------------------
 
-    def admit(self, run: Run, reply: Admission) -> None:
+    def admit(self, run: Run, reply: Answer) -> None:
         """Claim ``run``'s key on the ledger thread; ``reply(verdict, value)`` says what came of it (see the module)."""
-        holder = self.claims.enter(run)
-        if holder is not None:
-            reply("wait", holder)
-        else:
-            self._submit_claim(run, reply)
+        holder = self.claims.active.setdefault((run.name, run.key), run)  # Claims.enter's usual case, inline
+        if holder is not run:
+            holder = self.claims.enter(run)
+            if holder is not None:
+                reply("wait", holder)
+                return
+        if not self.writer.submit_claim((run, reply)):
+            self.claims.leave(run)
+            reply("stopped", TaskStopped(f"{run.id} was not started: taskrun is shutting down"))
 
-    def _submit_claim(self, run: Run, reply: Admission) -> None:
-        if not self.writer.submit_claim((CLAIM, run, reply)):
+    def _submit_claim(self, run: Run, reply: Answer) -> None:
+        if not self.writer.submit_claim((run, reply)):
             self.claims.leave(run)
             reply("stopped", TaskStopped(f"{run.id} was not started: taskrun is shutting down"))
 
@@ -181,7 +186,7 @@ class Store:
         claims = self.claims
         number = claims.next_number()
         try:
-            decision = self._claim_in_file(run.name, [run], number)
+            decision = self._claim_in_file(run.name, [(run, _no_reply)], number)
         except Exception as exc:
             problem = self._log_claims_failed(1, exc)
             claims.leave(run)
@@ -199,16 +204,16 @@ class Store:
             return "again", None  # the result cannot be loaded here: the next claim takes its row over
         return "watch", None
 
-    def _claim_in_file(self, task: str, runs: list[Run], number: int) -> Any:
-        """One transaction: enter this process in ``owners`` (the first time), claim the keys of ``runs``."""
+    def _claim_in_file(self, task: str, admissions: list[Admission], number: int) -> Decision:
+        """One transaction: enter this process in ``owners`` (the first time), claim the keys of ``admissions``."""
         storage = self.storage
         register = not storage.registered
         unloadable = self.unloadable
 
-        def claim(conn: Any) -> Any:
+        def claim(conn: Any) -> Decision:
             if register:
                 storage.register(conn, _owners.LEASE)
-            return self.claims.claim(storage, conn, task, runs, number, unloadable)
+            return self.claims.claim(storage, conn, task, admissions, number, unloadable)
 
         decision = storage.transaction(claim)
         storage.registered = True
@@ -239,7 +244,7 @@ class Store:
             if reply is not None:
                 reply(status, value, exc, None)
         elif not self.writer.submit_record(item):
-            replies: list[Reply] = []
+            replies: list[Call] = []
             self._write([item], replies)
             call_all(replies)
 
@@ -254,16 +259,21 @@ class Store:
     def _record_item(
         self, run: Run, status: Status, value: Any, exc: BaseException | None, reply: Recorded | None
     ) -> tuple[Any, ...] | None:
-        """The queued record of an outcome: ``(RECORD, run, stored status, attempts, result bytes, started_at,
+        """The queued record of an outcome: ``(run, stored status, attempts, result bytes, started_at,
         finished_at, (error type, message, traceback, call) or None, (status, value, exc), reply)``.
 
         None for a run the ledger could not be used for (its claim failed): there is nothing to record.
         """
         finished = time.time()
-        stored, blob, error = status.value, None, None
+        stored, blob, error = _STATUS_NAMES[status], None, None
         if status is _SUCCEEDED:
             try:
-                blob = _dumps_result(value)
+                blob = pickle.dumps(value, RESULT_PROTOCOL)
+            except Exception:
+                blob = None
+            try:
+                if blob is None:
+                    blob = _dumps_result(value)
             except Exception as why:
                 stored = "failed"
                 message = (
@@ -276,13 +286,13 @@ class Store:
             if status is _FAILED and isinstance(exc, LedgerError) and run not in self.claims.held:
                 return None
             error = (_type_name(type(exc)), str(exc), _traceback_text(exc), _describe_call(run))
-        return (RECORD, run, stored, run.attempts, blob, run.started_at, finished, error, (status, value, exc), reply)
+        return (run, stored, run.attempts, blob, run.started_at, finished, error, (status, value, exc), reply)
 
     # ---- the writer's batches --------------------------------------------------------------
 
-    def process(self, items: list[Any]) -> list[Reply]:
+    def process(self, items: list[Any]) -> list[Call]:
         """A batch of the writer (its ``batch_lock`` held): records, then claims; the replies to call after."""
-        replies: list[Reply] = []
+        replies: list[Call] = []
         claims = self.claims
         if items or claims.deferred:
             self._process(items, replies)
@@ -292,18 +302,18 @@ class Store:
                 self._process([], replies)
         return replies
 
-    def _process(self, items: list[Any], replies: list[Reply], claim_all: bool = False) -> None:
+    def _process(self, items: list[Any], replies: list[Call], claim_all: bool = False) -> None:
         """Commit the records among ``items``, then claim what is admitted (with what waited in memory).
 
         Claims beyond what the runners will start soon wait in memory (see Claims.wanted),
         unless ``claim_all``.
         """
         claims = self.claims
-        admissions: list[tuple[Run, Admission]] = []
+        admissions: list[Admission] = []
         records: list[tuple[Any, ...]] = []
         for item in items:
-            if item[0] is CLAIM:
-                admissions.append((item[1], item[2]))
+            if len(item) == 2:  # a claim: (run, reply)
+                admissions.append(item)
             else:
                 records.append(item)
         if records:
@@ -321,15 +331,18 @@ class Store:
         if admissions:
             self._claim(admissions, replies)
 
-    def _write(self, records: list[tuple[Any, ...]], replies: list[Reply]) -> BaseException | None:
+    def _write(self, records: list[tuple[Any, ...]], replies: list[Call]) -> BaseException | None:
         """Commit ``records`` in one transaction; then the caches, and the replies. The error if not written."""
         held = self.claims.held
         successes: dict[str, list[Success]] = {}
         outcomes: list[Outcome] = []
-        for _kind, run, stored, attempts, blob, started, finished, error, _outcome, _reply in records:
+        for run, stored, attempts, blob, started, finished, error, _outcome, _reply in records:
             claim = held.pop(run, None)  # the claim this record settles
             if stored == "succeeded":
-                successes.setdefault(run.name, []).append((run.key, attempts, blob, started, finished, claim))
+                rows = successes.get(run.name)
+                if rows is None:
+                    rows = successes[run.name] = []
+                rows.append((run.key, attempts, blob, started, finished, claim))
             else:
                 etype, emsg, tb, call = error or (None, None, None, None)
                 outcomes.append((run.name, run.key, stored, attempts, etype, emsg, tb, call, started, finished, claim))
@@ -349,7 +362,7 @@ class Store:
             if not isinstance(exc, LedgerError):  # raised by no SQLite call: said as a write of this file
                 problem = LedgerError(f"could not write to ledger {self.path!r}: {write_problem(exc)}")
                 problem.__cause__ = exc
-            names = ", ".join(f"{r[1].id} (key {r[1].key})" for r in records[:3]) + (" ..." if len(records) > 3 else "")
+            names = ", ".join(f"{r[0].id} (key {r[0].key})" for r in records[:3]) + (" ..." if len(records) > 3 else "")
             logger.error(
                 "ledger %s: %d outcome(s) were not recorded: %s; their callers got them, but those calls run again "
                 "next time: %s", self.path, len(records), write_problem(exc), names,
@@ -365,46 +378,47 @@ class Store:
                     with self.lock:
                         for key, *_rest in rows:
                             unloadable.discard((task, key))
-        self.claims.leave_all([record[1] for record in records])
-        for record in records:
-            reply = record[9]
-            if reply is not None:
-                replies.append((reply, (*record[8], problem)))
+        self.claims.leave_all([record[0] for record in records])
+        replies.append((_reply_recorded, (records, problem)))
         return problem
 
-    def _claim(self, admissions: list[tuple[Run, Admission]], replies: list[Reply]) -> None:
+    def _claim(self, admissions: list[Admission], replies: list[Call]) -> None:
         """Claim the keys of ``admissions``, one transaction per task; start the claimed runs now, answer the rest later."""
         claims = self.claims
-        by_task: dict[str, dict[Run, Admission]] = {}
-        for run, reply in admissions:
+        by_task: dict[str, list[Admission]] = {}
+        for admission in admissions:
+            run = admission[0]
             if run.done():  # stopped while its claim waited
                 claims.leave(run)
-                replies.append((reply, ("stopped", TaskStopped(f"{run.id} was stopped"))))
+                replies.append((admission[1], ("stopped", TaskStopped(f"{run.id} was stopped"))))
+                continue
+            group = by_task.get(run.name)
+            if group is None:
+                by_task[run.name] = [admission]
             else:
-                by_task.setdefault(run.name, {})[run] = reply
-        for task, reply_of in by_task.items():
-            runs = list(reply_of)
+                group.append(admission)
+        for task, group in by_task.items():
             number = claims.next_number()
             try:
-                decision = self._claim_in_file(task, runs, number)
+                decision = self._claim_in_file(task, group, number)
             except Exception as exc:
-                problem = self._log_claims_failed(len(runs), exc)
-                claims.leave_all(runs)
-                replies.extend((reply_of[run], ("failed", _claim_error(run, exc, problem))) for run in runs)
+                problem = self._log_claims_failed(len(group), exc)
+                claims.leave_all([run for run, _reply in group])
+                replies.extend((reply, ("failed", _claim_error(run, exc, problem))) for run, reply in group)
                 continue
             held = claims.held
-            for run in decision.claimed:
+            for run, _reply in decision.claimed:
                 held[run] = number
             if decision.held_elsewhere:
-                claims.watch([(run, reply_of[run]) for run in decision.held_elsewhere])
-            replies.extend((self._finish_succeeded, (run, reply_of[run], blob)) for run, blob in decision.succeeded)
-            for run in decision.claimed:  # started here, under the batch lock (see the module's docstring)
+                claims.watch(decision.held_elsewhere)
+            replies.extend((self._finish_succeeded, (run, reply, blob)) for (run, reply), blob in decision.succeeded)
+            for run, reply in decision.claimed:  # started here, under the batch lock (see the module's docstring)
                 try:
-                    reply_of[run]("claimed", None)
+                    reply("claimed", None)
                 except Exception:
                     logger.exception("ledger %s: starting %s failed", self.path, run.id)
 
-    def _finish_succeeded(self, run: Run, reply: Admission, blob: bytes | None) -> None:
+    def _finish_succeeded(self, run: Run, reply: Answer, blob: bytes | None) -> None:
         """Its key succeeded elsewhere meanwhile: answer with the result, or claim again if it cannot be loaded here."""
         found, value = self._unpickle(run.name, run.key or "", blob)
         if found:
@@ -426,7 +440,7 @@ class Store:
         wake = min(self._next_beat, self._next_poll) if self.claims.watching else self._next_beat
         return wake - time.monotonic()
 
-    def tick(self) -> list[Reply]:
+    def tick(self) -> list[Call]:
         now = time.monotonic()
         if now >= self._next_beat:
             self._next_beat = now + _owners.LEASE / 3
@@ -445,9 +459,9 @@ class Store:
         except LedgerError as exc:
             logger.warning("ledger %s: could not renew this process's lease: %s", self.path, exc)
 
-    def poll(self) -> list[Reply]:
+    def poll(self) -> list[Call]:
         """Look at the keys other processes are running; claim again those they no longer hold."""
-        replies: list[Reply] = []
+        replies: list[Call] = []
         for run, reply in self.claims.released(self.storage, self.storage.owner):
             if run.done():
                 self.claims.leave(run)
@@ -470,11 +484,11 @@ class Store:
         """
         writer = self.writer
         writer.close_gate()  # from now on new claims end STOPPED
-        replies: list[Reply] = []
+        replies: list[Call] = []
         with writer.batch_lock:  # the ledger thread is between batches: the claims it took have started
             items = writer.take()
             if not wait:
-                self._refuse([(item[1], item[2]) for item in items if is_claim(item)] + self._take_deferred(), replies)
+                self._refuse([item for item in items if is_claim(item)] + self._take_deferred(), replies)
                 items = [item for item in items if not is_claim(item)]
             if items or self.claims.deferred:
                 self._process(items, replies, claim_all=True)  # the pools run what is queued before they stop
@@ -489,9 +503,9 @@ class Store:
         """
         writer = self.writer
         writer.close_gate()
-        replies: list[Reply] = []
+        replies: list[Call] = []
         with writer.batch_lock:
-            self._refuse([(item[1], item[2]) for item in writer.take(claims_only=True)] + self._take_deferred(), replies)
+            self._refuse(writer.take(claims_only=True) + self._take_deferred(), replies)
         call_all(replies)
         for run in list(self.claims.held):
             if not wait:
@@ -505,12 +519,12 @@ class Store:
         if not writer.running:
             self.storage.close()
 
-    def _take_deferred(self) -> list[tuple[Run, Admission]]:
+    def _take_deferred(self) -> list[Admission]:
         deferred = list(self.claims.deferred)
         self.claims.deferred.clear()
         return deferred
 
-    def _refuse(self, admissions: list[tuple[Run, Admission]], replies: list[Reply]) -> None:
+    def _refuse(self, admissions: list[Admission], replies: list[Call]) -> None:
         self.claims.leave_all([run for run, _reply in admissions])
         for run, reply in admissions:
             replies.append((reply, ("stopped", TaskStopped(f"{run.id} was not started: taskrun is shutting down"))))
@@ -577,6 +591,21 @@ if hasattr(os, "register_at_fork"):
 
 
 # ---- what a record holds ------------------------------------------------------------------
+
+
+def _reply_recorded(records: list[tuple[Any, ...]], problem: BaseException | None) -> None:
+    """Answer the records of a batch: ``reply(status, value, exc, problem)`` (None: written)."""
+    for record in records:
+        reply = record[8]
+        if reply is not None:
+            try:
+                reply(*record[7], problem)
+            except Exception:
+                logger.exception("taskrun: publishing %s failed", record[0].id)
+
+
+def _no_reply(verdict: str, value: Any) -> None:
+    """The reply of an admission decided in the caller (admit_here answers by returning)."""
 
 
 def _claim_error(run: Run, exc: BaseException, problem: str) -> LedgerError:

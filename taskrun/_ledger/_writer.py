@@ -27,8 +27,8 @@ logger = logging.getLogger("taskrun")
 #: Most queued items processed in one batch.
 MAX_BATCH = 4096
 
-#: A reply a batch returns: ``(fn, args)``, called as ``fn(*args)`` once the batch lock is released.
-Reply = tuple[Callable[..., Any], tuple[Any, ...]]
+#: A call a batch leaves for later: ``(fn, args)``, made as ``fn(*args)`` once the batch lock is released.
+Call = tuple[Callable[..., Any], tuple[Any, ...]]
 
 _thread_numbers = itertools.count(1)
 
@@ -36,11 +36,11 @@ _thread_numbers = itertools.count(1)
 class Batcher(Protocol):
     """What a batch of queued items means (the store)."""
 
-    def process(self, items: list[Any]) -> list[Reply]:
+    def process(self, items: list[Any]) -> list[Call]:
         """Act on ``items`` (``batch_lock`` held); return the replies to call once it is released."""
         ...
 
-    def tick(self) -> list[Reply]:
+    def tick(self) -> list[Call]:
         """Periodic work between batches (no lock held); its replies are called right after."""
         ...
 
@@ -79,7 +79,9 @@ class Writer:
     def submit_claim(self, item: Any) -> bool:
         """Queue a claim, starting the thread if needed; False while shutting down (it is not queued)."""
         if self._thread is not None and not self.gate_closed:
-            self._append(item)
+            self.queue.append(item)
+            if self._idle or not self.running:  # (it may have ended since it was looked at)
+                self._wake()
             return True
         with self._cond:
             if self.gate_closed:
@@ -93,7 +95,9 @@ class Writer:
     def submit_record(self, item: Any) -> bool:
         """Queue a record for the thread; False if no thread runs to take it (the caller commits it then)."""
         if self._thread is not None and not self.gate_closed:
-            self._append(item)
+            self.queue.append(item)
+            if self._idle or not self.running:
+                self._wake()
             return True
         with self._cond:
             if self._thread is None:
@@ -102,8 +106,8 @@ class Writer:
             self._cond.notify()
         return True
 
-    def _append(self, item: Any) -> None:
-        self.queue.append(item)
+    def _wake(self) -> None:
+        """After an append: wake the sleeping thread, or take what is queued if it ended meanwhile."""
         if self._idle:
             with self._cond:
                 self._cond.notify()
@@ -186,19 +190,14 @@ class Writer:
         self.drain()  # whatever came in while it was ending
 
 
-def is_claim(item: Any) -> bool:
-    return item[0] is CLAIM
+def is_claim(item: tuple[Any, ...]) -> bool:
+    """A queued claim is ``(run, reply)``; a record is longer (see Store.record)."""
+    return len(item) == 2
 
 
-#: The first element of a queued claim: (CLAIM, run, reply).
-CLAIM = "claim"
-#: The first element of a queued record (see Store.record).
-RECORD = "record"
-
-
-def call_all(replies: list[Reply]) -> None:
-    """Call each reply; one that raises is logged and the others still run."""
-    for fn, args in replies:
+def call_all(calls: list[Call]) -> None:
+    """Make each call; one that raises is logged and the others are still made."""
+    for fn, args in calls:
         try:
             fn(*args)
         except Exception:
