@@ -631,7 +631,7 @@ def test_when_the_file_cannot_be_written_outcomes_still_arrive_and_claims_fail(d
     assert inc(1).get_result(timeout=WAIT) == 2
     storage = store_for(Ledger(db)).storage
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(storage, "transaction", broken)  # every write of the file

@@ -639,10 +639,10 @@ def test_a_failed_commit_keeps_what_was_committed_and_fails_only_the_rest(db, mo
         wait_for(lambda: len(store.writer.queue) == 3, WAIT, "a record and two claims to be queued")
         original = store.claims.claim
 
-        def claim(storage, conn, task_name, runs, *rest):
+        def claim(storage, task_name, admissions, *rest):
             if task_name == "second":
                 raise sqlite3.OperationalError("disk I/O error")
-            return original(storage, conn, task_name, runs, *rest)
+            return original(storage, task_name, admissions, *rest)
 
         monkeypatch.setattr(store.claims, "claim", claim)
         with caplog.at_level(logging.ERROR, logger="taskrun"):

@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-import taskrun
 from taskrun import Ledger, LedgerError, Status, TaskStopped
 from taskrun._ledger import store_for
 
@@ -22,12 +21,6 @@ WAIT = 10
 @pytest.fixture
 def db(tmp_path):
     return str(tmp_path / "runs.db")
-
-
-@pytest.fixture(autouse=True)
-def _shut_down():
-    yield
-    taskrun.shutdown()
 
 
 class PublicRun:
@@ -160,7 +153,7 @@ def test_claims_refused_while_shutting_down_are_answered_stopped(db):
 def test_a_claim_that_cannot_be_written_is_answered_failed_and_its_failure_is_not_recorded(db, monkeypatch):
     store = store_for(Ledger(db))
 
-    def broken(body):
+    def broken(body, **kwargs):
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(store.storage, "transaction", broken)
@@ -182,7 +175,7 @@ def test_successes_with_numbers_of_any_size_are_stored_exactly(db):
         ("new", 1, b"yy", None, finished, None),
         ("mid", 3, b"", finished - 1.5, finished - 0.5, 7),
     ]
-    storage.transaction(lambda conn: storage.write_successes(conn, "t", successes))
+    storage.write_successes("t", successes)
     conn = sqlite3.connect(db)
     try:
         rows = conn.execute(

@@ -20,14 +20,12 @@ from __future__ import annotations
 import collections
 import itertools
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .._status import Status
 from ._owners import holder_alive
 from ._storage import Ident, Storage, Unclaimed
 
@@ -48,8 +46,6 @@ Answer = Callable[[str, Any], None]
 #: A run asking to be admitted, and how to answer it.
 Admission = tuple[Run, Answer]
 
-_PENDING = Status.PENDING
-
 
 @dataclass
 class Decision:
@@ -62,6 +58,9 @@ class Decision:
     held_elsewhere: list[Admission] = field(default_factory=lambda: [])
     #: Keys whose dead owner's claim was taken over (to say so once committed).
     interrupted: list[str] = field(default_factory=lambda: [])
+    #: Admissions not decided because a write failed (with ``error``): their runs do not start.
+    failed: list[Admission] = field(default_factory=lambda: [])
+    error: BaseException | None = None
 
 
 class Claims:
@@ -185,39 +184,37 @@ class Claims:
         held = len(self.held)
         if finished >= held + 8:
             return finished - held  # a lower bound that needs no count of the running ones
-        running = waiting = 0
-        for run in list(self.held):
-            if run.status is _PENDING:
-                waiting += 1
-            else:
-                running += 1
+        runs = list(self.held)
+        waiting = sum(1 for run in runs if run.started_at is None)  # claimed, not started by its runner yet
+        running = len(runs) - waiting
         return max(0, max(2 * running + 8, finished) - waiting)
 
     # ---- in the file -------------------------------------------------------------------------
 
     @staticmethod
     def claim(
-        storage: Storage, conn: sqlite3.Connection, task: str, admissions: list[Admission], number: int,
-        unloadable: set[tuple[str, str]],
+        storage: Storage, task: str, admissions: list[Admission], number: int, unloadable: set[tuple[str, str]]
     ) -> Decision:
         """Claim the keys of the runs of ``admissions`` (of ``task``) that nobody live holds, as claim ``number``.
-
-        It runs in a transaction (``conn``'s).
 
         One statement claims every key that is new, failed, stopped or left by this process;
         only if some were not claimed are their rows read, and a dead owner's claim (or a
         result that cannot be loaded here, in ``unloadable``) is taken over with a
-        compare-and-swap on the row. Nothing outside the file changes: the transaction may
-        run again.
+        compare-and-swap on the row. Each write commits on its own: should one fail after the
+        first, what was claimed stays claimed and the rest is in ``decision.failed``.
         """
         now = time.time()
         own = storage.owner
         keys = json.dumps([admission[0].key for admission in admissions])
         decision = Decision()
-        if storage.claim_many(conn, task, keys, now, number) == len(admissions):
+        if storage.claim_many(task, keys, now, number) == len(admissions):
             decision.claimed = admissions
             return decision
-        others: dict[Any, Unclaimed] = storage.unclaimed(conn, task, keys, number)
+        try:
+            others: dict[Any, Unclaimed] = storage.unclaimed(task, keys, number)
+        except Exception as exc:  # claimed, but which ones is unknown: none starts (their rows run again later)
+            decision.failed, decision.error = admissions, exc
+            return decision
         unclaimed: list[tuple[Admission, Unclaimed]] = []
         for admission in admissions:  # first the claims made: they hold whatever happens next
             row = others.get(admission[0].key)
@@ -225,15 +222,22 @@ class Claims:
                 decision.claimed.append(admission)
             else:
                 unclaimed.append((admission, row))
-        for admission, row in unclaimed:
+        for i, (admission, row) in enumerate(unclaimed):
             key: str = row[0]
             status: str = row[1]
             hex_result: str | None = row[8]
             if status == "succeeded" and (task, key) not in unloadable:
                 decision.succeeded.append((admission, None if hex_result is None else bytes.fromhex(hex_result)))
-            elif status == "running" and row[2] != own and holder_alive(row[4:8], now):
+                continue
+            if status == "running" and row[2] != own and holder_alive(row[4:8], now):
                 decision.held_elsewhere.append(admission)
-            elif storage.take_over(conn, task, key, row, now, number):
+                continue
+            try:
+                taken = storage.take_over(task, key, row, now, number)
+            except Exception as exc:
+                decision.failed, decision.error = [a for a, _row in unclaimed[i:]], exc
+                return decision
+            if taken:
                 decision.claimed.append(admission)
                 if status == "running":
                     decision.interrupted.append(key)

@@ -327,30 +327,34 @@ class Storage:
 
     # ---- writing: the one transaction helper ---------------------------------------------
 
-    def transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
+    def transaction(self, body: Callable[[sqlite3.Connection], T], *, one_statement: bool = False) -> T:
         """``body(conn)`` in one write transaction on the writing connection; its result.
 
-        Waits at most ``busy_timeout`` seconds in all for the file's write lock, then raises
-        LedgerError naming the file and who may hold it; any other SQLite error is raised as
-        LedgerError saying what it means. A transaction that fails changes nothing, so ``body``
-        may run again (it must only read and write the file).
+        ``one_statement``: ``body`` runs a single statement, which SQLite commits atomically on its
+        own; it then runs without ``BEGIN``/``COMMIT`` (each statement lets go of the GIL and takes
+        it back, which costs while other threads run). Waits at most ``busy_timeout`` seconds in
+        all for the file's write lock, then raises LedgerError naming the file and who may hold it;
+        any other SQLite error is raised as LedgerError saying what it means. A transaction that
+        fails changes nothing, so ``body`` may run again (it must only read and write the file).
         """
         with self.lock:
             conn = self.connection()
             if self._conn_timeout != self.busy_timeout:  # changed, or shortened by a retry: restore it
                 self._set_busy_timeout(conn, self.busy_timeout)
             try:
-                return self._transaction(conn, body)
+                return self._transaction(conn, body, one_statement)
             except sqlite3.Error as exc:
                 raise LedgerError(f"could not write to ledger {self.path!r}: {write_problem(exc)}") from exc
 
-    def _transaction(self, conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T]) -> T:
-        # BEGIN IMMEDIATE takes the write lock first: SQLite's busy handler waits there (it is
-        # set to busy_timeout); should it give up early, the transaction is tried again for
-        # what is left of busy_timeout.
+    def _transaction(self, conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], T], one_statement: bool = False) -> T:
+        # BEGIN IMMEDIATE (or the one statement) takes the write lock first: SQLite's busy handler
+        # waits there (it is set to busy_timeout); should it give up early, the transaction is
+        # tried again for what is left of busy_timeout.
         deadline = time.monotonic() + self.busy_timeout
         while True:
             try:
+                if one_statement:
+                    return body(conn)
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     result = body(conn)
@@ -400,9 +404,9 @@ class Storage:
             f"Ledger(path, busy_timeout=...)"
         )
 
-    # ---- statements of the run side (inside a transaction: they take its connection) -------
+    # ---- the run side's writes: each one transaction (see transaction) --------------------
 
-    def write_successes(self, conn: sqlite3.Connection, task: str, successes: Sequence[Success]) -> None:
+    def write_successes(self, task: str, successes: Sequence[Success]) -> None:
         """Write the successes of ``task`` in one statement (see _SUCCEED_MANY for how they are packed)."""
         base = min([success[4] for success in successes])
         starts = [success[3] for success in successes if success[3] is not None]
@@ -420,56 +424,62 @@ class Storage:
             blobs.append(blob)
             offset += size
         # Every number is >= 0 (times count from the earliest of the batch) but the -1 of "none".
-        width = max(2, len(str(max(max(row) for row in numbers))))
+        width = max(2, len(str(max(map(max, numbers)))))
         row_format = f"%0{width}d" * 6
         packed = "".join([row_format % row for row in numbers]).encode()  # bytes: substr of a BLOB slices bytes
         keys = json.dumps([success[0] for success in successes])
-        conn.execute(_SUCCEED_MANY, (task, b"".join(blobs), os.getpid(), HOST, self.owner, base, packed, keys, width))
+        params = (task, b"".join(blobs), os.getpid(), HOST, self.owner, base, packed, keys, width)
+        self.transaction(lambda conn: conn.execute(_SUCCEED_MANY, params), one_statement=True)
 
-    def write_outcomes(self, conn: sqlite3.Connection, outcomes: Iterable[Outcome]) -> None:
+    def write_outcomes(self, outcomes: Iterable[Outcome]) -> None:
+        """Write finished runs other than successes (failures, stops), in one transaction."""
         pid, owner = os.getpid(), self.owner
-        conn.executemany(
-            _UPSERT_OUTCOME,
-            [
-                (task, key, status, attempts, etype, emsg, tb, call, started, finished,
-                 None if started is None else finished - started, pid, HOST, owner, claim)
-                for task, key, status, attempts, etype, emsg, tb, call, started, finished, claim in outcomes
-            ],
-        )
-
-    def register(self, conn: sqlite3.Connection, lease: float) -> None:
-        """Enter this process in ``owners`` (before its first claim), leased for ``lease`` seconds; drop owners that are gone."""
-        now = time.time()
-        dead = [
-            (row[0],) for row in conn.execute("SELECT owner, machine, pid, pid_start, lease_until FROM owners")
-            if not holder_alive(row[1:], now)
+        rows = [
+            (task, key, status, attempts, etype, emsg, tb, call, started, finished,
+             None if started is None else finished - started, pid, HOST, owner, claim)
+            for task, key, status, attempts, etype, emsg, tb, call, started, finished, claim in outcomes
         ]
-        conn.executemany("DELETE FROM owners WHERE owner = ?", dead)
-        conn.execute(
-            "INSERT OR REPLACE INTO owners (owner, host, machine, pid, pid_start, lease_until) VALUES (?, ?, ?, ?, ?, ?)",
-            (self.owner, HOST, MACHINE, os.getpid(), own_process_start(), now + lease),
-        )
+        self.transaction(lambda conn: conn.executemany(_UPSERT_OUTCOME, rows))
+
+    def register(self, lease: float) -> None:
+        """Enter this process in ``owners`` (before its first claim), leased for ``lease`` seconds; drop owners that are gone."""
+
+        def register(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            dead = [
+                (row[0],) for row in conn.execute("SELECT owner, machine, pid, pid_start, lease_until FROM owners")
+                if not holder_alive(row[1:], now)
+            ]
+            conn.executemany("DELETE FROM owners WHERE owner = ?", dead)
+            conn.execute(
+                "INSERT OR REPLACE INTO owners (owner, host, machine, pid, pid_start, lease_until) VALUES (?, ?, ?, ?, ?, ?)",
+                (self.owner, HOST, MACHINE, os.getpid(), own_process_start(), now + lease),
+            )
+
+        self.transaction(register)
+        self.registered = True
 
     def renew(self, lease: float) -> None:
         """Extend this process's lease by ``lease`` seconds from now: its claims stay valid for other machines."""
-        self.transaction(
-            lambda conn: conn.execute("UPDATE owners SET lease_until = ? WHERE owner = ?", (time.time() + lease, self.owner))
-        )
+        sql = "UPDATE owners SET lease_until = ? WHERE owner = ?"
+        self.transaction(lambda conn: conn.execute(sql, (time.time() + lease, self.owner)), one_statement=True)
 
-    def claim_many(self, conn: sqlite3.Connection, task: str, keys: str, now: float, claim: int) -> int:
-        """Claim the keys (a JSON array) nobody holds; how many were claimed."""
-        return conn.execute(_CLAIM_MANY, (task, now, os.getpid(), HOST, self.owner, claim, keys)).rowcount
+    def claim_many(self, task: str, keys: str, now: float, claim: int) -> int:
+        """Claim, as claim ``claim``, the keys (a JSON array) nobody holds; how many were claimed."""
+        params = (task, now, os.getpid(), HOST, self.owner, claim, keys)
+        return self.transaction(lambda conn: conn.execute(_CLAIM_MANY, params).rowcount, one_statement=True)
 
-    def unclaimed(self, conn: sqlite3.Connection, task: str, keys: str, claim: int) -> dict[str, Unclaimed]:
+    def unclaimed(self, task: str, keys: str, claim: int) -> dict[str, Unclaimed]:
         """The rows of the keys (a JSON array) that claim ``claim`` does not hold, by key."""
-        packed = conn.execute(_SELECT_UNCLAIMED, (task, keys, self.owner, claim, CACHE_LIMIT)).fetchone()[0]
+        params = (task, keys, self.owner, claim, CACHE_LIMIT)
+        packed = self.query(lambda conn: conn.execute(_SELECT_UNCLAIMED, params).fetchone()[0])
         return {row[0]: row for row in json.loads(packed or "[]")}
 
-    def take_over(self, conn: sqlite3.Connection, task: str, key: str, seen: Unclaimed, now: float, claim: int) -> bool:
-        """Claim one row if it is still as it was ``seen``; False if it changed meanwhile."""
+    def take_over(self, task: str, key: str, seen: Unclaimed, now: float, claim: int) -> bool:
+        """Claim one row (a compare-and-swap) if it is still as it was ``seen``; False if it changed meanwhile."""
         _key, status, owner, old_claim = seen[:4]
         params = (now, os.getpid(), HOST, self.owner, claim, task, key, status, owner, old_claim)
-        return conn.execute(_TAKE_OVER, params).rowcount > 0
+        return self.transaction(lambda conn: conn.execute(_TAKE_OVER, params).rowcount > 0, one_statement=True)
 
     # ---- short reads of the run side (on the writing connection) ---------------------------
 
@@ -528,13 +538,14 @@ class Storage:
             return look(conn)
 
     def delete_call(self, task: str, key: str) -> None:
-        self.transaction(lambda conn: conn.execute("DELETE FROM runs WHERE task = ? AND key = ?", (task, key)))
+        sql = "DELETE FROM runs WHERE task = ? AND key = ?"
+        self.transaction(lambda conn: conn.execute(sql, (task, key)), one_statement=True)
 
     def delete_calls(self, task: str | None, status: str | None) -> int:
         """Delete the rows of ``task`` with ``status`` (None: any); how many."""
         where, params = _filters(task, status, "")
         sql = "DELETE FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
-        return self.transaction(lambda conn: conn.execute(sql, params).rowcount)
+        return self.transaction(lambda conn: conn.execute(sql, params).rowcount, one_statement=True)
 
     def delete_claims(self, calls: list[tuple[str, str]]) -> int:
         """Delete the rows of ``calls`` (task, key) that are still claimed; how many there were."""

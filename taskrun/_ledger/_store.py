@@ -187,6 +187,8 @@ class Store:
         number = claims.next_number()
         try:
             decision = self._claim_in_file(run.name, [(run, _no_reply)], number)
+            if decision.error is not None:
+                raise decision.error
         except Exception as exc:
             problem = self._log_claims_failed(1, exc)
             claims.leave(run)
@@ -205,18 +207,11 @@ class Store:
         return "watch", None
 
     def _claim_in_file(self, task: str, admissions: list[Admission], number: int) -> Decision:
-        """One transaction: enter this process in ``owners`` (the first time), claim the keys of ``admissions``."""
+        """Enter this process in ``owners`` (the first time), then claim the keys of ``admissions`` (see Claims.claim)."""
         storage = self.storage
-        register = not storage.registered
-        unloadable = self.unloadable
-
-        def claim(conn: Any) -> Decision:
-            if register:
-                storage.register(conn, _owners.LEASE)
-            return self.claims.claim(storage, conn, task, admissions, number, unloadable)
-
-        decision = storage.transaction(claim)
-        storage.registered = True
+        if not storage.registered:
+            storage.register(_owners.LEASE)
+        decision = self.claims.claim(storage, task, admissions, number, self.unloadable)
         for key in decision.interrupted:
             logger.info("ledger %s: %s (key %s) was interrupted (its process is gone); running it again", self.path, task, key)
         return decision
@@ -332,53 +327,66 @@ class Store:
             self._claim(admissions, replies)
 
     def _write(self, records: list[tuple[Any, ...]], replies: list[Call]) -> BaseException | None:
-        """Commit ``records`` in one transaction; then the caches, and the replies. The error if not written."""
+        """Commit ``records``: the successes of each task in one statement, the other outcomes in one
+        transaction. Then the caches, and the replies. The error of the last write that failed, if one did."""
         held = self.claims.held
         successes: dict[str, list[Success]] = {}
+        succeeded: dict[str, list[tuple[Any, ...]]] = {}
         outcomes: list[Outcome] = []
-        for run, stored, attempts, blob, started, finished, error, _outcome, _reply in records:
+        others: list[tuple[Any, ...]] = []
+        for record in records:
+            run, stored, attempts, blob, started, finished, error, _outcome, _reply = record
             claim = held.pop(run, None)  # the claim this record settles
             if stored == "succeeded":
                 rows = successes.get(run.name)
                 if rows is None:
                     rows = successes[run.name] = []
+                    succeeded[run.name] = []
                 rows.append((run.key, attempts, blob, started, finished, claim))
+                succeeded[run.name].append(record)
             else:
                 etype, emsg, tb, call = error or (None, None, None, None)
                 outcomes.append((run.name, run.key, stored, attempts, etype, emsg, tb, call, started, finished, claim))
-        storage = self.storage
-
-        def write(conn: Any) -> None:
-            for task, rows in successes.items():
-                storage.write_successes(conn, task, rows)
-            if outcomes:
-                storage.write_outcomes(conn, outcomes)
-
-        problem: BaseException | None = None
-        try:
-            storage.transaction(write)
-        except Exception as exc:
-            problem = exc
-            if not isinstance(exc, LedgerError):  # raised by no SQLite call: said as a write of this file
-                problem = LedgerError(f"could not write to ledger {self.path!r}: {write_problem(exc)}")
-                problem.__cause__ = exc
-            names = ", ".join(f"{r[0].id} (key {r[0].key})" for r in records[:3]) + (" ..." if len(records) > 3 else "")
-            logger.error(
-                "ledger %s: %d outcome(s) were not recorded: %s; their callers got them, but those calls run again "
-                "next time: %s", self.path, len(records), write_problem(exc), names,
-            )
-        else:
-            done_by_task, unloadable = self.done, self.unloadable
-            for task, rows in successes.items():
-                done = done_by_task.get(task)
-                if done is not None:
-                    for key, _attempts, blob, *_rest in rows:
-                        done[key] = blob if len(blob) <= CACHE_LIMIT else None
-                if unloadable:
-                    with self.lock:
-                        for key, *_rest in rows:
-                            unloadable.discard((task, key))
+                others.append(record)
+        storage, failure = self.storage, None
+        for task, rows in successes.items():
+            try:
+                storage.write_successes(task, rows)
+            except Exception as exc:
+                failure = self._not_recorded(succeeded[task], exc, replies)
+                continue
+            done = self.done.get(task)
+            if done is not None:
+                for key, _attempts, blob, *_rest in rows:
+                    done[key] = blob if len(blob) <= CACHE_LIMIT else None
+            if self.unloadable:
+                with self.lock:
+                    for key, *_rest in rows:
+                        self.unloadable.discard((task, key))
+            replies.append((_reply_recorded, (succeeded[task], None)))
+        if outcomes:
+            try:
+                storage.write_outcomes(outcomes)
+            except Exception as exc:
+                failure = self._not_recorded(others, exc, replies)
+            else:
+                replies.append((_reply_recorded, (others, None)))
+        # Only now: a call of one of these keys made meanwhile in this process waited for them (and
+        # finds a success in the cache), rather than claim a key whose outcome is not written yet.
         self.claims.leave_all([record[0] for record in records])
+        return failure
+
+    def _not_recorded(self, records: list[tuple[Any, ...]], exc: Exception, replies: list[Call]) -> Exception:
+        """Say that ``records`` could not be written; their replies carry why."""
+        problem = exc
+        if not isinstance(exc, LedgerError):  # raised by no SQLite call: said as a write of this file
+            problem = LedgerError(f"could not write to ledger {self.path!r}: {write_problem(exc)}")
+            problem.__cause__ = exc
+        names = ", ".join(f"{r[0].id} (key {r[0].key})" for r in records[:3]) + (" ..." if len(records) > 3 else "")
+        logger.error(
+            "ledger %s: %d outcome(s) were not recorded: %s; their callers got them, but those calls run again "
+            "next time: %s", self.path, len(records), write_problem(exc), names,
+        )
         replies.append((_reply_recorded, (records, problem)))
         return problem
 
@@ -402,9 +410,7 @@ class Store:
             try:
                 decision = self._claim_in_file(task, group, number)
             except Exception as exc:
-                problem = self._log_claims_failed(len(group), exc)
-                claims.leave_all([run for run, _reply in group])
-                replies.extend((reply, ("failed", _claim_error(run, exc, problem))) for run, reply in group)
+                self._claims_failed(group, exc, replies)
                 continue
             held = claims.held
             for run, _reply in decision.claimed:
@@ -412,11 +418,18 @@ class Store:
             if decision.held_elsewhere:
                 claims.watch(decision.held_elsewhere)
             replies.extend((self._finish_succeeded, (run, reply, blob)) for (run, reply), blob in decision.succeeded)
+            if decision.error is not None:
+                self._claims_failed(decision.failed, decision.error, replies)
             for run, reply in decision.claimed:  # started here, under the batch lock (see the module's docstring)
                 try:
                     reply("claimed", None)
                 except Exception:
                     logger.exception("ledger %s: starting %s failed", self.path, run.id)
+
+    def _claims_failed(self, admissions: list[Admission], exc: BaseException, replies: list[Call]) -> None:
+        problem = self._log_claims_failed(len(admissions), exc)
+        self.claims.leave_all([run for run, _reply in admissions])
+        replies.extend((reply, ("failed", _claim_error(run, exc, problem))) for run, reply in admissions)
 
     def _finish_succeeded(self, run: Run, reply: Answer, blob: bytes | None) -> None:
         """Its key succeeded elsewhere meanwhile: answer with the result, or claim again if it cannot be loaded here."""

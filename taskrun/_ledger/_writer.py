@@ -78,9 +78,10 @@ class Writer:
 
     def submit_claim(self, item: Any) -> bool:
         """Queue a claim, starting the thread if needed; False while shutting down (it is not queued)."""
-        if self._thread is not None and not self.gate_closed:
+        running = self._thread
+        if running is not None and not self.gate_closed:
             self.queue.append(item)
-            if self._idle or not self.running:  # (it may have ended since it was looked at)
+            if self._idle or self._thread is None:  # (it may have ended since it was looked at)
                 self._wake()
             return True
         with self._cond:
@@ -94,9 +95,10 @@ class Writer:
 
     def submit_record(self, item: Any) -> bool:
         """Queue a record for the thread; False if no thread runs to take it (the caller commits it then)."""
-        if self._thread is not None and not self.gate_closed:
+        running = self._thread
+        if running is not None and not self.gate_closed:
             self.queue.append(item)
-            if self._idle or not self.running:
+            if self._idle or self._thread is None:
                 self._wake()
             return True
         with self._cond:
