@@ -16,7 +16,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
-from ._ledger import _STATUSES, NEW_FILE_ADVICE, RunRecord, inspect
+from ._ledger import STATUSES, Ledger, RunRecord
 from .errors import LedgerError
 
 PROG = "python -m taskrun"
@@ -41,9 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.path.isdir(path):
         return _fail(f"{path!r} is a directory; pass the path of a ledger file")
     try:
-        summary, errors = inspect(path, args.errors)
+        ledger = Ledger.open_read_only(path)
+        summary = ledger.summary()
+        errors = ledger.last_errors(args.errors) if args.errors else []
     except LedgerError as exc:
-        return _fail(str(exc).replace(NEW_FILE_ADVICE, "pass the path of a ledger"))  # status makes no ledger
+        return _fail(str(exc))
     if args.json:
         print(json.dumps(_as_json(path, summary, errors), indent=2))
     else:
@@ -67,7 +69,7 @@ def _fail(message: str) -> int:
 
 
 def _as_json(path: str, summary: dict[str, dict[str, int]], errors: list[RunRecord]) -> dict[str, Any]:
-    tasks = {task: {**{s: per.get(s, 0) for s in _STATUSES}, "total": sum(per.values())} for task, per in summary.items()}
+    tasks = {task: {**{s: per.get(s, 0) for s in STATUSES}, "total": sum(per.values())} for task, per in summary.items()}
     return {
         "ledger": os.path.abspath(path),
         "total": sum(t["total"] for t in tasks.values()),
@@ -81,8 +83,8 @@ def _as_text(path: str, summary: dict[str, dict[str, int]], errors: list[RunReco
         return f"{path}: no calls recorded yet"
     total = sum(sum(per.values()) for per in summary.values())
     lines = [f"{path}: {total:,} call{'s' if total != 1 else ''} of {len(summary)} task{'s' if len(summary) != 1 else ''}", ""]
-    header = ["task", *_STATUSES, "total"]
-    rows = [[task, *(f"{per.get(s, 0):,}" for s in _STATUSES), f"{sum(per.values()):,}"] for task, per in summary.items()]
+    header = ["task", *STATUSES, "total"]
+    rows = [[task, *(f"{per.get(s, 0):,}" for s in STATUSES), f"{sum(per.values()):,}"] for task, per in summary.items()]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)]

@@ -13,7 +13,8 @@ import pytest
 
 import taskrun
 from taskrun import Ledger, LedgerError, SequentialTaskRun, SerializationError, Status, TaskStopped, ThreadTaskRun, task
-from taskrun._ledger import _MACHINE, SCHEMA_VERSION, make_key
+from taskrun._ledger import SCHEMA_VERSION, make_key, store_for
+from taskrun._ledger._owners import MACHINE
 
 WAIT = 10
 
@@ -355,6 +356,33 @@ def test_a_second_call_waits_without_blocking_and_runs_if_the_first_fails(db, ga
     assert calls == [1, 1]
 
 
+def test_a_done_callback_of_a_ledger_run_holds_no_ledger_lock(db, gate):
+    """Callbacks run after the batch that recorded their run, outside the ledger's locks: a callback may wait
+    for a call that another thread makes on the same ledger (it used to wait behind the callback's own batch)."""
+
+    @task(runner=ThreadTaskRun, ledger=db, key=str, name="pooled")
+    def pooled(x):
+        gate.wait(WAIT)
+        return x
+
+    inline = task(runner=SequentialTaskRun, ledger=db, key=str, name="inline")(lambda x: x * 2)
+    results, alive = [], []
+    called = threading.Event()
+
+    def callback(run):
+        other = threading.Thread(target=lambda: results.append(inline(run.get_result()).get_result()))
+        other.start()
+        other.join(WAIT)
+        alive.append(other.is_alive())
+        called.set()
+
+    run = pooled(3)
+    run.add_done_callback(callback)
+    gate.set()
+    assert called.wait(2 * WAIT)
+    assert alive == [False] and results == [6]
+
+
 def test_many_calls_of_few_keys_run_each_key_once(db):
     calls = []
     lock = threading.Lock()
@@ -399,7 +427,7 @@ def test_a_claim_left_by_a_dead_process_is_taken_over(db, caplog):
     pid = int(dead.stdout)
     conn = sqlite3.connect(db)
     with conn:
-        conn.execute("INSERT INTO owners VALUES ('gone', 'host', ?, ?, '', 0)", (_MACHINE, pid))
+        conn.execute("INSERT INTO owners VALUES ('gone', 'host', ?, ?, '', 0)", (MACHINE, pid))
         conn.execute("INSERT INTO runs (task, key, status, owner, claim) VALUES ('work', '2', 'running', 'gone', 1)")
     conn.close()
     ledger = Ledger(db)
@@ -524,6 +552,47 @@ def test_summary_runs_result_forget_and_reset(db):
     assert not check(1).cached
 
 
+def test_a_ledger_opened_read_only_reads_and_changes_nothing(tmp_path):
+    path = str(tmp_path / "runs.db")
+    made = "import sys, taskrun\n@taskrun.task(runner=taskrun.SequentialTaskRun, ledger=sys.argv[1], key=str, name='w')\n"
+    made += "def w(x):\n    if x == 3: raise ValueError('three')\n    return x * 10\nfor x in range(1, 5): w(x)"
+    subprocess.run([sys.executable, "-c", made, path], check=True, timeout=30)  # its process ends: no -wal left
+    before = fingerprint(path)
+    ledger = Ledger.open_read_only(path)
+    assert ledger.read_only and not Ledger(tmp_path / "other.db").read_only
+    assert repr(ledger) == f"Ledger.open_read_only({path!r})"
+    assert ledger.summary() == {"w": {"succeeded": 3, "failed": 1}}
+    assert [r.key for r in ledger.runs(status="failed")] == ["3"] and ledger.last_errors()[0].error == "ValueError: three"
+    assert ledger.result("2") == 20
+    with pytest.raises(LedgerError, match="opened read-only: it cannot forget"):
+        ledger.forget("2")
+    with pytest.raises(LedgerError, match="opened read-only: it cannot reset"):
+        ledger.reset()
+    copy = pickle.loads(pickle.dumps(ledger))
+    assert copy.read_only and copy.summary() == ledger.summary()
+    recorded = task(runner=SequentialTaskRun, ledger=ledger, key=str, name="w")(lambda x: x)
+    with pytest.raises(LedgerError, match="opened read-only: tasks cannot record calls in it"):
+        recorded(9)
+    assert fingerprint(path) == before
+    assert sorted(os.listdir(tmp_path)) == ["other.db", "other.db-shm", "other.db-wal", "runs.db"]
+
+
+def test_opening_read_only_what_is_not_a_ledger_is_an_error_and_an_empty_file_holds_no_calls(tmp_path):
+    with pytest.raises(LedgerError, match="no ledger at .*missing.db.*does not exist"):
+        Ledger.open_read_only(tmp_path / "missing.db")
+    with pytest.raises(LedgerError, match="is a directory"):
+        Ledger.open_read_only(tmp_path)
+    (tmp_path / "random.db").write_bytes(b"\x00\x01not sqlite at all" * 100)
+    with pytest.raises(LedgerError, match="not a taskrun ledger.*pass the path of a ledger$"):
+        Ledger.open_read_only(tmp_path / "random.db")
+    (tmp_path / "empty.db").touch()
+    empty = Ledger.open_read_only(tmp_path / "empty.db")
+    assert empty.summary() == {} and empty.runs() == [] and empty.last_errors() == []
+    with pytest.raises(KeyError):
+        empty.result("k")
+    assert sorted(os.listdir(tmp_path)) == ["empty.db", "random.db"]
+
+
 def test_ledger_threads_are_named_daemon_and_end_at_shutdown(db):
     @task(runner=ThreadTaskRun, ledger=db, name="inc")
     def inc(x):
@@ -560,12 +629,12 @@ def test_when_the_file_cannot_be_written_outcomes_still_arrive_and_claims_fail(d
         return x + 1
 
     assert inc(1).get_result(timeout=WAIT) == 2
-    store = Ledger(db)._store
+    storage = store_for(Ledger(db)).storage
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(store, "_commit", broken)
+    monkeypatch.setattr(storage, "transaction", broken)  # every write of the file
     with caplog.at_level(logging.ERROR, logger="taskrun"):
         run = inc(2)
         error = run.exception(timeout=WAIT)

@@ -19,9 +19,10 @@ import pytest
 from _waiting import is_alive, wait_for
 
 import taskrun
-from taskrun import Ledger, LedgerError, SequentialTaskRun, SerializationError, Status, TaskStopped, ThreadTaskRun, _ledger, task
+from taskrun import Ledger, LedgerError, SequentialTaskRun, SerializationError, Status, TaskStopped, ThreadTaskRun, task
 from taskrun.__main__ import main as status_main
-from taskrun._ledger import _HOST, _MACHINE, BUSY_TIMEOUT, _process_start
+from taskrun._ledger import BUSY_TIMEOUT, _owners, _public, store_for
+from taskrun._ledger._owners import HOST, MACHINE, process_start
 
 WAIT = 10
 
@@ -209,7 +210,7 @@ def test_status_reads_again_when_a_process_opens_the_file_meanwhile(db, monkeypa
     """Read as immutable (no -wal), then a process opens it and commits: status reads again, through the WAL."""
     make_ledger(db)
     writer = []
-    summary = _ledger._summary
+    summary = _public.summary_of
 
     def summary_then_a_writer_commits(conn):
         found = summary(conn)
@@ -218,7 +219,7 @@ def test_status_reads_again_when_a_process_opens_the_file_meanwhile(db, monkeypa
             writer[0].execute("INSERT INTO runs (task, key, status) VALUES ('late', 'k', 'succeeded')")
         return found
 
-    monkeypatch.setattr(_ledger, "_summary", summary_then_a_writer_commits)
+    monkeypatch.setattr(_public, "summary_of", summary_then_a_writer_commits)
     try:
         assert status_main(["status", db, "--json"]) == 0
     finally:
@@ -246,10 +247,10 @@ def test_ledger_inspection_does_not_wait_behind_a_busy_write(db, gate):
         return x
 
     assert work("a").get_result(timeout=WAIT) == "a"
-    store = ledger._store
+    storage = store_for(ledger).storage
     with write_locked(db):
         run = work("b")  # its claim waits up to 3 s for the write lock, holding the connection's lock
-        wait_for(lambda: held(store._db_lock), WAIT, "the ledger thread to wait for the write lock")
+        wait_for(lambda: held(storage.lock), WAIT, "the ledger thread to wait for the write lock")
         started = time.monotonic()
         assert ledger.summary() == {"work": {"succeeded": 1}}
         assert [r.key for r in ledger.runs()] == ["a"]
@@ -319,11 +320,11 @@ def test_an_outcome_that_cannot_be_recorded_while_busy_reaches_the_caller_and_ru
 
 HOLDER = """
 import os, sqlite3, sys, time
-from taskrun._ledger import _HOST, _MACHINE, _process_start
+from taskrun._ledger._owners import HOST, MACHINE, process_start
 
 conn = sqlite3.connect(sys.argv[1], isolation_level=None)
 pid = os.getpid()
-conn.execute("INSERT INTO owners VALUES ('holder', ?, ?, ?, ?, ?)", (_HOST, _MACHINE, pid, _process_start(pid), time.time() + 60))
+conn.execute("INSERT INTO owners VALUES ('holder', ?, ?, ?, ?, ?)", (HOST, MACHINE, pid, process_start(pid), time.time() + 60))
 conn.execute("BEGIN EXCLUSIVE")
 print("locked", flush=True)
 sys.stdin.readline()
@@ -343,7 +344,7 @@ def test_a_busy_error_names_the_taskrun_process_that_may_hold_the_lock(db):
     try:
         assert holder.stdout.readline().strip() == "locked"
         ledger = Ledger(db, busy_timeout=0.2)
-        with pytest.raises(LedgerError, match=rf"busy.*taskrun processes running calls on it: pid {holder.pid} on {_HOST}"):
+        with pytest.raises(LedgerError, match=rf"busy.*taskrun processes running calls on it: pid {holder.pid} on {HOST}"):
             ledger.forget("k")
         with pytest.raises(LedgerError, match="busy"):
             ledger.reset()
@@ -417,10 +418,10 @@ def test_on_a_full_disk_the_outcome_reaches_the_caller_and_the_call_runs_again(d
         raise ValueError("y" * n)  # a failure's record holds its message
 
     assert big(10).get_result(timeout=WAIT) == b"x" * 10
-    store = ledger._store
-    with store._db_lock:  # SQLite's "database or disk is full" once the file would grow
-        pages = store._conn.execute("PRAGMA page_count").fetchone()[0]
-        store._conn.execute(f"PRAGMA max_page_count = {pages}")
+    storage = store_for(ledger).storage
+    with storage.lock:  # SQLite's "database or disk is full" once the file would grow
+        pages = storage.connection().execute("PRAGMA page_count").fetchone()[0]
+        storage.connection().execute(f"PRAGMA max_page_count = {pages}")
     with caplog.at_level(logging.ERROR, logger="taskrun"):
         run = big(100_000)  # its claim fits in the file; its result does not
         assert run.get_result(timeout=WAIT) == b"x" * 100_000 and run.status is Status.SUCCEEDED
@@ -428,8 +429,8 @@ def test_on_a_full_disk_the_outcome_reaches_the_caller_and_the_call_runs_again(d
         assert isinstance(failed.exception(timeout=WAIT), ValueError)
     assert caplog.text.count("1 outcome(s) were not recorded") == 2
     assert "full" in caplog.text and "run again next time" in caplog.text
-    with store._db_lock:
-        store._conn.execute("PRAGMA max_page_count = 1073741823")
+    with storage.lock:
+        storage.connection().execute("PRAGMA max_page_count = 1073741823")
     again = big(100_000)
     assert again.get_result(timeout=WAIT) == b"x" * 100_000 and not again.cached
     assert calls == [10, 100_000, 100_000]
@@ -510,7 +511,7 @@ def _lease(db):
 
 
 def test_the_ledger_thread_renews_the_lease_of_a_claim(db, gate, monkeypatch):
-    monkeypatch.setattr(_ledger, "LEASE", 0.3)
+    monkeypatch.setattr(_owners, "LEASE", 0.3)
     started = threading.Event()
 
     @task(runner=ThreadTaskRun, ledger=db, name="hold")
@@ -528,7 +529,7 @@ def test_the_ledger_thread_renews_the_lease_of_a_claim(db, gate, monkeypatch):
 
 
 def test_a_lease_that_cannot_be_renewed_is_warned_about_and_the_run_goes_on(db, gate, monkeypatch, caplog):
-    monkeypatch.setattr(_ledger, "LEASE", 0.3)
+    monkeypatch.setattr(_owners, "LEASE", 0.3)
     ledger = Ledger(db, busy_timeout=0.05)
     started = threading.Event()
 
@@ -631,19 +632,19 @@ def test_a_failed_commit_keeps_what_was_committed_and_fails_only_the_rest(db, mo
         head.add_done_callback(lambda run: (in_callback.set(), block.wait(WAIT)))  # runs on the ledger thread
         opened.set()
         assert in_callback.wait(WAIT)  # the ledger thread is busy: what comes now waits in its queue
-        store = Ledger(db)._store
+        store = store_for(Ledger(db))
         finish.set()
-        wait_for(lambda: len(store._queue) == 1, WAIT, "the record to be queued")
+        wait_for(lambda: len(store.writer.queue) == 1, WAIT, "the record to be queued")
         a, b = first(1), second(1)
-        wait_for(lambda: len(store._queue) == 3, WAIT, "a record and two claims to be queued")
-        original = store._claim
+        wait_for(lambda: len(store.writer.queue) == 3, WAIT, "a record and two claims to be queued")
+        original = store.claims.claim
 
-        def claim(conn, task_name, runs, *rest):
+        def claim(storage, task_name, admissions, *rest):
             if task_name == "second":
                 raise sqlite3.OperationalError("disk I/O error")
-            return original(conn, task_name, runs, *rest)
+            return original(storage, task_name, admissions, *rest)
 
-        monkeypatch.setattr(store, "_claim", claim)
+        monkeypatch.setattr(store.claims, "claim", claim)
         with caplog.at_level(logging.ERROR, logger="taskrun"):
             block.set()
             assert a.get_result(timeout=WAIT) == "first 1"  # its claim was committed: it ran
@@ -673,19 +674,19 @@ def test_a_key_a_live_process_holds_is_taken_over_when_that_process_dies(db, cap
         with conn:
             conn.execute(
                 "INSERT INTO owners VALUES ('other', ?, ?, ?, ?, ?)",
-                (_HOST, _MACHINE, other.pid, _process_start(other.pid), time.time() + 60),
+                (HOST, MACHINE, other.pid, process_start(other.pid), time.time() + 60),
             )
             conn.execute("INSERT INTO runs (task, key, status, owner, claim) VALUES ('work', '5', 'running', 'other', 1)")
         conn.close()
         ledger = Ledger(db)
         assert ledger.summary() == {"work": {"succeeded": 1, "running": 1}}
-        store, polls = ledger._store, []
-        poll = store._poll
-        monkeypatch.setattr(store, "_poll", lambda: (polls.append(1), poll()))
+        store, polls = store_for(ledger), []
+        poll = store.poll
+        monkeypatch.setattr(store, "poll", lambda: (polls.append(1), poll())[1])
         with caplog.at_level(logging.INFO, logger="taskrun"):
             run = work(5)
             wait_for(lambda: len(polls) >= 2, WAIT, "the ledger thread to look at the key twice")
-            assert ("work", "5") in store._watching  # still held by the live process: the call waits
+            assert ("work", "5") in store.claims.watching  # still held by the live process: the call waits
             assert run.status is Status.PENDING and calls == [0]
             other.stdin.close()
             other.wait(WAIT)
@@ -708,11 +709,12 @@ def test_a_call_waiting_for_another_processs_key_can_be_stopped_and_ends_stopped
     other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         _claimed_by(db, other.pid, ["5", "6"])
-        store = Ledger(db)._store
+        store = store_for(Ledger(db))
         stopped, at_shutdown = work(5), work(6)
-        wait_for(lambda: {("work", "5"), ("work", "6")} <= set(store._watching), WAIT, "both calls to wait for the other process")
+        watched = store.claims.watching
+        wait_for(lambda: {("work", "5"), ("work", "6")} <= set(watched), WAIT, "both calls to wait for the other process")
         assert stopped.stop() and stopped.status is Status.STOPPED
-        assert ("work", "5") not in store._watching
+        assert ("work", "5") not in store.claims.watching
         taskrun.shutdown()
         assert at_shutdown.status is Status.STOPPED
         with pytest.raises(TaskStopped, match="another process ran its key"):
@@ -729,7 +731,7 @@ def _claimed_by(db, pid, keys, task_name="work"):
     conn = sqlite3.connect(db)
     with conn:
         conn.execute(
-            "INSERT INTO owners VALUES ('other', ?, ?, ?, ?, ?)", (_HOST, _MACHINE, pid, _process_start(pid), time.time() + 60)
+            "INSERT INTO owners VALUES ('other', ?, ?, ?, ?, ?)", (HOST, MACHINE, pid, process_start(pid), time.time() + 60)
         )
         conn.executemany(
             "INSERT INTO runs (task, key, status, owner, claim) VALUES (?, ?, 'running', 'other', 1)",
@@ -750,7 +752,7 @@ def test_an_inline_call_waits_in_the_caller_for_a_key_another_process_holds(db):
     try:
         _claimed_by(db, other.pid, ["4"])
         caller.start()
-        wait_for(lambda: ("work", "4") in Ledger(db)._store._active, WAIT, "the call to be waiting")
+        wait_for(lambda: ("work", "4") in store_for(Ledger(db)).claims.active, WAIT, "the call to be waiting")
         assert caller.is_alive()  # the inline call waits in its caller while the other process holds the key
     finally:
         other.stdin.close()
@@ -773,8 +775,7 @@ def test_two_inline_calls_of_one_key_run_it_once(db, gate):
     threads = [threading.Thread(target=lambda: handles.append(slow("k"))) for _ in range(2)]
     threads[0].start()
     assert started.wait(WAIT)
-    store = Ledger(db)._store
-    first = store._active[("slow", "k")]
+    first = store_for(Ledger(db)).claims.active[("slow", "k")]
     threads[1].start()
     wait_for(lambda: first._waiters, WAIT, "the second call to wait for the first")
     gate.set()
@@ -828,9 +829,9 @@ def test_owners_decide_running_or_interrupted(db):
     owners = [
         ("elsewhere-live", "far", "far:ns", 1, "", now + 60),
         ("elsewhere-expired", "far", "far:ns", 1, "", now - 1),
-        ("me-reused", _HOST, _MACHINE, os.getpid(), "not my start", now + 60),
-        ("zombie", _HOST, _MACHINE, zombie.pid, _process_start(zombie.pid), now + 60),
-        ("no-start-time", _HOST, _MACHINE, os.getppid(), "", now + 60),  # pid alone: alive while it exists
+        ("me-reused", HOST, MACHINE, os.getpid(), "not my start", now + 60),
+        ("zombie", HOST, MACHINE, zombie.pid, process_start(zombie.pid), now + 60),
+        ("no-start-time", HOST, MACHINE, os.getppid(), "", now + 60),  # pid alone: alive while it exists
     ]
     conn = sqlite3.connect(db)
     with conn:
@@ -859,17 +860,17 @@ def test_a_write_refused_by_sqlite_says_the_file_is_read_only_and_changes_nothin
         return x
 
     assert work("a").get_result(timeout=WAIT) == "a"
-    store = ledger._store
-    with store._db_lock:
-        store._conn.execute("PRAGMA query_only = ON")  # SQLite now refuses writes: "attempt to write a readonly database"
+    storage = store_for(ledger).storage
+    with storage.lock:
+        storage.connection().execute("PRAGMA query_only = ON")  # SQLite refuses writes: "attempt to write a readonly database"
     try:
         error = work("b").exception(timeout=WAIT)
         assert isinstance(error, LedgerError) and "read-only now: make them writable" in str(error)
         with pytest.raises(LedgerError, match="could not write to ledger.*read-only"):
             ledger.forget("a")
     finally:
-        with store._db_lock:
-            store._conn.execute("PRAGMA query_only = OFF")
+        with storage.lock:
+            storage.connection().execute("PRAGMA query_only = OFF")
     assert ledger.result("a") == "a"
     assert ledger.reset(task="work") == 1 and ledger.summary() == {}
     assert not work("a").cached  # its cached result was dropped too
@@ -878,9 +879,9 @@ def test_a_write_refused_by_sqlite_says_the_file_is_read_only_and_changes_nothin
 def test_the_whole_busy_timeout_is_waited_even_if_sqlite_gives_up_sooner(db):
     ledger = Ledger(db, busy_timeout=0.5)
     Ledger(db).forget("nothing")  # the tables exist
-    store = ledger._store
-    with store._db_lock:
-        store._conn.execute("PRAGMA busy_timeout = 50")  # SQLite reports "locked" after 50 ms...
+    storage = store_for(ledger).storage
+    with storage.lock:
+        storage.connection().execute("PRAGMA busy_timeout = 50")  # SQLite reports "locked" after 50 ms...
     with write_locked(db):
         started = time.monotonic()
         with pytest.raises(LedgerError, match=r"busy timeout \(0.5 s\)"):
@@ -951,7 +952,7 @@ def test_a_key_function_may_return_a_str_subclass(db):
 
 
 def test_an_unexpected_error_in_the_ledger_thread_is_logged_and_the_thread_goes_on(db, gate, monkeypatch, caplog):
-    monkeypatch.setattr(_ledger, "LEASE", 0.3)
+    monkeypatch.setattr(_owners, "LEASE", 0.3)
     started = threading.Event()
 
     @task(runner=ThreadTaskRun, ledger=db, name="hold")
@@ -962,7 +963,7 @@ def test_an_unexpected_error_in_the_ledger_thread_is_logged_and_the_thread_goes_
 
     run = hold()
     assert started.wait(WAIT)
-    store = Ledger(db)._store
+    store = store_for(Ledger(db))
     failures = []
 
     def renew_fails_once():
@@ -970,7 +971,7 @@ def test_an_unexpected_error_in_the_ledger_thread_is_logged_and_the_thread_goes_
             failures.append(1)
             raise RuntimeError("boom")
 
-    monkeypatch.setattr(store, "_renew", renew_fails_once)
+    monkeypatch.setattr(store, "renew", renew_fails_once)
     with caplog.at_level(logging.ERROR, logger="taskrun"):
         wait_for(lambda: "the ledger thread failed; it goes on" in caplog.text, WAIT, "the error to be logged")
     gate.set()
