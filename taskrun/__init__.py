@@ -1,7 +1,14 @@
-"""taskrun: call a function, get a handle back at once; the work runs in a process, a thread, an event loop or inline."""
+"""taskrun: call a function, get a handle back at once; the work runs in a process, a thread, an event loop or inline.
+
+The process and async runners and the ledger are imported when first used (they bring
+multiprocess, asyncio and sqlite3), so ``import taskrun`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from ._group import RunGroup
-from ._ledger import Ledger, RunRecord
 from ._lifecycle import shutdown
 from ._run import Attempt, BaseTaskRun, Status, stop_requested
 from ._task import Task, task
@@ -15,7 +22,12 @@ from .errors import (
     UpstreamFailed,
     WorkerDied,
 )
-from .runners import AsyncTaskRun, MultiprocessTaskRun, SequentialTaskRun, ThreadTaskRun
+from .runners import SequentialTaskRun, ThreadTaskRun
+
+if TYPE_CHECKING:
+    from ._ledger import Ledger, RunRecord
+    from .runners.aio import AsyncTaskRun
+    from .runners.process import MultiprocessTaskRun
 
 TaskRun = BaseTaskRun
 
@@ -46,3 +58,25 @@ __all__ = [
     "UpstreamFailed",
     "LedgerError",
 ]
+
+_LAZY = {
+    "Ledger": "._ledger",
+    "RunRecord": "._ledger",
+    "MultiprocessTaskRun": ".runners.process",
+    "AsyncTaskRun": ".runners.aio",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

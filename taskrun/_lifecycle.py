@@ -14,8 +14,6 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import Protocol
 
-import multiprocess.util  # noqa: F401 - imported first so our exit handler runs before its own
-
 from ._timer import timer
 
 logger = logging.getLogger("taskrun")
@@ -138,5 +136,15 @@ def _after_fork_in_child() -> None:
 
 
 atexit.register(_at_exit)
+
+
+def exit_handler_first() -> None:
+    """Make taskrun's exit handler run before those registered so far (atexit runs the last registered first).
+
+    A runner calls it once it has imported a library with exit handlers of its own
+    (multiprocess ends its daemonic children at exit): taskrun's pools must shut down first.
+    """
+    atexit.unregister(_at_exit)
+    atexit.register(_at_exit)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)

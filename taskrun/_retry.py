@@ -6,18 +6,28 @@ The loop that applies it lives in :meth:`BaseTaskRun._attempt_finished`, shared 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 from .errors import TaskStopped
 
 
-@dataclass(frozen=True)
 class RetryPolicy:
-    retries: int = 0
-    retry_sleep_time: float = 0.0
-    backoff: float = 1.0
-    jitter: float = 0.0
-    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    """A task's retry options, checked by ``@task``."""
+
+    __slots__ = ("retries", "retry_sleep_time", "backoff", "jitter", "retry_on")
+
+    def __init__(
+        self,
+        retries: int = 0,
+        retry_sleep_time: float = 0.0,
+        backoff: float = 1.0,
+        jitter: float = 0.0,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+    ) -> None:
+        self.retries = retries
+        self.retry_sleep_time = retry_sleep_time
+        self.backoff = backoff
+        self.jitter = jitter
+        self.retry_on = retry_on
 
     def should_retry(self, exc: BaseException, attempt: int) -> bool:
         """True if the failure of attempt number ``attempt`` (1-based) earns another attempt."""

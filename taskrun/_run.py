@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, over
 
 from . import _deps
 from ._launcher import launcher
-from ._ledger import store_for  # at the top: importing from a package per call costs ~1 us
 from ._status import FINISHED, Status
 from ._timer import TimerHandle, timer
 from .errors import TaskStillRunning, TaskStopped, TaskTimeout, attach_traceback
@@ -83,6 +82,19 @@ def _one_line(text: str, limit: int = 100) -> str:
     """``text`` on one line, cut to ``limit`` characters: a repr stays readable in a notebook."""
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+_store_for: Callable[[Any], Any] | None = None
+
+
+def store_for(ledger: Any) -> Any:
+    """The ledger's per-process store (its module is imported with the first ledger run: it brings sqlite3)."""
+    global _store_for
+    if _store_for is None:
+        from ._ledger import store_for as found
+
+        _store_for = found
+    return _store_for(ledger)
 
 
 def stop_requested() -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import inspect
 import keyword
 import math
 import os
@@ -61,6 +60,8 @@ class Task(Generic[P, R]):
             raise TypeError(f"task() needs a function to wrap, got {fn!r} ({type(fn).__name__})")
         if isinstance(fn, Task):
             fn = fn.fn
+        import inspect  # here, not at import: it is slow to import, and only decorating needs it
+
         if inspect.isasyncgenfunction(fn):
             raise TypeError(
                 f"task() got {getattr(fn, '__qualname__', fn)!r}, an async generator function: a call has one result, "
@@ -230,6 +231,8 @@ def _signature_checker(fn: Callable[..., Any], name: str) -> tuple[Callable[...,
     what the wrapper accepts is what the call can pass.
     """
     try:
+        import inspect
+
         signature = inspect.signature(fn, follow_wrapped=False)
     except (TypeError, ValueError):
         return _accept_any, _ANY_COUNT

@@ -13,7 +13,7 @@ from collections.abc import Callable, Hashable, Mapping
 from typing import Any, TypeVar
 
 from .._config import positive_int_or_none
-from .._lifecycle import Pool, anything_started, drop_pools, forget_pool, get_pool, pools, shutdown
+from .._lifecycle import Pool, anything_started, drop_pools, exit_handler_first, forget_pool, get_pool, pools, shutdown
 from .._run import PLAIN_TYPES, Attempt, BaseTaskRun, R, stop_requested
 from .._status import Status
 
@@ -33,6 +33,7 @@ __all__ = [
     "forget_pool",
     "anything_started",
     "shutdown",
+    "exit_handler_first",
     "check_setting_int",
 ]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import sys
 from typing import ClassVar
 
@@ -29,6 +28,8 @@ class SequentialTaskRun(BaseTaskRun[R]):
         cache = self.task.runner_cache
         is_async = cache.get(SequentialTaskRun)
         if is_async is None:
+            import inspect  # asyncio is loaded, and inspect with it
+
             is_async = cache[SequentialTaskRun] = inspect.iscoroutinefunction(self.task.fn)
         if not is_async:
             return

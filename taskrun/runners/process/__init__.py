@@ -29,13 +29,25 @@ import cloudpickle
 import multiprocess
 
 from ...errors import SerializationError
-from ..base import PLAIN_TYPES, Attempt, BaseTaskRun, R, check_setting_int, drop_pools, registered_pools, shared_pool
+from ..base import (
+    PLAIN_TYPES,
+    Attempt,
+    BaseTaskRun,
+    R,
+    check_setting_int,
+    drop_pools,
+    exit_handler_first,
+    registered_pools,
+    shared_pool,
+)
 from . import _functions
 from ._protocol import PROTOCOL, dumps
 from ._workers import default_start_method
 
 if TYPE_CHECKING:
     from ._pool import ProcessPool
+
+exit_handler_first()  # multiprocess (imported above) ends its children at exit: our pools go first
 
 #: Plain arguments (str and bytes up to this long) travel in the batch's own pickle.
 PLAIN_MAX = 256
