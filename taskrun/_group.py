@@ -155,6 +155,9 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         if i < 0:
             i += length
         if not 0 <= i < length:
+            made = len(self._runs)
+            if not self._feeding and made < self._length and 0 <= i < self._length:
+                raise IndexError(f"{self._label()}: its input ended after {made} items, before item {i}")
             raise IndexError(f"{self._label()} has {length} items; index {index} is out of range")
         if i >= len(runs):
             self._await_made(i)
@@ -498,7 +501,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
     def _on_done_many(self, runs: Sequence[BaseTaskRun[Any]], all_succeeded: bool) -> None:
         """Runs of the group finished (a runner reporting many at once tells them together).
 
-        ``all_succeeded``: the runner knows each one ran and succeeded, so there is nothing else to count.
+        ``all_succeeded``: each one ran and succeeded (none came from the ledger), so there is nothing else to count.
         """
         with self._lock:
             self._finished += len(runs)

@@ -590,14 +590,10 @@ class BaseTaskRun(Generic[R]):
         cannot be sent, its ledger key cannot be made -- the run ends FAILED and the error is
         raised here.
         """
-        lock = self._lock
-        lock.acquire()  # see Attempt.mark_started
-        try:
-            if self._started or self._finishing:
-                return False
-            self._started = True
-        finally:
-            lock.release()
+        # Not under the lock: whoever made the handle starts it, once (calling again returns False).
+        if self._started or self._finishing:
+            return False
+        self._started = True
         try:
             self.task.check_call(self.args, self.kwargs)
             if not self.kwargs:
@@ -672,7 +668,10 @@ class BaseTaskRun(Generic[R]):
         ledger = self.task.ledger
         if ledger is None:
             self.prepare()
-            self._first_attempt()
+            if self.inline:
+                self._first_attempt()
+            else:
+                self._begin_attempt()
             return
         store = store_for(ledger)
         key = self.key = store.key_for(self.task, self.args, self.kwargs)
@@ -874,7 +873,7 @@ class BaseTaskRun(Generic[R]):
         if notify is not None:
             self._notify = None
             try:
-                notify((self,), False)
+                notify((self,), status is _SUCCEEDED and not self.cached)  # nothing else to count for a plain success
             except Exception:
                 logger.exception("taskrun could not count %s in its group", self.id)
         for fn in callbacks or ():
@@ -893,7 +892,7 @@ class BaseTaskRun(Generic[R]):
         self.finished_at = finished_at
         callbacks, self._callbacks = self._callbacks, None
         current, self._current = self._current, None
-        if current is not None and current.started_at is None and status is Status.STOPPED:
+        if status is Status.STOPPED and current is not None and current.started_at is None:
             self._attempts -= 1  # stopped while queued in its runner: never made
         waiters, self._waiters = self._waiters, None
         return callbacks, waiters

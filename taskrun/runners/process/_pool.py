@@ -69,7 +69,11 @@ class ProcessPool:
         self.submitted: deque[Attempt] = deque()  # appended without the lock while no worker has room
         self.has_room = True  # a worker is idle, or another may start
         self.batching = BatchPolicy(fresh=self.max_tasks is not None)
+        # What to report once the lock is released: failures, log records and warnings in order, and
+        # the successes of the reads since (attempt, value, when it began), learned at read_at.
         self.outbox: list[tuple[Any, ...]] = []
+        self.successes: list[tuple[Attempt, Any, float]] = []
+        self.read_at = 0.0
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         self.wake_pending = False
@@ -111,7 +115,7 @@ class ProcessPool:
                 left = self._take_submitted()
                 if queued is not None:
                     left.append(queued)
-                started, out = False, []
+                started, out = False, ([], [], 0.0)
             else:
                 left = []
                 if queued is not None:
@@ -192,25 +196,22 @@ class ProcessPool:
             except OSError:
                 pass
 
-    def _take_outbox(self) -> list[tuple[Any, ...]]:
+    def _take_outbox(self) -> tuple[list[tuple[Any, ...]], list[tuple[Attempt, Any, float]], float]:
         out, self.outbox = self.outbox, []
-        return out
+        successes, self.successes = self.successes, []
+        return out, successes, self.read_at
 
-    def _deliver(self, out: list[tuple[Any, ...]]) -> None:
+    def _deliver(self, taken: tuple[list[tuple[Any, ...]], list[tuple[Attempt, Any, float]], float]) -> None:
         """Hand outcomes, log records and warnings over; runs without the pool lock.
 
-        The successes of one read are reported together (``Attempt.report_results``), so the
+        The successes of the reads are reported together (``Attempt.report_results``), so the
         runs of a ``map`` group are counted by their group together.
         """
-        successes: list[tuple[Attempt, Any, float | None]] = []
-        ended = 0.0
+        out, successes, read_at = taken
         for item in out:
             kind = item[0]
             try:
-                if kind == OK:
-                    successes.append((item[1], item[2], item[3]))
-                    ended = item[4]
-                elif kind == RAISED:
+                if kind == RAISED:
                     item[1].set_exception(item[2], started_at=item[3])
                 elif kind == LOG:
                     record = logging.makeLogRecord(item[1])
@@ -228,7 +229,7 @@ class ProcessPool:
                 logger.exception("taskrun could not deliver a message from a worker process")
         if successes:
             try:
-                Attempt.report_results(successes, ended)
+                Attempt.report_results(successes, read_at)
             except Exception:
                 logger.exception("taskrun could not deliver the results of a worker process")
 
@@ -472,8 +473,8 @@ class ProcessPool:
         if not frames:
             return
         in_flight = worker.in_flight
-        outbox = self.outbox
-        now = time.time()
+        outbox, successes = self.outbox, self.successes
+        now = self.read_at = time.time()
         seconds = -1.0
         freed = 0
         for data in frames:
@@ -492,7 +493,7 @@ class ProcessPool:
                     continue  # its run was stopped
                 freed += len(attempt.runner_state[1]) + CALL_BYTES
                 attempt.runner_state = None
-                outbox.append((OK, attempt, payload, now - seconds, now))
+                successes.append((attempt, payload, now - seconds))
             else:
                 self._handle_other(worker, kind, call_id, payload, seconds, now)
         worker.bytes_in_flight -= freed
