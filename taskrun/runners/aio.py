@@ -24,7 +24,8 @@ import threading
 import time
 import types
 from collections import deque
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from ..errors import attach_traceback
 from .base import Attempt, BaseTaskRun, R, check_setting_int, drop_pools, registered_pools, shared_pool
@@ -78,17 +79,17 @@ class AsyncTaskRun(BaseTaskRun[R]):
 
     @classmethod
     def _pool(cls) -> LoopPool:
-        own = getattr(threading.current_thread(), "taskrun_loop_pool", None)
+        own: LoopPool | None = getattr(threading.current_thread(), "taskrun_loop_pool", None)
         if own is not None and own.runner is cls and not own.ended:
             return own  # a retry from the loop of a pool shutting down (and so unregistered) while it finishes its runs
         return shared_pool(cls, lambda: LoopPool(cls))
 
     def start_attempt(self, attempt: Attempt) -> None:
-        pool = registered_pools.get(type(self))
+        pool: LoopPool | None = registered_pools.get(type(self))
         if pool is None:
             pool = self._pool()
         attempt.runner_state = pool
-        pool.submit(attempt)  # type: ignore[attr-defined]
+        pool.submit(attempt)
 
     def stop_attempt(self, attempt: Attempt) -> None:
         pool = attempt.runner_state
@@ -308,7 +309,8 @@ class LoopPool:
         task = self.running.get(attempt)
         if task is None:
             return  # still waiting for a slot: it is dropped when its turn comes
-        if inspect.getcoroutinestate(task.get_coro()) == inspect.CORO_CREATED:
+        coro = cast("Coroutine[Any, Any, None]", task.get_coro())  # the task of a _drive coroutine
+        if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
             return  # its first step is due: _drive sees the stop there (a cancel now would skip its bookkeeping)
         task.cancel("taskrun: the run was stopped or its attempt timed out")
 

@@ -30,10 +30,10 @@ class ThreadTaskRun(BaseTaskRun[R]):
 
     @classmethod
     def _pool(cls) -> ThreadPool:
-        pool = registered_pools.get(cls)
+        pool: ThreadPool | None = registered_pools.get(cls)
         if pool is None:
             pool = shared_pool(cls, lambda: ThreadPool.for_runner(cls))
-        return pool  # type: ignore[return-value]
+        return pool
 
     def start_attempt(self, attempt: Attempt) -> None:
         self._pool().submit(attempt)

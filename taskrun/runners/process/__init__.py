@@ -77,12 +77,12 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
 
     @classmethod
     def _pool(cls) -> ProcessPool:
-        pool = registered_pools.get(cls)
+        pool: ProcessPool | None = registered_pools.get(cls)
         if pool is None:
             from ._pool import ProcessPool
 
             pool = shared_pool(cls, lambda: ProcessPool(cls))
-        return pool  # type: ignore[return-value]
+        return pool
 
     def prepare(self) -> None:
         task = self.task
@@ -125,7 +125,7 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
         """True if every worker can look up, by name, the objects of __main__ that ``call`` names."""
         if (self.start_method or default_start_method()) != "fork":
             return False
-        pool: ProcessPool | None = registered_pools.get(type(self))  # type: ignore[assignment]
+        pool: ProcessPool | None = registered_pools.get(type(self))
         known = pool.forked_main if pool is not None else None
         if known is None:  # no worker yet: they will be forked from __main__ as it is now
             return True
@@ -138,8 +138,8 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
             if self._payload is None:  # a subclass's prepare() did not call ours
                 MultiprocessTaskRun.prepare(self)
             # _pool(), inline: a classmethod call costs about 2% of a map call
-            pool = self._pool_used = registered_pools.get(type(self)) or self._pool()  # type: ignore[assignment]
-        pool.submit(attempt, self._payload, self._function)  # type: ignore[arg-type]
+            pool = self._pool_used = registered_pools.get(type(self)) or self._pool()
+        pool.submit(attempt, self._payload, self._function)  # type: ignore[arg-type]  # prepare() has set it
 
     def stop_attempt(self, attempt: Attempt) -> None:
         pool = self._pool_used
