@@ -3,7 +3,8 @@
 from ._group import RunGroup
 from ._ledger import Ledger, RunRecord
 from ._lifecycle import shutdown
-from ._run import Attempt, BaseTaskRun, Status, stop_requested
+from ._run import Attempt, BaseTaskRun, stop_requested
+from ._status import Status
 from ._task import Task, task
 from .errors import (
     LedgerError,

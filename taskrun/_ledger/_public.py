@@ -202,7 +202,7 @@ class Ledger:
 
     def _one(self, key: str, task: Any) -> tuple[str, str, bytes | None]:
         name = _task_name(task)
-        rows = self._reader.read(lambda conn: call_rows(conn, key, name), [])
+        rows: list[tuple[str, str, bytes | None]] = self._reader.read(lambda conn: call_rows(conn, key, name), [])
         if not rows:
             of = f" of task {name}" if name is not None else ""
             raise KeyError(f"no call with key {key!r}{of} in ledger {self.path}")

@@ -45,7 +45,7 @@ LOOP_THREAD_WAIT = (
     "`await asyncio.wait_for(run, seconds)`)"
 )
 
-_CoroutineType = types.CoroutineType
+_CoroutineType: type[types.CoroutineType[Any, Any, Any]] = types.CoroutineType
 _loop_numbers = itertools.count(1)
 
 

@@ -23,6 +23,7 @@ function, pickled as it is at call time).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import cloudpickle
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
 #: Plain arguments (str and bytes up to this long) travel in the batch's own pickle.
 PLAIN_MAX = 256
+#: ``type``, said to give ``type[Any]`` for any value (pyright makes ``type()`` of an ``Any`` unknown).
+_type_of: Callable[[object], type[Any]] = type
 
 class MultiprocessTaskRun(BaseTaskRun[R]):
     """Runs calls on a pool of reusable worker processes; best for CPU-bound work.
@@ -101,7 +104,7 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
         args, kwargs = self.args, self.kwargs
         if not kwargs:
             for arg in args:
-                kind = type(arg)
+                kind = _type_of(arg)
                 if kind not in PLAIN_TYPES or (kind is str or kind is bytes) and len(arg) > PLAIN_MAX:
                     break
             else:
@@ -136,7 +139,7 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
         pool = self._pool_used
         if pool is None or pool.closing in ("now", "closed"):
             if self._payload is None:  # a subclass's prepare() did not call ours
-                MultiprocessTaskRun.prepare(self)
+                MultiprocessTaskRun[Any].prepare(self)
             # _pool(), inline: a classmethod call costs about 2% of a map call
             pool = self._pool_used = registered_pools.get(type(self)) or self._pool()
         pool.submit(attempt, self._payload, self._function)  # type: ignore[arg-type]  # prepare() has set it

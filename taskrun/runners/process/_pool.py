@@ -263,7 +263,7 @@ class ProcessPool:
                         self.closing = "closed"
                         self.has_room = False
                         shut_out = self._take_submitted()  # came in after the last check: see submit
-                    current = {self.wake_r: (None, False)}
+                    current: dict[int, tuple[WorkerProcess | None, bool]] = {self.wake_r: (None, False)}
                     for worker in self.workers:
                         current[worker.result_r.fileno()] = (worker, False)
                         current[worker.sentinel] = (worker, True)
@@ -380,7 +380,7 @@ class ProcessPool:
                 break
             pending.popleft()
             if send_fn:
-                fn = self._function_message(worker, task, function, fresh)  # the worker holds it from now on
+                fn = self._function_message(worker, task, call_function, fresh)  # the worker holds it from now on
                 budget -= len(fn[0])  # counts in this batch only: the worker takes it in at once
                 send_fn = fresh
             else:
