@@ -79,7 +79,8 @@ class Ledger:
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float | None = None) -> None:
         if busy_timeout is not None:
             busy_timeout = _check_busy_timeout(busy_timeout)
-        self.path = os.fspath(path)
+        #: The ledger file's path.
+        self.path: str = os.fspath(path)
         self._store: Store | None = open_store(self.path, busy_timeout)
         self._reader: Storage | ReadOnlyFile = self._store.storage
 

@@ -43,6 +43,9 @@ PLAIN_MAX = 256
 #: ``type``, said to give ``type[Any]`` for any value (pyright makes ``type()`` of an ``Any`` unknown).
 _type_of: Callable[[object], type[Any]] = type
 
+__all__ = ["MultiprocessTaskRun"]
+
+
 class MultiprocessTaskRun(BaseTaskRun[R]):
     """Runs calls on a pool of reusable worker processes; best for CPU-bound work.
 
