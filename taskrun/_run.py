@@ -41,7 +41,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("taskrun")
 
-R = TypeVar("R")
+if TYPE_CHECKING:
+    from typing_extensions import TypeVar as TypeVarWithDefault
+
+    #: A run's value. A runner class named without it (``MultiprocessTaskRun``, what ``configure()``
+    #: returns) is a runner of any value: for type checkers only, as no code reads it at run time.
+    R = TypeVarWithDefault("R", default=Any)
+else:
+    R = TypeVar("R")
 RunT = TypeVar("RunT", bound="BaseTaskRun[Any]")
 #: Told first when runs finish: a RunGroup's counter (a runner reporting many outcomes at once
 #: tells it about many runs in one call; ``all_succeeded``: each one ran and succeeded).
