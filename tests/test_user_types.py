@@ -152,9 +152,10 @@ def _run(args: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess[str]
 def _mypy(tmp_path: pathlib.Path, source: str) -> subprocess.CompletedProcess[str]:
     _require("mypy")
     (tmp_path / "user.py").write_text(source)
+    (tmp_path / "mypy.ini").write_text("[mypy]\n")  # this one, not a config of a folder above
     return _run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--cache-dir", str(tmp_path / ".mypy_cache"),
-         "--python-executable", sys.executable, "user.py"],
+        [sys.executable, "-m", "mypy", "--config-file", "mypy.ini", "--strict", "--no-incremental",
+         "--cache-dir", str(tmp_path / ".mypy_cache"), "--python-executable", sys.executable, "user.py"],
         tmp_path,
     )
 
@@ -163,7 +164,10 @@ def _pyright(tmp_path: pathlib.Path, source: str) -> list[dict[str, object]]:
     _require("pyright")
     (tmp_path / "user.py").write_text(source)
     (tmp_path / "pyrightconfig.json").write_text(json.dumps({"typeCheckingMode": "strict"}))
-    done = _run([sys.executable, "-m", "pyright", "--outputjson", "--pythonpath", sys.executable, "user.py"], tmp_path)
+    done = _run(
+        [sys.executable, "-m", "pyright", "-p", "pyrightconfig.json", "--outputjson", "--pythonpath", sys.executable, "user.py"],
+        tmp_path,
+    )
     try:
         report = json.loads(done.stdout)
     except json.JSONDecodeError:
