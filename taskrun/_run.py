@@ -514,7 +514,8 @@ class BaseTaskRun(Generic[R]):
             if raise_exceptions:
                 raise exc
             return exc
-        return self._result  # type: ignore[no-any-return]
+        value: R = self._result  # a succeeded run's result
+        return value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The run's failure (``TaskStopped`` for a stopped run), or None if it succeeded.

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -160,7 +161,7 @@ def _mypy(tmp_path: pathlib.Path, source: str) -> subprocess.CompletedProcess[st
     )
 
 
-def _pyright(tmp_path: pathlib.Path, source: str) -> list[dict[str, object]]:
+def _pyright(tmp_path: pathlib.Path, source: str) -> list[dict[str, Any]]:
     _require("pyright")
     (tmp_path / "user.py").write_text(source)
     (tmp_path / "pyrightconfig.json").write_text(json.dumps({"typeCheckingMode": "strict"}))
@@ -172,7 +173,7 @@ def _pyright(tmp_path: pathlib.Path, source: str) -> list[dict[str, object]]:
         report = json.loads(done.stdout)
     except json.JSONDecodeError:
         pytest.fail(f"pyright did not report (exit {done.returncode}):\n{done.stdout}\n{done.stderr}")
-    diagnostics: list[dict[str, object]] = report["generalDiagnostics"]
+    diagnostics: list[dict[str, Any]] = report["generalDiagnostics"]
     return diagnostics
 
 
@@ -200,7 +201,7 @@ def test_pyright_sees_the_types_a_user_script_uses(tmp_path: pathlib.Path) -> No
     for d in diagnostics:
         found = re.match(r'Type of ".*" is "(.*)"$', str(d["message"]), re.DOTALL)
         assert found, d
-        line = d["range"]["start"]["line"] + 1  # type: ignore[index]
+        line = d["range"]["start"]["line"] + 1
         revealed[labels[line]] = found.group(1)
     assert revealed == EXPECTED["pyright"]
 
@@ -217,5 +218,5 @@ def test_mypy_catches_mistakes_in_a_user_script(tmp_path: pathlib.Path) -> None:
 
 def test_pyright_catches_mistakes_in_a_user_script(tmp_path: pathlib.Path) -> None:
     diagnostics = _pyright(tmp_path, MISTAKES)
-    flagged = {d["range"]["start"]["line"] + 1 for d in diagnostics if d["severity"] == "error"}  # type: ignore[index]
+    flagged = {d["range"]["start"]["line"] + 1 for d in diagnostics if d["severity"] == "error"}
     assert flagged == _mistake_lines(), json.dumps(diagnostics, indent=1)

@@ -190,7 +190,8 @@ class Fingerprint:
         for _expression, objects in self.checks:
             namespace.update(objects)
         source = " and ".join(f"({expression})" for expression, _ in self.checks) or "True"
-        return eval(f"lambda: {source}", namespace)  # type: ignore[no-any-return]
+        check: Callable[[], bool] = eval(f"lambda: {source}", namespace)
+        return check
 
 
 # ---- pickling by value ----------------------------------------------------------------------
@@ -248,7 +249,8 @@ def by_value_rule(home: dict[str, Any] | None) -> Callable[[types.FunctionType],
 
 
 def _load_code(data: bytes) -> types.CodeType:
-    return marshal.loads(data)  # type: ignore[no-any-return]
+    code: types.CodeType = marshal.loads(data)
+    return code
 
 
 class _FunctionPickler(cloudpickle.Pickler):
