@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from ._group import RunGroup
 from ._lifecycle import shutdown
-from ._run import Attempt, BaseTaskRun, Status, stop_requested
+from ._run import Attempt, BaseTaskRun, stop_requested
+from ._status import Status
 from ._task import Task, task
 from .errors import (
     LedgerError,

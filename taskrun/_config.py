@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-_cache: dict[tuple[type, tuple[tuple[str, Any], ...]], type] = {}
+if TYPE_CHECKING:
+    from ._run import BaseTaskRun
+
+RunT = TypeVar("RunT", bound="BaseTaskRun[Any]")
+
+_cache: dict[tuple[type, tuple[tuple[str, Any], ...]], type[Any]] = {}
 _lock = threading.Lock()
 
 
@@ -20,10 +25,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_lock_after_fork)
 
 
-def configure(cls: type, settings: dict[str, Any]) -> Any:
+def configure(cls: type[RunT], settings: dict[str, Any]) -> type[RunT]:
     if not settings:
         return cls  # nothing to set: the same runner, and the same pool
-    known = cls.settings  # type: ignore[attr-defined]
+    known = cls.settings
     unknown = sorted(set(settings) - set(known))
     if unknown:
         valid = ", ".join(sorted(known)) or "none"
@@ -32,6 +37,7 @@ def configure(cls: type, settings: dict[str, Any]) -> Any:
     for name, value in settings.items():
         if validate is not None:
             validate(name, value)
+    cache_key: tuple[type, tuple[tuple[str, Any], ...]] | None
     try:
         cache_key = (cls, tuple(sorted(settings.items())))
         hash(cache_key)
@@ -41,8 +47,8 @@ def configure(cls: type, settings: dict[str, Any]) -> Any:
         if cache_key is not None and cache_key in _cache:
             return _cache[cache_key]
         shown = ", ".join(f"{k}={v!r}" for k, v in sorted(settings.items()))
-        sub = type(f"{cls.__name__}[{shown}]", (cls,), {"__module__": cls.__module__, **settings})
-        sub._configured_from = (cls, dict(settings))
+        namespace = {"__module__": cls.__module__, **settings, "_configured_from": (cls, dict(settings))}
+        sub = cast("type[RunT]", type(f"{cls.__name__}[{shown}]", (cls,), namespace))  # a subclass of cls
         sub.__qualname__ = sub.__name__
         if cache_key is not None:
             _cache[cache_key] = sub
@@ -58,17 +64,18 @@ def positive_int_or_none(owner: str, name: str, value: Any, allow_none: bool = T
         raise ValueError(f"{owner} setting {name} must be >= 1{' or None' if allow_none else ''}, got {value!r}")
 
 
-def runner_spec(runner: type) -> Any:
+def runner_spec(runner: type[BaseTaskRun[Any]]) -> Any:
     """A picklable stand-in for a runner class: configured subclasses are rebuilt, not pickled."""
-    spec = runner.__dict__.get("_configured_from")
+    spec: tuple[type[BaseTaskRun[Any]], dict[str, Any]] | None = runner.__dict__.get("_configured_from")
     if spec is None:
         return runner
     base, settings = spec
     return (runner_spec(base), settings)
 
 
-def runner_from_spec(spec: Any) -> type:
+def runner_from_spec(spec: Any) -> type[BaseTaskRun[Any]]:
+    """The runner class :func:`runner_spec` stands for (a configured one is configured again here)."""
     if isinstance(spec, tuple):
-        base, settings = spec
-        return configure(runner_from_spec(base), settings)  # type: ignore[no-any-return]
-    return spec  # type: ignore[no-any-return]
+        base, settings = cast("tuple[Any, dict[str, Any]]", spec)
+        return configure(runner_from_spec(base), settings)
+    return cast("type[BaseTaskRun[Any]]", spec)

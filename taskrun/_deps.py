@@ -14,7 +14,9 @@ from typing import Any, Protocol
 from ._status import Status
 from .errors import UpstreamFailed
 
-_CONTAINERS = (list, tuple, dict, set, frozenset)
+_CONTAINERS: tuple[type[Any], ...] = (list, tuple, dict, set, frozenset)
+#: ``type``, said to give ``type[Any]`` for any value (pyright makes ``type()`` of an ``Any`` unknown).
+_type_of: Callable[[object], type[Any]] = type
 
 
 class Handle(Protocol):
@@ -39,14 +41,14 @@ def find_upstream(args: tuple[Any, ...], kwargs: dict[str, Any], handle_type: ty
 
 def _scan(container: Any, found: dict[int, Any] | None, handle_type: type[Any]) -> dict[int, Any] | None:
     """Add the handles in ``container`` (and in the plain containers inside it) to ``found``."""
-    for value in container.values() if type(container) is dict else container:
+    for value in container.values() if _type_of(container) is dict else container:
         if isinstance(value, handle_type):
             if found is None:
                 found = {}
             found[id(value)] = value
-        elif type(value) in _CONTAINERS:
+        elif _type_of(value) in _CONTAINERS:
             found = _scan(value, found, handle_type)
-        elif getattr(type(value), "taskrun_not_an_argument", None):
+        elif getattr(_type_of(value), "taskrun_not_an_argument", None):
             raise TypeError(
                 f"an argument is {value!r}, the RunGroup of a map: pass list(group) to make the call wait for "
                 "each of its runs and receive their results, or group.results() to wait for them here"
@@ -58,7 +60,7 @@ def resolve(value: Any, handle_type: type[Any], value_of: Callable[[Any], Any]) 
     """``value`` with every handle replaced by ``value_of(handle)``; containers without handles are kept as they are."""
     if isinstance(value, handle_type):
         return value_of(value)
-    kind = type(value)
+    kind = _type_of(value)
     if kind not in _CONTAINERS:
         return value
     if kind is dict:

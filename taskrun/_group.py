@@ -16,9 +16,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, cast, overload
 
-from . import _lifecycle
+from ._lifecycle import register_feeder, unregister_feeder
 from ._run import BaseTaskRun, R
 from ._status import Status
 from .errors import TaskStopped
@@ -117,7 +117,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         self._thread = threading.Thread(
             target=self._feed, args=(items, star), name=f"taskrun-map-{next(_feeder_numbers)}", daemon=True
         )
-        _lifecycle.register_feeder(self)
+        register_feeder(self)
         self._thread.start()
 
     # ---- the sequence ---------------------------------------------------------------------
@@ -242,7 +242,13 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
             raise
         return True
 
-    def results(self, timeout: float | None = None, *, raise_exceptions: bool = True) -> list[R]:
+    @overload
+    def results(self, timeout: float | None = None, *, raise_exceptions: Literal[True] = True) -> list[R]: ...
+
+    @overload
+    def results(self, timeout: float | None = None, *, raise_exceptions: bool) -> list[R | BaseException]: ...
+
+    def results(self, timeout: float | None = None, *, raise_exceptions: bool = True) -> list[R] | list[R | BaseException]:
         """Every run's value, in input order, once all have finished (``get_result`` of each).
 
         With ``raise_exceptions=True`` the first failure in input order is raised (a stopped
@@ -262,7 +268,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
             )
         if not self._failed and not self._stopped:  # every run succeeded (or came from the ledger): no raising
             return [run.get_result() for run in self._runs]
-        return [run.get_result(raise_exceptions=raise_exceptions) for run in self._runs]  # type: ignore[misc]
+        return [run.get_result(raise_exceptions=raise_exceptions) for run in self._runs]
 
     def as_completed(self, timeout: float | None = None) -> Iterator[BaseTaskRun[R]]:
         """Each handle once, as it finishes; ``TimeoutError`` if the whole group is not done within ``timeout``."""
@@ -412,7 +418,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                 if len(runs) > self._want:
                     self._wake_wanted()
                 if halt is None and stop_when is not None:
-                    self._may_start()
+                    self._may_start(stop_when)
                 halt = self._halt  # after the append (see stop()); stop_when or another thread may have halted
                 if halt is not None:
                     with lock:  # stop() holds it while it halts the group and takes the runs made
@@ -435,12 +441,12 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         finally:
             self._end_feeding()
 
-    def _may_start(self) -> bool:
-        """Ask ``stop_when`` once, before a run starts; on True (or an error) halt the group. True: go on."""
+    def _may_start(self, stop_when: Callable[[], object]) -> bool:
+        """Ask ``stop_when`` (the group's) once, before a run starts; on True (or an error) halt the group. True: go on."""
         if self._halt is not None:
             return False
         try:
-            stop = bool(self._stop_when())  # type: ignore[misc]
+            stop = bool(stop_when())
         except Exception as exc:
             self._error = self._stop_when_error = exc
             logger.error("%s: stop_when raised %s: %s; nothing new starts", self._label(), type(exc).__name__, exc)
@@ -486,7 +492,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
             finished = self._finished == len(self._runs)
             if self._waiting:
                 self._cond.notify_all()
-        _lifecycle.unregister_feeder(self)
+        unregister_feeder(self)
         if finished:
             self._finish()
 
@@ -587,7 +593,8 @@ def start_map(
 ) -> RunGroup[R]:
     """Check the options, make the group and start feeding it (in a thread, or inline for inline runners)."""
     method = "starmap" if star else "map"
-    if max_concurrency is not None and (isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int)):
+    limit = cast(object, max_concurrency)  # checked as what the caller may really pass
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
         raise TypeError(f"{task.name}.{method}() option max_concurrency must be an int >= 1 or None, got {max_concurrency!r}")
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(
@@ -609,7 +616,7 @@ def start_map(
             ) from None
     length: int | None
     try:
-        length = len(items)  # type: ignore[arg-type]
+        length = len(items)  # type: ignore[arg-type]  # an iterable may have a length: tried
     except Exception:  # a generator (or an object whose length cannot be told)
         length = None
     else:
@@ -653,7 +660,7 @@ def _bar_class() -> Any:
             from tqdm import notebook
         except Exception:  # any failure of the widget's imports: the text bar will do
             return tqdm
-        if notebook.IProgress is not None:  # None: ipywidgets is not there
+        if getattr(notebook, "IProgress", None) is not None:  # None: ipywidgets is not there
             return notebook.tqdm
     return tqdm
 

@@ -31,14 +31,14 @@ class Launcher:
 
     def submit(self, launch: Callable[[], None], on_drop: Callable[[], None]) -> None:
         """Call ``launch()`` on the launcher thread; ``on_drop()`` instead if shutdown(wait=False) comes first."""
-        from . import _lifecycle
+        from ._lifecycle import register_feeder
 
         with self._cond:
             self._jobs.append((launch, on_drop))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="taskrun-launch", daemon=True)
                 self._thread.start()
-                _lifecycle.register_feeder(self)
+                register_feeder(self)
             self._cond.notify()
 
     def _loop(self) -> None:
@@ -57,7 +57,7 @@ class Launcher:
 
     def shutdown(self, wait: bool = True) -> None:
         """Launch what is queued (``wait``) or drop it, then end the thread. The next ``submit`` starts another."""
-        from . import _lifecycle
+        from ._lifecycle import unregister_feeder
 
         with self._cond:
             thread, self._thread = self._thread, None
@@ -65,7 +65,7 @@ class Launcher:
             if not wait:
                 self._jobs.clear()
             self._cond.notify()
-        _lifecycle.unregister_feeder(self)
+        unregister_feeder(self)
         if thread is not None and thread is not threading.current_thread():
             thread.join()  # with wait, it launches what is left first: launching never waits for a run
         for _launch, on_drop in dropped:

@@ -12,25 +12,34 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Hashable
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._timer import timer
+
+if TYPE_CHECKING:
+    from ._run import BaseTaskRun
 
 logger = logging.getLogger("taskrun")
 
 
 class Pool(Protocol):
+    """What taskrun.shutdown() calls on a registered pool (or map feeder)."""
+
     def shutdown(self, wait: bool = True) -> None: ...
 
 
-_pools: dict[Hashable, Pool] = {}
+#: A registered pool's key: usually a runner class. (Classes are hashable; the union is spelled
+#: out because mypy does not see ``cls`` in a classmethod as Hashable.)
+PoolKey = Hashable | type[Any]
+
+_pools: dict[PoolKey, Pool] = {}
 pools = _pools  # read without the lock on hot paths; changed only under it
 _lock = threading.Lock()
 _feeders: set[Pool] = set()  # map() feeder threads: stopped before the pools they feed
-_runners: dict[type, None] = {}  # runner classes of tasks that override the shutdown(wait) hook, in order
+_runners: dict[type[BaseTaskRun[Any]], None] = {}  # runner classes of tasks that override the shutdown(wait) hook, in order
 
 
-def register_runner(runner: type) -> None:
+def register_runner(runner: type[BaseTaskRun[Any]]) -> None:
     """Call ``runner.shutdown(wait)`` in every ``shutdown()`` (and at exit) from now on."""
     with _lock:
         _runners.setdefault(runner)
@@ -46,7 +55,7 @@ def unregister_feeder(feeder: Pool) -> None:
         _feeders.discard(feeder)
 
 
-def get_pool(runner: Hashable, factory: Callable[[], Pool]) -> Pool:
+def get_pool(runner: PoolKey, factory: Callable[[], Pool]) -> Pool:
     """The pool of ``runner`` (one per configured runner class), made with ``factory()`` on first use."""
     pool = _pools.get(runner)
     if pool is None:
@@ -64,7 +73,7 @@ def forget_pool(pool: Pool) -> None:
             del _pools[key]
 
 
-def drop_pools(runner: type) -> list[Pool]:
+def drop_pools(runner: type[Any]) -> list[Pool]:
     """Forget the pools of ``runner`` and of its configured subclasses; the caller shuts them down."""
     with _lock:
         mine = [key for key in _pools if isinstance(key, type) and issubclass(key, runner)]
@@ -103,7 +112,7 @@ def shutdown(wait: bool = True) -> None:
             runners = list(_runners)
         for runner in runners:  # the built-in ones find their pools gone already
             try:
-                runner.shutdown(wait=wait)  # type: ignore[attr-defined]
+                runner.shutdown(wait=wait)
             except Exception:
                 logger.exception("the shutdown hook of runner %s raised", runner.__name__)
     finally:
@@ -111,7 +120,8 @@ def shutdown(wait: bool = True) -> None:
 
 
 def _shutdown_order(pool: Pool) -> int:
-    return getattr(pool, "shutdown_order", 0)  # type: ignore[no-any-return]
+    order: int = getattr(pool, "shutdown_order", 0)
+    return order
 
 
 def _at_exit() -> None:

@@ -19,11 +19,12 @@ import contextvars
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 import types
 from collections.abc import Callable, Generator, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, cast, overload
 
 from . import _deps
 from ._launcher import launcher
@@ -34,11 +35,19 @@ from .errors import TaskStillRunning, TaskStopped, TaskTimeout, attach_traceback
 if TYPE_CHECKING:
     import asyncio
 
+    from ._ledger import Ledger
     from ._task import Task
 
 logger = logging.getLogger("taskrun")
 
-R = TypeVar("R")
+if TYPE_CHECKING:
+    from typing_extensions import TypeVar as TypeVarWithDefault
+
+    #: A run's value. A runner class named without it (``MultiprocessTaskRun``, what ``configure()``
+    #: returns) is a runner of any value: for type checkers only, as no code reads it at run time.
+    R = TypeVarWithDefault("R", default=Any)
+else:
+    R = TypeVar("R")
 RunT = TypeVar("RunT", bound="BaseTaskRun[Any]")
 #: Told first when runs finish: a RunGroup's counter (a runner reporting many outcomes at once
 #: tells it about many runs in one call; ``all_succeeded``: each one ran and succeeded).
@@ -139,12 +148,12 @@ class BaseTaskRun(Generic[R]):
         __slots__ = ("run", "number", "runner_state", "stop_requested", "deadline", "_reported", "_started_at")
 
         def __init__(self, run: BaseTaskRun[Any], number: int) -> None:
-            self.run = run
-            self.number = number
+            self.run: BaseTaskRun[Any] = run
+            self.number: int = number
             self.runner_state: Any = None
             #: True once the run was stopped or the attempt timed out: the function may end early
             #: (``taskrun.stop_requested()`` reads it) and its outcome no longer counts.
-            self.stop_requested = False
+            self.stop_requested: bool = False
             #: ``time.monotonic()`` at which the timeout of an attempt nobody can interrupt runs out (inline runners).
             self.deadline: float | None = None
             self._reported = False
@@ -342,12 +351,12 @@ class BaseTaskRun(Generic[R]):
     def __init__(
         self, task: Task[..., R], args: tuple[Any, ...], kwargs: dict[str, Any], *, notify: Notify | None = None
     ) -> None:
-        self.task = task
-        self.args = args
-        self.kwargs = kwargs
+        self.task: Task[..., R] = task
+        self.args: tuple[Any, ...] = args
+        self.kwargs: dict[str, Any] = kwargs
         self.name: str = task.name
         self._number = number = next(_run_numbers)
-        self.cached = False
+        self.cached: bool = False
         #: The call's key in the task's ledger (None without a ledger, or until it is computed).
         self.key: str | None = None
         self._lock = (_locks or _new_locks())[number & _LOCK_MASK]  # never held while taking another run's
@@ -517,7 +526,8 @@ class BaseTaskRun(Generic[R]):
             if raise_exceptions:
                 raise exc
             return exc
-        return self._result  # type: ignore[no-any-return]
+        value: R = self._result  # a succeeded run's result
+        return value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The run's failure (``TaskStopped`` for a stopped run), or None if it succeeded.
@@ -684,7 +694,7 @@ class BaseTaskRun(Generic[R]):
 
     def _admit(self) -> None:
         """Ask the ledger for the key; :meth:`_on_admission` acts on its answer."""
-        store = store_for(self.task.ledger)
+        store = store_for(cast("Ledger", self.task.ledger))  # a run is admitted only if its task has one
         if self.inline:
             while not self._finishing:
                 verdict, value = store.admit_here(self)
@@ -705,7 +715,8 @@ class BaseTaskRun(Generic[R]):
         elif verdict == "cached":
             self._finish_cached(value)
         elif verdict == "wait":
-            value.add_done_callback(lambda _owner: self._admit_again())
+            owner: BaseTaskRun[Any] = value
+            owner.add_done_callback(lambda _owner: self._admit_again())
         elif verdict == "stopped":
             self._conclude(Status.STOPPED, exc=value)
         else:
@@ -713,8 +724,8 @@ class BaseTaskRun(Generic[R]):
 
     def _admit_again(self) -> None:
         try:
-            store = store_for(self.task.ledger)
-            found, value = store.lookup(self.name, self.key)  # type: ignore[arg-type]
+            store = store_for(cast("Ledger", self.task.ledger))  # see _admit
+            found, value = store.lookup(self.name, cast(str, self.key))  # set before the run asked to be admitted
             if found:
                 self._finish_cached(value)
             else:
@@ -841,7 +852,7 @@ class BaseTaskRun(Generic[R]):
         if self.key is None:  # no ledger
             self._publish(status, value, exc)
             return
-        store = store_for(self.task.ledger)
+        store = store_for(cast("Ledger", self.task.ledger))  # a run has a key only if its task has a ledger
         if status is Status.STOPPED:
             # Published at once: a stopped call runs again next time whether or not this record lands.
             self._publish(status, value, exc)
@@ -855,7 +866,7 @@ class BaseTaskRun(Generic[R]):
         """The ledger's answer to a record: written (``problem`` None), or not, and why."""
         if problem is not None and exc is not None:
             note = f"taskrun: this outcome was not recorded in the ledger ({problem}); the call runs again next time"
-            if hasattr(exc, "add_note"):
+            if sys.version_info >= (3, 11):
                 exc.add_note(note)
         self._publish(status, value, exc)
 

@@ -9,14 +9,17 @@ import math
 import os
 import pickle
 import sys
-from collections.abc import Callable, Iterable
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from collections.abc import Callable, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeGuard, TypeVar, cast, overload
 
-from . import _lifecycle
 from ._config import runner_from_spec, runner_spec
 from ._group import RunGroup, start_map
+from ._lifecycle import register_runner
 from ._retry import RetryPolicy
 from ._run import BaseTaskRun
+
+if TYPE_CHECKING:
+    from ._ledger import Ledger
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -53,13 +56,14 @@ class Task(Generic[P, R]):
         retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
         timeout: float | None = None,
         runner: type[BaseTaskRun[Any]] | None = None,
-        ledger: Any = None,
+        ledger: Ledger | str | os.PathLike[str] | None = None,
         key: Callable[..., str] | None = None,
     ) -> None:
-        if not callable(fn) or isinstance(fn, type) and issubclass(fn, BaseTaskRun):
+        given: object = fn  # checked as what it may really be
+        if not callable(given) or isinstance(given, type) and issubclass(given, BaseTaskRun):
             raise TypeError(f"task() needs a function to wrap, got {fn!r} ({type(fn).__name__})")
-        if isinstance(fn, Task):
-            fn = fn.fn
+        if isinstance(given, Task):
+            fn = cast("Task[P, R]", given).fn
         import inspect  # here, not at import: it is slow to import, and only decorating needs it
 
         if inspect.isasyncgenfunction(fn):
@@ -78,41 +82,30 @@ class Task(Generic[P, R]):
         retry_on = _check_retry_on(retry_on)
         if timeout is not None:
             _check_number("timeout", timeout, minimum=0, inclusive=False)
-        if runner is None:
-            runner = default_runner(inspect.iscoroutinefunction(fn))
-        elif not (isinstance(runner, type) and issubclass(runner, BaseTaskRun)):
-            raise TypeError(
-                f"task option runner must be a BaseTaskRun subclass such as ThreadTaskRun, got {runner!r}"
-            )
-        elif runner.start_attempt is BaseTaskRun.start_attempt:
-            raise TypeError(
-                f"task option runner {runner.__name__} does not implement start_attempt(attempt); pass a runner "
-                "such as ThreadTaskRun, or a subclass of BaseTaskRun that implements it"
-            )
-        if getattr(runner.shutdown, "__func__", runner.shutdown) is not BaseTaskRun.shutdown.__func__:  # type: ignore[attr-defined]
-            _lifecycle.register_runner(runner)  # its shutdown(wait) hook runs with taskrun.shutdown() and at exit
-        if key is not None and not callable(key):
+        runner = default_runner(inspect.iscoroutinefunction(fn)) if runner is None else _check_runner(runner)
+        if _overrides_shutdown(runner):
+            register_runner(runner)  # its shutdown(wait) hook runs with taskrun.shutdown() and at exit
+        if key is not None and not callable(cast(object, key)):
             raise TypeError(f"task option key must be a callable(*args, **kwargs) -> str, got {key!r}")
-        if ledger is not None:
-            ledger = _check_ledger(ledger)
 
-        self.fn = fn
-        self.name = name
-        self.retries = retries
-        self.retry_sleep_time = retry_sleep_time
-        self.backoff = backoff
-        self.jitter = jitter
-        self.retry_on = retry_on
-        self.timeout = timeout
-        self.runner = runner
-        self.ledger = ledger
-        self.key = key
-        self.policy = RetryPolicy(retries, retry_sleep_time, backoff, jitter, retry_on)
+        #: The plain function.
+        self.fn: Callable[P, R] = fn
+        self.name: str = name
+        self.retries: int = retries
+        self.retry_sleep_time: float = retry_sleep_time
+        self.backoff: float = backoff
+        self.jitter: float = jitter
+        self.retry_on: tuple[type[BaseException], ...] = retry_on
+        self.timeout: float | None = timeout
+        self.runner: type[BaseTaskRun[Any]] = runner
+        self.ledger: Ledger | None = None if ledger is None else _check_ledger(ledger)
+        self.key: Callable[..., str] | None = key
+        self.policy: RetryPolicy = RetryPolicy(retries, retry_sleep_time, backoff, jitter, retry_on)
         #: Free for runners to keep per-task data in (a pickled function, a remote reference), under keys
         #: of their own; the task's pickle leaves it behind.
         self.runner_cache: dict[Any, Any] = {}
         # The function's name, doc, module, qualname and __wrapped__, as functools.wraps gives them.
-        functools.update_wrapper(self, fn, updated=())  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn, updated=())
         # Its own attributes come along too, except any that would shadow the task's options,
         # methods or private state (a function with `.runner = ...` must not undo the checks above).
         for attr, value in getattr(fn, "__dict__", {}).items():
@@ -120,7 +113,15 @@ class Task(Generic[P, R]):
                 continue
             setattr(self, attr, value)
 
-    def __call__(self, /, *args: P.args, **kwargs: P.kwargs) -> BaseTaskRun[R]:
+    # The function's own signature first, for checkers and editors; then any arguments, because an
+    # argument may be a handle standing for a value (``inc(inc(1))``), which no ParamSpec can say.
+    @overload
+    def __call__(self, /, *args: P.args, **kwargs: P.kwargs) -> BaseTaskRun[R]: ...
+
+    @overload
+    def __call__(self, /, *args: Any, **kwargs: Any) -> BaseTaskRun[R]: ...
+
+    def __call__(self, /, *args: Any, **kwargs: Any) -> BaseTaskRun[R]:
         run: BaseTaskRun[R] = self.runner(self, args, kwargs)
         run.start()  # arguments that do not fit the signature raise TypeError here (see check_call)
         return run
@@ -152,7 +153,13 @@ class Task(Generic[P, R]):
         except TypeError as exc:
             raise TypeError(str(exc)) from None  # the caller's traceback, without the checker's frame
 
-    def __get__(self, instance: Any, owner: type | None = None, /) -> Any:
+    @overload
+    def __get__(self, instance: None, owner: type[Any] | None = None, /) -> Task[P, R]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type[Any] | None = None, /) -> Callable[..., BaseTaskRun[R]]: ...
+
+    def __get__(self, instance: object, owner: type[Any] | None = None, /) -> Task[P, R] | Callable[..., BaseTaskRun[R]]:
         """Used as a method, a task is called with the instance as its first argument."""
         if instance is None:
             return self
@@ -274,14 +281,18 @@ def _attribute_path(found: Any, qualname: str) -> Any:
     return found
 
 
-def _import_task(module: str, qualname: str) -> Task[Any, Any]:
-    task = _attribute_path(importlib.import_module(module), qualname)
-    if not isinstance(task, Task):
+def _import_task(module: str, qualname: str) -> Task[..., Any]:
+    found: object = _attribute_path(importlib.import_module(module), qualname)
+    if not _is_task(found):
         raise pickle.UnpicklingError(f"{module}.{qualname} is no longer a task here")
-    return task
+    return found
 
 
-def _rebuild_task(fn: Callable[..., Any], options: dict[str, Any]) -> Task[Any, Any]:
+def _is_task(value: object) -> TypeGuard[Task[..., Any]]:
+    return isinstance(value, Task)
+
+
+def _rebuild_task(fn: Callable[..., Any], options: dict[str, Any]) -> Task[..., Any]:
     options["runner"] = runner_from_spec(options["runner"])
     return Task(fn, **options)
 
@@ -303,21 +314,65 @@ def _check_number(option: str, value: Any, minimum: float, inclusive: bool = Tru
         raise ValueError(f"task option {option} must be a finite number {bound}{none}, got {value!r}")
 
 
+def _is_runner(value: object) -> TypeGuard[type[BaseTaskRun[Any]]]:
+    return isinstance(value, type) and issubclass(value, BaseTaskRun)
+
+
+def _check_runner(runner: object) -> type[BaseTaskRun[Any]]:
+    if not _is_runner(runner):
+        raise TypeError(f"task option runner must be a BaseTaskRun subclass such as ThreadTaskRun, got {runner!r}")
+    if runner.start_attempt is BaseTaskRun.__dict__["start_attempt"]:
+        raise TypeError(
+            f"task option runner {runner.__name__} does not implement start_attempt(attempt); pass a runner "
+            "such as ThreadTaskRun, or a subclass of BaseTaskRun that implements it"
+        )
+    return runner
+
+
+def _overrides_shutdown(runner: type[BaseTaskRun[Any]]) -> bool:
+    """True if ``runner`` has a shutdown(wait) hook of its own (a classmethod: compared by its function)."""
+    own: object = getattr(runner.shutdown, "__func__", runner.shutdown)
+    base: object = getattr(BaseTaskRun.shutdown, "__func__", None)
+    return own is not base
+
+
 def _check_retry_on(value: Any) -> tuple[type[BaseException], ...]:
-    classes = value if isinstance(value, tuple) else (value,)
-    if not classes or not all(isinstance(c, type) and issubclass(c, BaseException) for c in classes):
+    classes = cast("tuple[object, ...]", value) if isinstance(value, tuple) else (value,)
+    if not _exception_classes(classes):
         raise TypeError(f"task option retry_on must be an exception class or a tuple of them, got {value!r}")
     return classes
 
 
-def _check_ledger(value: Any) -> Any:
-    from . import _ledger
+def _exception_classes(classes: tuple[object, ...]) -> TypeGuard[tuple[type[BaseException], ...]]:
+    return bool(classes) and all(isinstance(c, type) and issubclass(c, BaseException) for c in classes)
 
-    if isinstance(value, _ledger.Ledger):
+
+def _check_ledger(value: object) -> Ledger:
+    from ._ledger import Ledger
+
+    if isinstance(value, Ledger):
         return value
     if isinstance(value, (str, os.PathLike)):
-        return _ledger.Ledger(value)
+        return Ledger(cast("str | os.PathLike[str]", value))
     raise TypeError(f"task option ledger must be a Ledger or a path to its SQLite file, got {value!r}")
+
+
+class TaskDecorator(Protocol):
+    """What ``@task(...)`` with options returns: it turns a function into a :class:`Task`.
+
+    A coroutine function's task gives handles of what its coroutine returns (``async def f() -> int``:
+    ``Task[[], int]``), as the runners await it.
+    """
+
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> Task[P, R]: ...
+
+
+@overload
+def task(fn: Callable[P, Coroutine[Any, Any, R]], /) -> Task[P, R]: ...
 
 
 @overload
@@ -335,19 +390,24 @@ def task(
     retry_on: type[BaseException] | tuple[type[BaseException], ...] = Exception,
     timeout: float | None = None,
     runner: type[BaseTaskRun[Any]] | None = None,
-    ledger: Any = None,
+    ledger: Ledger | str | os.PathLike[str] | None = None,
     key: Callable[..., str] | None = None,
-) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+) -> TaskDecorator: ...
 
 
 def task(fn: Any = None, /, **options: Any) -> Any:
     """Turn a function into a task, bare (``@task``) or with options (``@task(retries=3)``).
 
-    Options are checked here, so a bad one fails at decoration time, naming itself.
+    Options are checked here, so a bad one fails at decoration time, naming itself. The task
+    of an ``async def`` gives handles of the coroutine's value.
     """
     if fn is None:
         _check_options(options)
-        return lambda f: Task(f, **options)
+
+        def decorate(f: Callable[..., Any]) -> Task[..., Any]:
+            return Task(f, **options)
+
+        return decorate
     if options:
         raise TypeError("use @task(option=...) without a function, or @task bare")
     return Task(fn)

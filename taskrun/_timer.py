@@ -36,15 +36,17 @@ class TimerHandle:
         self._timer = timer
 
     def cancel(self) -> None:
+        # TimerHandle and Timer are one design: a handle counts itself among its timer's cancelled
+        # entries, under the timer's lock, so the heap can be compacted in bulk.
         timer = self._timer
-        with timer._cond:
+        with timer._cond:  # pyright: ignore[reportPrivateUsage]
             if self.cancelled:
                 return
             self.cancelled = True
             self.callback = self.on_drop = None
             if self.in_heap:
-                timer._cancelled += 1
-                timer._compact_if_sparse()
+                timer._cancelled += 1  # pyright: ignore[reportPrivateUsage]
+                timer._compact_if_sparse()  # pyright: ignore[reportPrivateUsage]
 
 
 class Timer:
@@ -77,7 +79,7 @@ class Timer:
     def _compact_if_sparse(self) -> None:
         """Rebuild the heap without its cancelled entries once they are most of it (lock held)."""
         if self._cancelled >= COMPACT_MIN and 2 * self._cancelled > len(self._heap):
-            kept = []
+            kept: list[tuple[float, int, TimerHandle]] = []
             for entry in self._heap:
                 if entry[2].cancelled:
                     entry[2].in_heap = False

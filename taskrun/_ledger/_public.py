@@ -79,7 +79,8 @@ class Ledger:
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float | None = None) -> None:
         if busy_timeout is not None:
             busy_timeout = _check_busy_timeout(busy_timeout)
-        self.path = os.fspath(path)
+        #: The ledger file's path.
+        self.path: str = os.fspath(path)
         self._store: Store | None = open_store(self.path, busy_timeout)
         self._reader: Storage | ReadOnlyFile = self._store.storage
 
@@ -202,7 +203,7 @@ class Ledger:
 
     def _one(self, key: str, task: Any) -> tuple[str, str, bytes | None]:
         name = _task_name(task)
-        rows = self._reader.read(lambda conn: call_rows(conn, key, name), [])
+        rows: list[tuple[str, str, bytes | None]] = self._reader.read(lambda conn: call_rows(conn, key, name), [])
         if not rows:
             of = f" of task {name}" if name is not None else ""
             raise KeyError(f"no call with key {key!r}{of} in ledger {self.path}")

@@ -147,7 +147,7 @@ class Store:
 
     def admit(self, run: Run, reply: Answer) -> None:
         """Claim ``run``'s key on the ledger thread; ``reply(verdict, value)`` says what came of it (see the module)."""
-        holder = self.claims.active.setdefault((run.name, run.key), run)  # Claims.enter's usual case, inline
+        holder: Run | None = self.claims.active.setdefault((run.name, run.key), run)  # Claims.enter's usual case, inline
         if holder is not run:
             holder = self.claims.enter(run)
             if holder is not None:
@@ -260,6 +260,8 @@ class Store:
         None for a run the ledger could not be used for (its claim failed): there is nothing to record.
         """
         finished = time.time()
+        blob: bytes | None
+        error: tuple[str, str, str | None, str] | None
         stored, blob, error = _STATUS_NAMES[status], None, None
         if status is _SUCCEEDED:
             try:
@@ -357,7 +359,7 @@ class Store:
                 continue
             done = self.done.get(task)
             if done is not None:
-                for key, _attempts, blob, *_rest in rows:
+                for key, _attempts, blob, _started, _finished, _claim in rows:
                     done[key] = blob if len(blob) <= CACHE_LIMIT else None
             if self.unloadable:
                 with self.lock:
@@ -646,7 +648,7 @@ def _dumps_result(value: Any) -> bytes:
     except Exception:
         import cloudpickle  # functions and classes defined in __main__ or a notebook
 
-        return cloudpickle.dumps(value, RESULT_PROTOCOL)  # type: ignore[no-any-return]
+        return cloudpickle.dumps(value, RESULT_PROTOCOL)
 
 
 def _traceback_text(exc: BaseException) -> str:

@@ -24,7 +24,8 @@ import threading
 import time
 import types
 from collections import deque
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from ..errors import attach_traceback
 from .base import Attempt, BaseTaskRun, R, check_setting_int, drop_pools, registered_pools, shared_pool
@@ -32,7 +33,9 @@ from .base import Attempt, BaseTaskRun, R, check_setting_int, drop_pools, regist
 if TYPE_CHECKING:
     import asyncio
 
-logger = logging.getLogger("taskrun")
+__all__ = ["AsyncTaskRun"]
+
+logger: logging.Logger = logging.getLogger("taskrun")
 
 #: Seconds that coroutines stopped by ``shutdown(wait=False)`` get to run their cleanup
 #: (``finally``, ``async with``) before the loop closes without them.
@@ -44,7 +47,7 @@ LOOP_THREAD_WAIT = (
     "`await asyncio.wait_for(run, seconds)`)"
 )
 
-_CoroutineType = types.CoroutineType
+_CoroutineType: type[types.CoroutineType[Any, Any, Any]] = types.CoroutineType
 _loop_numbers = itertools.count(1)
 
 
@@ -78,17 +81,17 @@ class AsyncTaskRun(BaseTaskRun[R]):
 
     @classmethod
     def _pool(cls) -> LoopPool:
-        own = getattr(threading.current_thread(), "taskrun_loop_pool", None)
+        own: LoopPool | None = getattr(threading.current_thread(), "taskrun_loop_pool", None)
         if own is not None and own.runner is cls and not own.ended:
             return own  # a retry from the loop of a pool shutting down (and so unregistered) while it finishes its runs
         return shared_pool(cls, lambda: LoopPool(cls))
 
     def start_attempt(self, attempt: Attempt) -> None:
-        pool = registered_pools.get(type(self))
+        pool: LoopPool | None = registered_pools.get(type(self))
         if pool is None:
             pool = self._pool()
         attempt.runner_state = pool
-        pool.submit(attempt)  # type: ignore[attr-defined]
+        pool.submit(attempt)
 
     def stop_attempt(self, attempt: Attempt) -> None:
         pool = attempt.runner_state
@@ -111,38 +114,40 @@ class LoopPool:
     def __init__(self, runner: type[AsyncTaskRun[Any]]) -> None:
         import asyncio
 
-        self.runner = runner
+        self.runner: type[AsyncTaskRun[Any]] = runner
         self.limit: int | None = runner.max_concurrency
         self.slow: float | None = runner.slow_callback_seconds
-        self.loop = loop = asyncio.new_event_loop()
-        self.call_soon = loop.call_soon
-        self.call_soon_threadsafe = loop.call_soon_threadsafe
-        self.create_task = loop.create_task
-        self.current_task = asyncio.current_task
+        self.loop: asyncio.AbstractEventLoop = asyncio.new_event_loop()
+        loop = self.loop
+        # Bound once: called for every attempt.
+        self.call_soon: Callable[..., asyncio.Handle] = loop.call_soon
+        self.call_soon_threadsafe: Callable[..., asyncio.Handle] = loop.call_soon_threadsafe
+        self.create_task: Callable[..., asyncio.Task[Any]] = loop.create_task
+        self.current_task: Callable[..., asyncio.Task[Any] | None] = asyncio.current_task
         self.incoming: deque[Attempt] = deque()  # handed over by any thread, not yet seen by the loop
-        self.scheduled = False  # a _take_incoming is due on the loop
+        self.scheduled: bool = False  # a _take_incoming is due on the loop
         self.waiting: deque[Attempt] = deque()  # taken, waiting for a slot
         self.running: dict[Attempt, asyncio.Task[None]] = {}
         self.succeeded: list[tuple[Attempt, Any, None]] = []  # reported together by _flush
-        self.flush_due = False
-        self.delivering = 0  # runs whose outcome (and done callbacks) _flush is delivering
-        self.flushes = 0  # deliveries so far (the watchdog tells one from the next)
-        self.lock = threading.Lock()
-        self.shut = False  # shutdown() was called
-        self.closing = False  # the loop finishes (or stops) what it has, then ends
-        self.stopping = False  # closing with wait=False: what is handed over now is stopped, not run
-        self.ended = False  # the loop has ended: it takes nothing more
+        self.flush_due: bool = False
+        self.delivering: int = 0  # runs whose outcome (and done callbacks) _flush is delivering
+        self.flushes: int = 0  # deliveries so far (the watchdog tells one from the next)
+        self.lock: threading.Lock = threading.Lock()
+        self.shut: bool = False  # shutdown() was called
+        self.closing: bool = False  # the loop finishes (or stops) what it has, then ends
+        self.stopping: bool = False  # closing with wait=False: what is handed over now is stopped, not run
+        self.ended: bool = False  # the loop has ended: it takes nothing more
         self.idle: asyncio.Future[None] | None = None  # resolved when a closing pool has nothing left
         number = next(_loop_numbers)
-        self.thread = threading.Thread(target=self._main, name=f"taskrun-async-{number}", daemon=True)
+        self.thread: threading.Thread = threading.Thread(target=self._main, name=f"taskrun-async-{number}", daemon=True)
         self.thread.taskrun_delivers = LOOP_THREAD_WAIT  # type: ignore[attr-defined]  # see BaseTaskRun.wait
         self.thread.taskrun_loop_pool = self  # type: ignore[attr-defined]
         self.thread_id: int | None = None
         # The watchdog: the loop stamps `beat` every `interval` while it has work; a gap longer than `slow` is a block.
-        self.beat = 0.0
-        self.beating = False
-        self.interval = 0.0 if self.slow is None else max(0.005, self.slow / 4)
-        self.busy = threading.Event()  # set while the loop has work: the watchdog watches only then
+        self.beat: float = 0.0
+        self.beating: bool = False
+        self.interval: float = 0.0 if self.slow is None else max(0.005, self.slow / 4)
+        self.busy: threading.Event = threading.Event()  # set while the loop has work: the watchdog watches only then
         self.watchdog: threading.Thread | None = None
         if self.slow is not None:
             self.watchdog = threading.Thread(target=self._watch, name=f"taskrun-async-{number}-watchdog", daemon=True)
@@ -308,7 +313,8 @@ class LoopPool:
         task = self.running.get(attempt)
         if task is None:
             return  # still waiting for a slot: it is dropped when its turn comes
-        if inspect.getcoroutinestate(task.get_coro()) == inspect.CORO_CREATED:
+        coro = cast("Coroutine[Any, Any, None]", task.get_coro())  # the task of a _drive coroutine
+        if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
             return  # its first step is due: _drive sees the stop there (a cancel now would skip its bookkeeping)
         task.cancel("taskrun: the run was stopped or its attempt timed out")
 

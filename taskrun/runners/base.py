@@ -9,11 +9,21 @@ child forgets it. The built-in runners import nothing else of taskrun's (a test 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar, cast
 
 from .._config import positive_int_or_none
-from .._lifecycle import Pool, anything_started, drop_pools, exit_handler_first, forget_pool, get_pool, pools, shutdown
+from .._lifecycle import (
+    Pool,
+    PoolKey,
+    anything_started,
+    drop_pools,
+    exit_handler_first,
+    forget_pool,
+    get_pool,
+    pools,
+    shutdown,
+)
 from .._run import PLAIN_TYPES, Attempt, BaseTaskRun, R, stop_requested
 from .._status import Status
 
@@ -25,6 +35,7 @@ __all__ = [
     "R",
     "Status",
     "Pool",
+    "PoolKey",
     "PLAIN_TYPES",
     "stop_requested",
     "shared_pool",
@@ -38,16 +49,17 @@ __all__ = [
 ]
 
 #: The registered pools by key (read-only; look a pool up here on hot paths, make it with :func:`shared_pool`).
-registered_pools: Mapping[Hashable, Pool] = pools
+#: Its values are Any: pools of many kinds, each known to the runner that registered it under its key.
+registered_pools: Mapping[PoolKey, Any] = pools
 
 
-def shared_pool(key: Hashable, factory: Callable[[], PoolT]) -> PoolT:
+def shared_pool(key: PoolKey, factory: Callable[[], PoolT]) -> PoolT:
     """The pool registered under ``key`` (a runner class, usually), made with ``factory()`` on first use.
 
     Registered pools are shut down (``pool.shutdown(wait)``) by ``taskrun.shutdown()`` and at
     exit, and forgotten in a forked child (after ``pool.after_fork_in_child()``, if it has one).
     """
-    return get_pool(key, factory)  # type: ignore[return-value]
+    return cast(PoolT, get_pool(key, factory))  # the pool registered under key: the one factory made
 
 
 def check_setting_int(owner: str, name: str, value: Any, allow_none: bool = True) -> None:

@@ -7,6 +7,8 @@ from typing import ClassVar
 
 from .base import Attempt, BaseTaskRun, R
 
+__all__ = ["SequentialTaskRun"]
+
 
 class SequentialTaskRun(BaseTaskRun[R]):
     """Runs the call in the calling thread; the handle is finished when the call returns.

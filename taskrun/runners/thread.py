@@ -11,6 +11,8 @@ from typing import Any, ClassVar
 
 from .base import Attempt, BaseTaskRun, R, check_setting_int, drop_pools, registered_pools, shared_pool
 
+__all__ = ["ThreadTaskRun"]
+
 
 class ThreadTaskRun(BaseTaskRun[R]):
     """Runs calls on a pool of up to ``max_workers`` threads; best for I/O-bound work.
@@ -30,10 +32,10 @@ class ThreadTaskRun(BaseTaskRun[R]):
 
     @classmethod
     def _pool(cls) -> ThreadPool:
-        pool = registered_pools.get(cls)
+        pool: ThreadPool | None = registered_pools.get(cls)
         if pool is None:
             pool = shared_pool(cls, lambda: ThreadPool.for_runner(cls))
-        return pool  # type: ignore[return-value]
+        return pool
 
     def start_attempt(self, attempt: Attempt) -> None:
         self._pool().submit(attempt)
@@ -58,10 +60,12 @@ class _Worker:
     __slots__ = ("pool", "thread", "abandoned", "attempt")
 
     def __init__(self, pool: ThreadPool) -> None:
-        self.pool = pool
-        self.abandoned = False
+        self.pool: ThreadPool = pool
+        self.abandoned: bool = False
         self.attempt: Attempt | None = None
-        self.thread = threading.Thread(target=self.loop, name=f"taskrun-thread-{next(_thread_numbers)}", daemon=True)
+        self.thread: threading.Thread = threading.Thread(
+            target=self.loop, name=f"taskrun-thread-{next(_thread_numbers)}", daemon=True
+        )
 
     def loop(self) -> None:
         pool = self.pool
@@ -100,15 +104,15 @@ class ThreadPool:
         return cls(runner.max_workers or min(32, (os.cpu_count() or 1) + 4))
 
     def __init__(self, max_workers: int) -> None:
-        self.max_workers = max_workers
+        self.max_workers: int = max_workers
         self.queue: queue.SimpleQueue[Attempt | None] = queue.SimpleQueue()
         # One token per thread that finished a call and went back to the queue. deque appends and
         # pops are atomic, so threads never contend for a lock just to say they are free.
         self.idle: deque[None] = deque()
-        self.lock = threading.Lock()
+        self.lock: threading.Lock = threading.Lock()
         self.workers: set[_Worker] = set()  # threads that take work (not abandoned)
         self.all_workers: set[_Worker] = set()
-        self.closed = False
+        self.closed: bool = False
 
     def submit(self, attempt: Attempt) -> None:
         if self.closed:

@@ -23,6 +23,7 @@ function, pickled as it is at call time).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import cloudpickle
@@ -51,6 +52,11 @@ exit_handler_first()  # multiprocess (imported above) ends its children at exit:
 
 #: Plain arguments (str and bytes up to this long) travel in the batch's own pickle.
 PLAIN_MAX = 256
+#: ``type``, said to give ``type[Any]`` for any value (pyright makes ``type()`` of an ``Any`` unknown).
+_type_of: Callable[[object], type[Any]] = type
+
+__all__ = ["MultiprocessTaskRun"]
+
 
 class MultiprocessTaskRun(BaseTaskRun[R]):
     """Runs calls on a pool of reusable worker processes; best for CPU-bound work.
@@ -89,12 +95,12 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
 
     @classmethod
     def _pool(cls) -> ProcessPool:
-        pool = registered_pools.get(cls)
+        pool: ProcessPool | None = registered_pools.get(cls)
         if pool is None:
             from ._pool import ProcessPool
 
             pool = shared_pool(cls, lambda: ProcessPool(cls))
-        return pool  # type: ignore[return-value]
+        return pool
 
     def prepare(self) -> None:
         task = self.task
@@ -113,7 +119,7 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
         args, kwargs = self.args, self.kwargs
         if not kwargs:
             for arg in args:
-                kind = type(arg)
+                kind = _type_of(arg)
                 if kind not in PLAIN_TYPES or (kind is str or kind is bytes) and len(arg) > PLAIN_MAX:
                     break
             else:
@@ -137,7 +143,7 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
         """True if every worker can look up, by name, the objects of __main__ that ``call`` names."""
         if (self.start_method or default_start_method()) != "fork":
             return False
-        pool: ProcessPool | None = registered_pools.get(type(self))  # type: ignore[assignment]
+        pool: ProcessPool | None = registered_pools.get(type(self))
         known = pool.forked_main if pool is not None else None
         if known is None:  # no worker yet: they will be forked from __main__ as it is now
             return True
@@ -148,10 +154,10 @@ class MultiprocessTaskRun(BaseTaskRun[R]):
         pool = self._pool_used
         if pool is None or pool.closing in ("now", "closed"):
             if self._payload is None:  # a subclass's prepare() did not call ours
-                MultiprocessTaskRun.prepare(self)
+                MultiprocessTaskRun[Any].prepare(self)
             # _pool(), inline: a classmethod call costs about 2% of a map call
-            pool = self._pool_used = registered_pools.get(type(self)) or self._pool()  # type: ignore[assignment]
-        pool.submit(attempt, self._payload, self._function)  # type: ignore[arg-type]
+            pool = self._pool_used = registered_pools.get(type(self)) or self._pool()
+        pool.submit(attempt, self._payload, self._function)  # type: ignore[arg-type]  # prepare() has set it
 
     def stop_attempt(self, attempt: Attempt) -> None:
         pool = self._pool_used

@@ -68,9 +68,13 @@ def _still_empty(obj: Any, snapshot: None) -> bool:
     return not obj  # (compiled inline as "not obj")
 
 
+#: ``type``, said to give ``type[Any]`` for any value (pyright makes ``type()`` of an ``Any`` unknown).
+_type_of: Callable[[object], type[Any]] = type
+
+
 def _container_check(obj: Any) -> tuple[Callable[[Any, Any], bool], Any] | None:
     """How to tell later that the builtin container ``obj`` still holds the same items (None: not one)."""
-    kind = type(obj)
+    kind = _type_of(obj)
     if kind is not list and kind is not dict and kind is not set:
         return None
     if not obj:
@@ -186,7 +190,8 @@ class Fingerprint:
         for _expression, objects in self.checks:
             namespace.update(objects)
         source = " and ".join(f"({expression})" for expression, _ in self.checks) or "True"
-        return eval(f"lambda: {source}", namespace)  # type: ignore[no-any-return]
+        check: Callable[[], bool] = eval(f"lambda: {source}", namespace)
+        return check
 
 
 # ---- pickling by value ----------------------------------------------------------------------
@@ -244,7 +249,8 @@ def by_value_rule(home: dict[str, Any] | None) -> Callable[[types.FunctionType],
 
 
 def _load_code(data: bytes) -> types.CodeType:
-    return marshal.loads(data)  # type: ignore[no-any-return]
+    code: types.CodeType = marshal.loads(data)
+    return code
 
 
 class _FunctionPickler(cloudpickle.Pickler):
@@ -274,7 +280,7 @@ _CAN_CUSTOMISE = hasattr(cloudpickle.Pickler, "_dynamic_function_reduce") and ha
 
 def _sources(filenames: set[str]) -> dict[str, list[str]]:
     """The lines of code that has no file to read (notebook cells), from this process's linecache."""
-    sources = {}
+    sources: dict[str, list[str]] = {}
     for name in filenames:
         if name.startswith("<") and name.endswith(">") or os.path.isfile(name):
             continue  # no source at all (`python -c`), or a file the worker reads itself

@@ -39,6 +39,11 @@ logger = logging.getLogger("taskrun")
 
 _call_ids = itertools.count(1)
 
+#: What the lock's holder takes to report once it is released: failures, log records and
+#: warnings in order; the successes read, as (attempt, value, when it began); when they were read.
+Outbox = tuple[list[tuple[Any, ...]], list[tuple[Attempt, Any, float]], float]
+_EMPTY_OUTBOX: Outbox = ([], [], 0.0)
+
 #: Most functions a reused worker holds (one version per task); the oldest goes first.
 MAX_WORKER_FUNCTIONS = 64
 #: Seconds between SIGTERM and SIGKILL when a worker is ended.
@@ -115,7 +120,7 @@ class ProcessPool:
                 left = self._take_submitted()
                 if queued is not None:
                     left.append(queued)
-                started, out = False, ([], [], 0.0)
+                started, out = False, _EMPTY_OUTBOX
             else:
                 left = []
                 if queued is not None:
@@ -196,12 +201,12 @@ class ProcessPool:
             except OSError:
                 pass
 
-    def _take_outbox(self) -> tuple[list[tuple[Any, ...]], list[tuple[Attempt, Any, float]], float]:
+    def _take_outbox(self) -> Outbox:
         out, self.outbox = self.outbox, []
         successes, self.successes = self.successes, []
         return out, successes, self.read_at
 
-    def _deliver(self, taken: tuple[list[tuple[Any, ...]], list[tuple[Attempt, Any, float]], float]) -> None:
+    def _deliver(self, taken: Outbox) -> None:
         """Hand outcomes, log records and warnings over; runs without the pool lock.
 
         The successes of the reads are reported together (``Attempt.report_results``), so the
@@ -264,7 +269,7 @@ class ProcessPool:
                         self.closing = "closed"
                         self.has_room = False
                         shut_out = self._take_submitted()  # came in after the last check: see submit
-                    current = {self.wake_r: (None, False)}
+                    current: dict[int, tuple[WorkerProcess | None, bool]] = {self.wake_r: (None, False)}
                     for worker in self.workers:
                         current[worker.result_r.fileno()] = (worker, False)
                         current[worker.sentinel] = (worker, True)
@@ -381,7 +386,7 @@ class ProcessPool:
                 break
             pending.popleft()
             if send_fn:
-                fn = self._function_message(worker, task, function, fresh)  # the worker holds it from now on
+                fn = self._function_message(worker, task, call_function, fresh)  # the worker holds it from now on
                 budget -= len(fn[0])  # counts in this batch only: the worker takes it in at once
                 send_fn = fresh
             else:

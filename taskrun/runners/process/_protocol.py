@@ -173,7 +173,7 @@ class FrameReader:
             if pos < end:
                 self.buffer = bytearray(chunk[pos:])
         else:
-            del buffer[:pos]
+            del self.buffer[:pos]  # what buffer is here, grown in place
         return frames
 
     def _fill(self) -> list[bytes | bytearray] | None:

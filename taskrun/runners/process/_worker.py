@@ -40,6 +40,9 @@ from ._protocol import (
     receive,
 )
 
+#: Narrows a value to a coroutine of anything (``types.CoroutineType`` alone leaves its parameters unknown).
+_CoroutineType: type[types.CoroutineType[Any, Any, Any]] = types.CoroutineType
+
 
 class _ForwardHandler(logging.Handler):
     """Sends every log record to the parent, which hands it to its own handlers."""
@@ -126,7 +129,7 @@ def _run_call(
         return UNPICKLABLE, ("the task's function could not be loaded in the worker process", "")
     try:
         value = function(*args, **kwargs)
-        if type(value) is types.CoroutineType:  # an async def: run it to completion in this process
+        if type(value) is _CoroutineType:  # an async def: run it to completion in this process
             import asyncio
 
             value = asyncio.run(value)

@@ -169,7 +169,7 @@ class WorkerProcess:
                 except OSError:
                     pass
             self.process.join(timeout)
-            exitcode = self.process.exitcode
+            exitcode: int | None = self.process.exitcode
             if exitcode is not None:
                 self.reaped = True
             return exitcode
@@ -177,7 +177,7 @@ class WorkerProcess:
     def poll_exit(self) -> int | None:
         """The exit code if the worker has exited (reaping it), else None; never blocks."""
         with self.reap_lock:
-            exitcode = self.process.exitcode
+            exitcode: int | None = self.process.exitcode
             if exitcode is not None:
                 self.reaped = True
             return exitcode

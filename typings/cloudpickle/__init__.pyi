@@ -1,0 +1,19 @@
+# Only what taskrun uses is declared.
+import pickle
+from pickle import loads as loads
+from typing import IO, Any
+
+from . import cloudpickle as cloudpickle
+
+DEFAULT_PROTOCOL: int
+
+def dumps(obj: Any, protocol: int | None = None, buffer_callback: Any = None) -> bytes: ...
+def dump(obj: Any, file: IO[bytes], protocol: int | None = None, buffer_callback: Any = None) -> None: ...
+
+class Pickler(pickle.Pickler):
+    def __init__(self, file: IO[bytes], protocol: int | None = None, buffer_callback: Any = None) -> None: ...
+    def reducer_override(self, obj: Any) -> Any: ...
+    def _dynamic_function_reduce(self, func: Any) -> Any: ...
+    def _function_reduce(self, obj: Any) -> Any: ...
+
+CloudPickler = Pickler
