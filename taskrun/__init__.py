@@ -1,5 +1,7 @@
 """taskrun: call a function, get a handle back at once; the work runs in a process, a thread or inline."""
 
+from typing import TYPE_CHECKING, Any
+
 from ._group import RunGroup
 from ._ledger import Ledger, RunRecord
 from ._lifecycle import shutdown
@@ -16,6 +18,9 @@ from .errors import (
     WorkerDied,
 )
 from .runners import MultiprocessTaskRun, SequentialTaskRun, ThreadTaskRun
+
+if TYPE_CHECKING:
+    from .runners.dask import DaskTaskRun
 
 TaskRun = BaseTaskRun
 
@@ -34,6 +39,7 @@ __all__ = [
     "MultiprocessTaskRun",
     "SequentialTaskRun",
     "ThreadTaskRun",
+    "DaskTaskRun",
     "stop_requested",
     "shutdown",
     "TaskrunError",
@@ -45,3 +51,12 @@ __all__ = [
     "UpstreamFailed",
     "LedgerError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``taskrun.DaskTaskRun`` imports dask only when it is used (extra ``taskrun[dask]``)."""
+    if name == "DaskTaskRun":
+        from .runners.dask import DaskTaskRun
+
+        return DaskTaskRun
+    raise AttributeError(f"module 'taskrun' has no attribute {name!r}")

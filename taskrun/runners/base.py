@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from .._config import positive_int_or_none
 from .._lifecycle import Pool, anything_started, drop_pools, forget_pool, get_pool, pools
-from .._run import PLAIN_TYPES, Attempt, BaseTaskRun, R, stop_requested
+from .._run import PLAIN_TYPES, Attempt, BaseTaskRun, R, set_stop_flag, stop_requested
 from .._status import Status
 
 PoolT = TypeVar("PoolT", bound=Pool)
@@ -27,6 +27,7 @@ __all__ = [
     "Pool",
     "PLAIN_TYPES",
     "stop_requested",
+    "set_stop_flag",
     "shared_pool",
     "registered_pools",
     "drop_pools",
