@@ -134,6 +134,10 @@ def sleep_and_say(path, seconds):
     return "slept"
 
 
+def exit_with(code):
+    os._exit(code)
+
+
 def log_warning(name, text):
     logging.getLogger(name).warning("from the worker: %s", text)
     return text
@@ -410,6 +414,16 @@ def test_a_failed_upstream_fails_the_dependent_with_upstream_failed(dask_runner,
     assert runs_of(counter) == 0
 
 
+def test_a_dependent_with_a_ledger_is_keyed_by_its_upstreams_value(dask_runner, tmp_path):
+    counter = tmp_path / "runs"
+    first = task(runner=dask_runner)(add)
+    counted = task(runner=dask_runner, ledger=Ledger(tmp_path / "runs.db"))(count_run)
+    assert counted(str(counter), first(1, 2)).get_result(timeout=WAIT) == 3
+    again = counted(str(counter), first(1, 2))  # another upstream run, the same value: the same call
+    assert again.get_result(timeout=WAIT) == 3 and again.cached
+    assert runs_of(counter) == 1
+
+
 # ---- a worker dies --------------------------------------------------------------------------
 
 
@@ -426,12 +440,39 @@ def test_a_worker_killed_mid_task_gives_worker_died_and_the_batch_goes_on(dask_r
     dask_client.wait_for_workers(2, timeout=WAIT)  # the nanny restarts it, for the tests after this one
 
 
+def test_an_isolated_attempt_whose_process_dies_gives_worker_died(dask_client):
+    from taskrun import DaskTaskRun
+
+    isolated = DaskTaskRun.configure(client=dask_client, isolate="process")
+    with pytest.raises(WorkerDied, match=r"process \(pid \d+\) running attempt 1 of exit_with#\d+ on Dask worker "
+                                         r"tcp://\S+ died: exit code 3") as info:
+        task(runner=isolated)(exit_with)(3).get_result(timeout=WAIT)
+    assert info.value.exitcode == 3
+    assert task(runner=isolated)(log_warning)("tests.dask.isolated", "still here").get_result(timeout=WAIT) == "still here"
+
+
+def test_shutdown_without_waiting_stops_what_runs_on_a_users_cluster(dask_runner, dask_client, tmp_path):
+    started, seen = tmp_path / "started", tmp_path / "seen"
+    run = task(runner=dask_runner)(poll_stop_requested)(str(started), str(seen))
+    wait_for(started.exists, WAIT, "the call to start")
+    taskrun.shutdown(wait=False)
+    assert run.status is Status.STOPPED
+    wait_for(seen.exists, WAIT, "the call to be told to stop")
+    wait_for(lambda: not taskrun_keys_on_scheduler(dask_client), WAIT, "its Dask task to be released")
+    assert dask_client.status == "running"
+    assert task(runner=dask_runner)(add)(2, 2).get_result(timeout=WAIT) == 4  # and the runner works again
+
+
 # ---- the rest of the handle ---------------------------------------------------------------
 
 
-def test_logging_from_the_task_reaches_the_callers_handlers(dask_runner, caplog):
+@pytest.mark.parametrize("isolate", ["thread", "process"])
+def test_logging_from_the_task_reaches_the_callers_handlers(dask_client, caplog, isolate):
+    from taskrun import DaskTaskRun
+
+    runner = DaskTaskRun.configure(client=dask_client, isolate=isolate)
     caplog.set_level(logging.WARNING, logger="tests.dask.forwarded")
-    assert task(runner=dask_runner)(log_warning)("tests.dask.forwarded", "hello").get_result(timeout=WAIT) == "hello"
+    assert task(runner=runner)(log_warning)("tests.dask.forwarded", "hello").get_result(timeout=WAIT) == "hello"
     records = [r for r in caplog.records if r.name == "tests.dask.forwarded"]
     assert [r.getMessage() for r in records] == ["from the worker: hello"]
     assert records[0].levelno == logging.WARNING and records[0].process != os.getpid()

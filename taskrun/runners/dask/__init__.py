@@ -13,6 +13,8 @@ import atexit
 import sys
 from typing import Any, ClassVar
 
+import cloudpickle
+
 try:
     import distributed
 except ImportError as exc:  # pragma: no cover - the extra is missing
@@ -106,8 +108,9 @@ class DaskTaskRun(BaseTaskRun[R]):
 
     def upstream_value(self, upstream: BaseTaskRun[Any]) -> Any:
         """An upstream DaskTaskRun on the same client passes its Dask future (its data stays on the
-        workers); any other upstream, its result."""
-        if isinstance(upstream, DaskTaskRun):
+        workers); any other upstream, its result. So does every upstream of a task with a ledger:
+        the call's key in the ledger is made of its arguments' values."""
+        if isinstance(upstream, DaskTaskRun) and self.task.ledger is None:
             future = _client.kept_future(upstream)
             if future is not None and future.client is type(self)._pool().connect():
                 self._via_dask = True
@@ -133,6 +136,9 @@ class DaskTaskRun(BaseTaskRun[R]):
             return
         try:
             data = _remote.dumps((args, kwargs))
+            if b"__main__" in data:
+                # pickle refers to classes of __main__ by name, and a worker's __main__ is not the caller's
+                data = cloudpickle.dumps((args, kwargs), _remote.PROTOCOL)
         except Exception as exc:
             raise SerializationError(
                 f"the arguments of {self.id} could not be pickled to send to the Dask cluster: {exc}"

@@ -426,8 +426,9 @@ class DaskPool:
     # ---- what Dask tells us, on its threads ------------------------------------------------------
 
     def _on_done(self, future: Future) -> None:  # on Dask's callback thread
-        self.done.append(future)
-        self._wake()
+        if self.closing != "closed":
+            self.done.append(future)
+            self._wake()
 
     def on_started(self, msg: tuple[Any, ...]) -> None:  # on the client's event loop
         if msg[0] in self.in_flight:
@@ -454,9 +455,9 @@ class DaskPool:
             except Exception:
                 logger.exception("%s: delivering outcomes from the Dask cluster failed", self.runner_name)
             with self.lock:
-                if self.closing is not None and not self.in_flight:
-                    finished = not (self.done or self.to_cancel or self.starts or self.outbox)
-                    if finished:
+                if self.closing == "closed" or self.closing is not None and not self.in_flight:
+                    if self.closing == "closed" or not (self.done or self.to_cancel or self.starts or self.outbox):
+                        self.closing = "closed"  # under the lock: submit() refuses from now on
                         break
 
     def _deliver_once(self) -> None:
@@ -516,7 +517,8 @@ class DaskPool:
     def _take_departures(self, departed: list[tuple[str, bool]]) -> None:
         for address, expected in departed:
             how = "was retired from the cluster while running it" if expected else "died while running it"
-            for attempt in [a for a in self.in_flight.values() if getattr(a.runner_state, "worker", None) == address]:
+            attempts = list(self.in_flight.values())  # one C call: other threads add to it meanwhile
+            for attempt in [a for a in attempts if getattr(a.runner_state, "worker", None) == address]:
                 call = attempt.runner_state
                 if call is not None:
                     self._fail(attempt, call, self._died(attempt, call, how))
@@ -683,6 +685,7 @@ class DaskPool:
             thread.join()
         with self.lock:
             self.closing = "closed"
+        self.done.clear()  # outcomes nobody will read: let their futures go
         self._disconnect(client)
 
     def _disconnect(self, client: Client) -> None:
