@@ -247,7 +247,7 @@ def test_a_queued_call_is_pending_and_its_timeout_counts_from_its_start_on_a_wor
     blockers = [blocker(str(tmp_path / f"b{i}"), str(gate)) for i in range(2)]  # both worker threads busy
     for i in range(2):
         wait_for(lambda i=i: (tmp_path / f"b{i}").exists(), WAIT, f"blocker {i} to start")
-    assert all(b.status is Status.RUNNING for b in blockers)
+    wait_for(lambda: all(b.status is Status.RUNNING for b in blockers), WAIT, "the blockers to be seen running")
     queued = task(runner=dask_runner, timeout=0.5)(echo)("queued")
     assert not queued.wait(1.0)  # twice its timeout in the queue: not an overrun
     assert queued.status is Status.PENDING and queued.started_at is None
@@ -431,7 +431,8 @@ def test_a_worker_killed_mid_task_gives_worker_died_and_the_batch_goes_on(dask_r
     path = tmp_path / "pid"
     slow = task(runner=dask_runner, name="victim")(sleep_and_say)(str(path), 60)
     (pid,) = read_pids(path)
-    others = task(runner=dask_runner)(add).map(range(8))
+    wait_for(lambda: slow.status is Status.RUNNING, WAIT, "the victim to be seen running")
+    others = task(runner=dask_runner)(add).map(range(8))  # some queued on the victim's worker: they run elsewhere
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(WorkerDied, match=r"Dask worker tcp://\S+ \(pid \d+\) running attempt 1 of victim#\d+ died"):
         slow.get_result(timeout=WAIT)
@@ -461,6 +462,20 @@ def test_shutdown_without_waiting_stops_what_runs_on_a_users_cluster(dask_runner
     wait_for(lambda: not taskrun_keys_on_scheduler(dask_client), WAIT, "its Dask task to be released")
     assert dask_client.status == "running"
     assert task(runner=dask_runner)(add)(2, 2).get_result(timeout=WAIT) == 4  # and the runner works again
+
+
+def test_a_call_that_kills_its_worker_at_once_is_not_run_again(dask_runner, dask_client, tmp_path):
+    def count_then_exit(path):  # defined here, so that it loads at once (nothing to import): it dies unannounced
+        with open(path, "a") as f:
+            f.write("run\n")
+        os._exit(1)
+
+    counter = tmp_path / "runs"
+    run = task(runner=dask_runner)(count_then_exit)(str(counter))
+    with pytest.raises(WorkerDied, match="count_then_exit#"):
+        run.get_result(timeout=WAIT)
+    assert runs_of(counter) == 1  # not sent to the next worker, to kill it too
+    dask_client.wait_for_workers(2, timeout=WAIT)
 
 
 # ---- the rest of the handle ---------------------------------------------------------------

@@ -53,17 +53,20 @@ CLOSE_TIMEOUT = 10
 class Call:
     """An attempt's Dask task, as the pool tracks it (the attempt's ``runner_state``)."""
 
-    __slots__ = ("key", "fn_id", "mode", "payload", "future", "worker", "pid", "resent")
+    __slots__ = ("key", "fn_id", "mode", "payload", "config", "future", "worker", "pid", "resent", "queued_on_dead")
 
-    def __init__(self, key: str, fn_id: str, mode: int, payload: Any, resent: int = 0) -> None:
+    def __init__(self, key: str, fn_id: str, mode: int, payload: Any, config: tuple[Any, ...], resent: int = 0) -> None:
         self.key = key
         self.fn_id = fn_id
         self.mode = mode
         self.payload = payload
+        self.config = config  # run_attempt's
         self.future: Future | None = None
         self.worker: str | None = None  # where it began (from the start event); None while queued
         self.pid: int | None = None
         self.resent = resent  # times sent again because the worker it was queued on died
+        # Its worker died before it was announced while another attempt was seen running there: it was queued.
+        self.queued_on_dead = False
 
 
 def log_levels() -> dict[str, int]:
@@ -108,8 +111,9 @@ class _Hub:
     def on_cluster_event(self, event: tuple[float, Any]) -> None:
         msg = event[1]
         if type(msg) is dict and msg.get("action") == "remove-worker":
+            processing = set(msg.get("processing-tasks") or ())
             for pool in self.pools:
-                pool.on_worker_removed(msg.get("worker"), bool(msg.get("expected")))
+                pool.on_worker_removed(msg.get("worker"), bool(msg.get("expected")), processing)
 
     def close(self) -> None:
         for topic in (self.client.id, "all"):
@@ -204,13 +208,13 @@ class DaskPool:
         self.client: Client | None = None
         self.cluster: LocalCluster | None = None
         self.closing: str | None = None  # "wait", "now", then "closed"
-        self.configs: dict[int, tuple[Any, ...]] = {}
+        self.configs: dict[tuple[int, bool], tuple[Any, ...]] = {}  # (mode, has a timeout) -> run_attempt's config
         self.levels: dict[str, int] = {}
         self.functions: list[str] = []  # plugin names registered on the cluster (one per task)
         self.in_flight: dict[str, Attempt] = {}  # key -> attempt, from submit until its outcome is taken
         self.done: deque[Future] = deque()
         self.starts: deque[tuple[Any, ...]] = deque()
-        self.departed: deque[tuple[str, bool]] = deque()
+        self.departed: deque[tuple[str, bool, set[Any]]] = deque()
         self.to_cancel: deque[Future] = deque()
         self.outbox: deque[tuple[Attempt, Call]] = deque()  # queued for the delivery thread to send
         self.events_set: set[str] = set()  # stop Events to set (attempts stopped after they began)
@@ -273,7 +277,10 @@ class DaskPool:
             raise
         self.levels = log_levels()
         topic = client.id
-        self.configs = {mode: (topic, self.isolate, mode) for mode in (_remote.PLAIN, _remote.BYTES, _remote.VIA_DASK)}
+        self.configs = {
+            (mode, timed): (topic, self.isolate, mode, 0 if timed else _remote.START_ANNOUNCE_DELAY)
+            for mode in (_remote.PLAIN, _remote.BYTES, _remote.VIA_DASK) for timed in (False, True)
+        }
         thread = threading.Thread(target=self._deliver_loop, name=f"taskrun-dask-{self.number}", daemon=True)
         thread.taskrun_delivers = True  # type: ignore[attr-defined]  # see BaseTaskRun.wait
         self.thread = thread
@@ -324,7 +331,8 @@ class DaskPool:
         queued and the delivery thread sends what has queued in one message (``client.map``),
         so that a ``map`` costs the scheduler one graph update per batch, not one per call.
         """
-        call = Call(key, fn_id, mode, payload)
+        config = self.configs[mode, attempt.run.task.timeout is not None]
+        call = Call(key, fn_id, mode, payload, config)
         attempt.runner_state = call
         lock = self.lock
         lock.acquire()  # not `with`: on every call's path
@@ -342,7 +350,7 @@ class DaskPool:
             return
         try:
             future = self.client.submit(  # type: ignore[union-attr]
-                _remote.run_attempt, fn_id, self.configs[mode], payload, key=key, pure=False
+                _remote.run_attempt, fn_id, config, payload, key=key, pure=False
             )
         except Exception as exc:
             self.in_flight.pop(key, None)
@@ -374,11 +382,10 @@ class DaskPool:
         if len(plain) == 1:
             one_by_one.append(plain.pop())
         if plain:
-            configs = self.configs
             calls = [item[1] for item in plain]
             try:
                 futures = client.map(
-                    _remote.run_attempt, [c.fn_id for c in calls], [configs[c.mode] for c in calls],
+                    _remote.run_attempt, [c.fn_id for c in calls], [c.config for c in calls],
                     [c.payload for c in calls], key=[c.key for c in calls], pure=False,
                 )
             except Exception:  # one call's arguments spoil the batch: send each alone, to fail only that one
@@ -389,9 +396,7 @@ class DaskPool:
                 del futures
         for attempt, call in one_by_one:
             try:
-                future = client.submit(
-                    _remote.run_attempt, call.fn_id, self.configs[call.mode], call.payload, key=call.key, pure=False
-                )
+                future = client.submit(_remote.run_attempt, call.fn_id, call.config, call.payload, key=call.key, pure=False)
             except Exception as exc:
                 if in_flight.pop(call.key, None) is not None:
                     attempt.runner_state = None
@@ -403,7 +408,8 @@ class DaskPool:
         """The worker this attempt was queued on died before it began it: send it again, as a new Dask task."""
         if self.in_flight.pop(call.key, None) is None:
             return
-        again = Call(f"{call.key.partition('-q')[0]}-q{call.resent + 1}", call.fn_id, call.mode, call.payload, call.resent + 1)
+        again = Call(f"{call.key.partition('-q')[0]}-q{call.resent + 1}", call.fn_id, call.mode, call.payload, call.config,
+                     call.resent + 1)
         logger.info("%s: attempt %d was queued on a Dask worker that died; sending it again as %s",
                     attempt.run.id, attempt.number, again.key)
         attempt.runner_state = again
@@ -435,9 +441,9 @@ class DaskPool:
             self.starts.append(msg)
             self._wake()
 
-    def on_worker_removed(self, address: str | None, expected: bool) -> None:  # on the client's event loop
+    def on_worker_removed(self, address: str | None, expected: bool, processing: set[Any]) -> None:  # on the event loop
         if address is not None:
-            self.departed.append((address, expected))
+            self.departed.append((address, expected, processing))
             self._wake()
 
     def _wake(self) -> None:
@@ -514,11 +520,23 @@ class DaskPool:
             call.worker, call.pid = address, pid
             attempt.mark_started(at=min(at, now))
 
-    def _take_departures(self, departed: list[tuple[str, bool]]) -> None:
-        for address, expected in departed:
+    def _take_departures(self, departed: list[tuple[str, bool, set[Any]]]) -> None:
+        """Attempts seen running on a worker that left end with WorkerDied.
+
+        One that was sent there but not seen to begin (announced) was queued behind another
+        if an attempt of ours was seen running there: Dask may send it again (see ``_take_other``).
+        Otherwise it may have begun and killed its worker at once, so it is not sent again.
+        """
+        for address, expected, processing in departed:
             how = "was retired from the cluster while running it" if expected else "died while running it"
             attempts = list(self.in_flight.values())  # one C call: other threads add to it meanwhile
-            for attempt in [a for a in attempts if getattr(a.runner_state, "worker", None) == address]:
+            running = [a for a in attempts if getattr(a.runner_state, "worker", None) == address]
+            if running:
+                for attempt in attempts:
+                    call = attempt.runner_state
+                    if call is not None and call.worker is None and call.key in processing:
+                        call.queued_on_dead = True
+            for attempt in running:
                 call = attempt.runner_state
                 if call is not None:
                     self._fail(attempt, call, self._died(attempt, call, how))
@@ -641,8 +659,8 @@ class DaskPool:
             error = future.exception(timeout=CLOSE_TIMEOUT)
         except BaseException as exc:  # noqa: B036
             error = exc
-        if isinstance(error, KilledWorker) and call.worker is None and call.resent < MAX_RESENDS:
-            self._send_again(attempt, call)  # it never began (no start event came from it): nothing ran twice
+        if isinstance(error, KilledWorker) and call.queued_on_dead and call.resent < MAX_RESENDS:
+            self._send_again(attempt, call)  # it never began: nothing runs twice
             return
         self._fail(attempt, call, self._dask_error(future, error, attempt, call))
 
@@ -652,7 +670,9 @@ class DaskPool:
         where = f"attempt {attempt.number} of {attempt.run.id}" if attempt is not None else f"Dask task {future.key}"
         if isinstance(error, KilledWorker):
             worker = call.worker if call is not None and call.worker else getattr(error.last_worker, "address", "?")
-            return WorkerDied(f"the Dask worker {worker} running {where} died ({error})")
+            died = WorkerDied(f"the Dask worker {worker} running {where} died")
+            died.__cause__ = error
+            return died
         if isinstance(error, CancelledError):
             return TaskrunError(f"{where}: its Dask task was cancelled")
         exc = SerializationError(

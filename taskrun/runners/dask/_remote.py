@@ -37,6 +37,10 @@ VALUE, PICKLED, RAISED, UNPICKLABLE, DIED, ENDED = range(6)
 # How a call's arguments travel (the ``mode`` of its config).
 PLAIN, BYTES, VIA_DASK = range(3)
 
+#: Seconds an attempt without a timeout runs before its start is announced to the caller.
+START_ANNOUNCE_DELAY = 0.05
+#: Seconds between two looks at the attempts whose start may be due for announcing.
+ANNOUNCE_TICK = 0.02
 #: Seconds between two reads of a run's stop Event by a function that polls stop_requested().
 EVENT_POLL = 0.5
 #: Seconds between two checks for a stop while a child process runs an isolated attempt.
@@ -222,8 +226,12 @@ class _StopFlag:
 def run_attempt(fn_id: str, config: tuple[Any, ...], call: Any) -> Outcome:
     """Run one attempt on this worker; always returns its :class:`Outcome`.
 
-    ``config`` is ``(topic, isolate, mode)``: the topic to announce the start on (None: do not),
-    ``"process"`` to run the call in a child process, and how the arguments travel: PLAIN
+    ``config`` is ``(topic, isolate, mode, start_delay)``: the topic to announce the start on
+    (None: do not), ``"process"`` to run the call in a child process, how the arguments travel
+    (see below), and after how many seconds of running the start is announced (0: at once, for
+    an attempt with a timeout; a call that ends sooner is never announced, its start comes with
+    its outcome: an announcement costs the scheduler a message, and the worker's next message,
+    the outcome, would wait for the end of its batching interval). How the arguments travel: PLAIN
     (``call`` is the tuple of positional arguments), BYTES (``call`` is the pickle of ``(args,
     kwargs)``) or VIA_DASK (``call`` is ``(args, kwargs)`` with the outcomes of upstream runs
     put in by Dask, replaced here by their values).
@@ -231,10 +239,23 @@ def run_attempt(fn_id: str, config: tuple[Any, ...], call: Any) -> Outcome:
     started = time.time()
     worker = get_worker()
     key = worker.get_current_task()
-    topic, isolate, mode = config
+    topic, isolate, mode, start_delay = config
     address = worker.address
     if topic is not None:
-        worker.log_event(topic, [key, address, os.getpid(), started])
+        announcement = (topic, [key, address, os.getpid(), started])
+        if start_delay:
+            _announce_later(key, time.monotonic() + start_delay, worker, announcement)
+        else:
+            worker.log_event(*announcement)
+    try:
+        return _run(worker, key, fn_id, isolate, mode, call, started, address)
+    finally:
+        if topic is not None and start_delay:
+            _to_announce.pop(key, None)
+
+
+def _run(worker: Any, key: str, fn_id: str, isolate: str | None, mode: int, call: Any, started: float,
+         address: str) -> Outcome:
     plugin = _functions.get(fn_id)
     if plugin is None:
         reason = (f"the task's function ({fn_id}) is not registered on worker {address}; was its plugin "
@@ -274,6 +295,45 @@ def run_attempt(fn_id: str, config: tuple[Any, ...], call: Any) -> Outcome:
         _capture.records = previous_records
         flag.clear_event()
     return Outcome(kind, payload, started, time.time(), address, os.getpid(), records or None)
+
+
+# Attempts whose start is to be announced if they still run at a given time: key -> (when, worker,
+# announcement). One thread per worker process announces them; it ends after a second with none.
+_to_announce: dict[str, tuple[float, Any, tuple[str, list[Any]]]] = {}
+_announcer: threading.Thread | None = None
+_announcer_lock = threading.Lock()
+
+
+def _announce_later(key: str, when: float, worker: Any, announcement: tuple[str, list[Any]]) -> None:
+    global _announcer
+    _to_announce[key] = (when, worker, announcement)
+    if _announcer is None:
+        with _announcer_lock:
+            if _announcer is None:
+                _announcer = threading.Thread(target=_announce_loop, name="taskrun-dask-announcer", daemon=True)
+                _announcer.start()
+
+
+def _announce_loop() -> None:
+    global _announcer
+    idle_since = time.monotonic()
+    while True:
+        time.sleep(ANNOUNCE_TICK)
+        now = time.monotonic()
+        if not _to_announce:
+            if now - idle_since > 1.0:
+                with _announcer_lock:
+                    if not _to_announce:
+                        _announcer = None
+                        return
+            continue
+        idle_since = now
+        for key, (when, worker, announcement) in list(_to_announce.items()):
+            if when <= now and _to_announce.pop(key, None) is not None:
+                try:
+                    worker.log_event(*announcement)
+                except Exception:
+                    pass  # the worker is closing
 
 
 def value_payload(value: Any) -> tuple[int, Any]:
