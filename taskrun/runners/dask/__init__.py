@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import sys
+import threading
 from typing import Any, ClassVar
 
 import cloudpickle
@@ -181,8 +182,8 @@ def _let_go(run: DaskTaskRun[Any]) -> None:
 
 
 def _shutdown_before_dask() -> None:
-    """At exit, before Dask's own handlers close clusters and clients (atexit runs in reverse order):
-    attempts already sent finish first, as under the other runners (unless the program crashed)."""
+    """At exit, before Dask can no longer work: attempts already sent finish first, as under the
+    other runners (unless the program crashed), then a cluster taskrun started is closed."""
     crashed = getattr(sys, "last_value", None) is not None or getattr(sys, "last_exc", None) is not None
     try:
         DaskTaskRun.shutdown(wait=not crashed)
@@ -190,4 +191,11 @@ def _shutdown_before_dask() -> None:
         DaskTaskRun.shutdown(wait=False)
 
 
+# The interpreter shuts thread pool executors down (Dask's own, which its scheduler and client use)
+# in threading's exit hooks, newest first and before any atexit handler: ours is registered after
+# Dask's imports registered theirs, so it runs while Dask still works. atexit too, in case the hook
+# is missing (it is private to threading); the second call finds nothing left to do.
+_register_threading_exit = getattr(threading, "_register_atexit", None)
+if _register_threading_exit is not None:
+    _register_threading_exit(_shutdown_before_dask)
 atexit.register(_shutdown_before_dask)

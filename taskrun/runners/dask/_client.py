@@ -5,8 +5,10 @@ made for ``address``, or one on a ``LocalCluster`` it starts) and a delivery thr
 one Dask task (``_remote.run_attempt``) with a unique key. Dask tells the pool three things, on
 its own threads, and the pool only queues them for the delivery thread:
 
-* a task finished (``Future.add_done_callback``): the thread gathers the outcomes that have
-  arrived, in one request, and reports them on their attempts;
+* a task finished (a ``distributed.as_completed`` the pool feeds, whose condition is also the
+  thread's wake-up call; done callbacks would not do, as their executor is gone while the
+  interpreter exits): the thread gathers the outcomes that have arrived, in one request, and
+  reports them on their attempts;
 * a task began on a worker: the worker logs an event on the client's topic, so the attempt turns
   RUNNING and its timeout counts from the worker's start, not from when it was queued;
 * a worker left the cluster (the scheduler's "all" topic): attempts that had begun there end with
@@ -32,7 +34,7 @@ from typing import Any
 
 import cloudpickle
 import dask
-from distributed import CancelledError, Client, Event, Future, KilledWorker, LocalCluster
+from distributed import CancelledError, Client, Event, Future, KilledWorker, LocalCluster, as_completed
 
 from ...errors import SerializationError, TaskrunError, WorkerDied, attach_traceback, describe_exit
 from ..base import PLAIN_TYPES, Attempt, BaseTaskRun, forget_pool
@@ -212,14 +214,17 @@ class DaskPool:
         self.levels: dict[str, int] = {}
         self.functions: list[str] = []  # plugin names registered on the cluster (one per task)
         self.in_flight: dict[str, Attempt] = {}  # key -> attempt, from submit until its outcome is taken
-        self.done: deque[Future] = deque()
+        # Finished futures arrive in this as_completed (on the client's event loop, and also while the
+        # interpreter exits, unlike done callbacks); its condition wakes the delivery thread for everything.
+        self.completed: as_completed | None = None
+        self.cond = threading.Condition()
+        self.woken = False
         self.starts: deque[tuple[Any, ...]] = deque()
         self.departed: deque[tuple[str, bool, set[Any]]] = deque()
         self.to_cancel: deque[Future] = deque()
         self.outbox: deque[tuple[Attempt, Call]] = deque()  # queued for the delivery thread to send
         self.events_set: set[str] = set()  # stop Events to set (attempts stopped after they began)
         self.events_to_clear: set[str] = set()  # stop Events set, cleared when the pool ends on a user's cluster
-        self.wake = threading.Event()
         self.thread: threading.Thread | None = None
 
     @property
@@ -281,6 +286,8 @@ class DaskPool:
             (mode, timed): (topic, self.isolate, mode, 0 if timed else _remote.START_ANNOUNCE_DELAY)
             for mode in (_remote.PLAIN, _remote.BYTES, _remote.VIA_DASK) for timed in (False, True)
         }
+        self.completed = as_completed(loop=client.loop)
+        self.cond = self.completed.thread_condition  # it notifies it as futures finish; we, for the rest
         thread = threading.Thread(target=self._deliver_loop, name=f"taskrun-dask-{self.number}", daemon=True)
         thread.taskrun_delivers = True  # type: ignore[attr-defined]  # see BaseTaskRun.wait
         self.thread = thread
@@ -346,7 +353,7 @@ class DaskPool:
             lock.release()
         if not alone:
             self.outbox.append((attempt, call))
-            self.wake.set()
+            self._wake()
             return
         try:
             future = self.client.submit(  # type: ignore[union-attr]
@@ -362,8 +369,8 @@ class DaskPool:
         call.future = future
         if call.key not in self.in_flight:  # stopped meanwhile, before it had a future to cancel
             self.to_cancel.append(future)
-            self.wake.set()
-        future.add_done_callback(self._on_done)
+            self._wake()
+        self.completed.add(future)  # type: ignore[union-attr]
 
     @staticmethod
     def _send_error(attempt: Attempt, exc: Exception) -> Exception:
@@ -392,7 +399,10 @@ class DaskPool:
                 one_by_one.extend(plain)
             else:
                 for call, future in zip(calls, futures, strict=True):
-                    self._sent(call, future)
+                    call.future = future
+                    if call.key not in in_flight:
+                        self.to_cancel.append(future)
+                self.completed.update(futures)  # type: ignore[union-attr]
                 del futures
         for attempt, call in one_by_one:
             try:
@@ -415,7 +425,7 @@ class DaskPool:
         attempt.runner_state = again
         self.in_flight[again.key] = attempt
         self.outbox.append((attempt, again))
-        self.wake.set()
+        self._wake()
 
     def stop_call(self, attempt: Attempt) -> None:
         """Cancel the attempt's task and, if it began, set its stop Event; returns at once."""
@@ -431,11 +441,6 @@ class DaskPool:
 
     # ---- what Dask tells us, on its threads ------------------------------------------------------
 
-    def _on_done(self, future: Future) -> None:  # on Dask's callback thread
-        if self.closing != "closed":
-            self.done.append(future)
-            self._wake()
-
     def on_started(self, msg: tuple[Any, ...]) -> None:  # on the client's event loop
         if msg[0] in self.in_flight:
             self.starts.append(msg)
@@ -447,26 +452,34 @@ class DaskPool:
             self._wake()
 
     def _wake(self) -> None:
-        self.wake.set()
+        cond = self.cond
+        with cond:
+            if not self.woken:
+                self.woken = True
+                cond.notify()
 
     # ---- the delivery thread -----------------------------------------------------------------------
 
     def _deliver_loop(self) -> None:
-        wake = self.wake
+        cond, completed = self.cond, self.completed
+        assert completed is not None
         while True:
-            wake.wait()
-            wake.clear()
+            with cond:
+                while not self.woken and not completed.has_ready():
+                    cond.wait()
+                self.woken = False
             try:
-                self._deliver_once()
+                self._deliver_once(completed)
             except Exception:
                 logger.exception("%s: delivering outcomes from the Dask cluster failed", self.runner_name)
             with self.lock:
                 if self.closing == "closed" or self.closing is not None and not self.in_flight:
-                    if self.closing == "closed" or not (self.done or self.to_cancel or self.starts or self.outbox):
+                    idle = not (completed.has_ready() or self.to_cancel or self.starts or self.outbox)
+                    if self.closing == "closed" or idle:
                         self.closing = "closed"  # under the lock: submit() refuses from now on
                         break
 
-    def _deliver_once(self) -> None:
+    def _deliver_once(self, completed: as_completed) -> None:
         client = self.client
         assert client is not None
         if self.outbox:
@@ -486,8 +499,8 @@ class DaskPool:
             self._take_starts(_drain(self.starts))
         if self.departed:
             self._take_departures(_drain(self.departed))
-        if self.done:
-            self._take_done(client, _drain(self.done))
+        if completed.has_ready():
+            self._take_done(client, completed.next_batch(block=False))
 
     def _set_events(self, client: Client, names: list[str]) -> None:
         self.events_to_clear.update(names)
@@ -705,7 +718,8 @@ class DaskPool:
             thread.join()
         with self.lock:
             self.closing = "closed"
-        self.done.clear()  # outcomes nobody will read: let their futures go
+        if self.completed is not None:
+            self.completed.clear()  # outcomes nobody will read: let their futures go
         self._disconnect(client)
 
     def _disconnect(self, client: Client) -> None:
