@@ -25,7 +25,7 @@ except ImportError as exc:  # pragma: no cover - the extra is missing
 
 from ...errors import SerializationError
 from ..base import PLAIN_TYPES, Attempt, BaseTaskRun, R, check_setting_int, drop_pools, registered_pools, shared_pool
-from . import _client, _remote
+from . import _client, _outcome, _remote
 from ._client import DaskPool
 
 __all__ = ["DaskTaskRun"]
@@ -136,10 +136,10 @@ class DaskTaskRun(BaseTaskRun[R]):
             self._mode, self._payload = _remote.VIA_DASK, (args, kwargs)  # Dask puts the futures' data in
             return
         try:
-            data = _remote.dumps((args, kwargs))
+            data = _outcome.dumps((args, kwargs))
             if b"__main__" in data:
                 # pickle refers to classes of __main__ by name, and a worker's __main__ is not the caller's
-                data = cloudpickle.dumps((args, kwargs), _remote.PROTOCOL)
+                data = cloudpickle.dumps((args, kwargs), _outcome.PROTOCOL)
         except Exception as exc:
             raise SerializationError(
                 f"the arguments of {self.id} could not be pickled to send to the Dask cluster: {exc}"

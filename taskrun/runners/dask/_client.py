@@ -38,7 +38,7 @@ from distributed import CancelledError, Client, Event, Future, KilledWorker, Loc
 
 from ...errors import SerializationError, TaskrunError, WorkerDied, attach_traceback, describe_exit
 from ..base import PLAIN_TYPES, Attempt, BaseTaskRun, forget_pool
-from . import _remote
+from . import _outcome, _remote
 
 logger = logging.getLogger("taskrun")
 
@@ -208,6 +208,7 @@ class DaskPool:
         self.number = next(_pool_numbers)
         self.lock = threading.Lock()
         self.client: Client | None = None
+        self.direct: bool | None = None
         self.cluster: LocalCluster | None = None
         self.closing: str | None = None  # "wait", "now", then "closed"
         self.configs: dict[tuple[int, bool], tuple[Any, ...]] = {}  # (mode, has a timeout) -> run_attempt's config
@@ -286,6 +287,10 @@ class DaskPool:
             (mode, timed): (topic, self.isolate, mode, 0 if timed else _remote.START_ANNOUNCE_DELAY)
             for mode in (_remote.PLAIN, _remote.BYTES, _remote.VIA_DASK) for timed in (False, True)
         }
+        # Outcomes are read straight from the workers when the client may (its own setting), or when they are
+        # local processes: through the scheduler, each read would cost it (in this very process) a hop more.
+        direct = client.direct_to_workers
+        self.direct = direct if direct is not None else isinstance(getattr(client, "cluster", None), LocalCluster)
         self.completed = as_completed(loop=client.loop)
         self.cond = self.completed.thread_condition  # it notifies it as futures finish; we, for the rest
         thread = threading.Thread(target=self._deliver_loop, name=f"taskrun-dask-{self.number}", daemon=True)
@@ -306,7 +311,7 @@ class DaskPool:
             if fn_id is not None:
                 return fn_id
             try:
-                fn_bytes = cloudpickle.dumps(task.fn, _remote.PROTOCOL)
+                fn_bytes = cloudpickle.dumps(task.fn, _outcome.PROTOCOL)
             except Exception as exc:
                 raise SerializationError(f"the function of task {task.name} could not be pickled: {exc}") from exc
             fn_id = f"taskrun-fn-{SESSION}-{self.number}-{next(_fn_numbers)}"
@@ -582,7 +587,7 @@ class DaskPool:
         if not finished:
             return
         try:
-            outcomes = client.gather(finished)
+            outcomes = client.gather(finished, direct=self.direct)
         except Exception:
             outcomes = [self._gather_one(client, future) for future in finished]
         now = time.time()
@@ -599,10 +604,10 @@ class DaskPool:
                 replay_logs(outcome.logs)
             started = min(outcome.started, now)
             kind = outcome.kind
-            if kind == _remote.VALUE:
+            if kind == _outcome.VALUE:
                 _keep_if_held(attempt.run, future)
                 successes.append((attempt, outcome.payload, started))
-            elif kind == _remote.PICKLED:
+            elif kind == _outcome.PICKLED:
                 try:
                     value = pickle.loads(outcome.payload)
                 except Exception as exc:
@@ -626,7 +631,7 @@ class DaskPool:
 
     def _failure(self, attempt: Attempt, outcome: _remote.Outcome) -> BaseException:
         kind = outcome.kind
-        if kind == _remote.RAISED:
+        if kind == _outcome.RAISED:
             exc_bytes, tb_text = outcome.payload
             try:
                 exc = cloudpickle.loads(exc_bytes)
@@ -635,11 +640,11 @@ class DaskPool:
                     f"the exception raised by {attempt.run.id} could not be unpickled here: {type(why).__name__}: {why}"
                 )
             return attach_traceback(exc, tb_text)
-        if kind == _remote.UNPICKLABLE:
+        if kind == _outcome.UNPICKLABLE:
             reason, tb_text = outcome.payload
             error = SerializationError(reason)
             return attach_traceback(error, tb_text) if tb_text else error
-        if kind == _remote.DIED:
+        if kind == _outcome.DIED:
             return WorkerDied(
                 f"the process (pid {outcome.pid}) running attempt {attempt.number} of {attempt.run.id} on Dask worker "
                 f"{outcome.worker} died: {describe_exit(outcome.payload)}",

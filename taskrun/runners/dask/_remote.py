@@ -28,15 +28,13 @@ import cloudpickle
 from distributed import Event, get_client, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from ..base import PLAIN_TYPES, set_stop_flag
+from ..base import set_stop_flag
+from ._outcome import DIED, ENDED, PROTOCOL, UNPICKLABLE, VALUE, dumps, exception_payload, record_fields, value_payload
 
-PROTOCOL = pickle.HIGHEST_PROTOCOL
-
-# Outcome kinds.
-VALUE, PICKLED, RAISED, UNPICKLABLE, DIED, ENDED = range(6)
 # How a call's arguments travel (the ``mode`` of its config).
 PLAIN, BYTES, VIA_DASK = range(3)
 
+_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_child.py")
 #: Seconds an attempt without a timeout runs before its start is announced to the caller.
 START_ANNOUNCE_DELAY = 0.05
 #: Seconds between two looks at the attempts whose start may be due for announcing.
@@ -47,14 +45,6 @@ EVENT_POLL = 0.5
 CHILD_POLL = 0.05
 #: Seconds between SIGTERM and SIGKILL when an isolated attempt is ended.
 TERMINATE_GRACE = 1.0
-
-
-def dumps(obj: Any) -> bytes:
-    """Pickle with the fast standard pickler; fall back to cloudpickle (lambdas, local classes)."""
-    try:
-        return pickle.dumps(obj, PROTOCOL)
-    except Exception:
-        return cloudpickle.dumps(obj, PROTOCOL)
 
 
 def stop_event_name(key: str) -> str:
@@ -139,22 +129,6 @@ def apply_levels(levels: dict[str, int]) -> None:
 _capture = threading.local()
 _handler_lock = threading.Lock()
 _handler_installed = False
-
-
-def record_fields(record: logging.LogRecord) -> dict[str, Any]:
-    """A log record as plain fields (``logging.makeLogRecord`` rebuilds it in the caller)."""
-    fields: dict[str, Any] = {}
-    for name, value in record.__dict__.items():
-        if type(value) in PLAIN_TYPES:
-            fields[name] = value
-        elif name not in ("args", "exc_info", "msg"):
-            fields[name] = repr(value)  # an `extra=` value that might not pickle
-    fields["msg"] = record.getMessage()
-    fields["args"] = None
-    if record.exc_info:
-        fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
-    fields["exc_info"] = None
-    return fields
 
 
 class _CaptureHandler(logging.Handler):
@@ -336,60 +310,6 @@ def _announce_loop() -> None:
                     pass  # the worker is closing
 
 
-def value_payload(value: Any) -> tuple[int, Any]:
-    """``(VALUE, value)`` for a plain value, ``(PICKLED, bytes)``, or ``(UNPICKLABLE, (reason, ""))``."""
-    kind = type(value)
-    if kind in PLAIN_TYPES:
-        return VALUE, value
-    try:
-        return PICKLED, dumps(value)
-    except Exception as why:
-        reason = (f"the task's result of type {kind.__qualname__} could not be pickled to send back "
-                  f"({type(why).__name__}: {why})")
-        return UNPICKLABLE, (reason, "")
-
-
-def _rebuild_exception(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any] | None) -> BaseException:
-    """An exception of ``cls`` with these args and attributes, made without calling its ``__init__``."""
-    try:
-        exc = cls.__new__(cls, *args)
-    except TypeError:
-        exc = cls.__new__(cls)
-    exc.args = args
-    if state:
-        exc.__dict__.update(state)
-    return exc
-
-
-class _SameException:
-    """Pickles as a rebuilt copy of an exception whose own pickle does not load (an ``__init__`` that
-    does not take its ``args`` back), so that the caller still gets its type and message."""
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        exc = self.exc
-        return (_rebuild_exception, (type(exc), exc.args, getattr(exc, "__dict__", None) or None))
-
-
-def exception_payload(exc: BaseException) -> tuple[int, Any]:
-    """``(RAISED, (pickled exception, traceback text))``, or ``(UNPICKLABLE, (reason, traceback text))``."""
-    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    exc.__traceback__ = None  # its frames hold the call's locals; the text says it all
-    why: Exception | None = None
-    for candidate in (exc, _SameException(exc)):
-        try:
-            data = cloudpickle.dumps(candidate, PROTOCOL)
-            cloudpickle.loads(data)  # one that pickles but cannot be rebuilt fails here, not in the caller
-            return RAISED, (data, tb_text)
-        except Exception as error:
-            why = why or error
-    reason = (f"the task raised {type(exc).__qualname__}: {exc}, which could not be pickled to send back "
-              f"({type(why).__name__}: {why})")
-    return UNPICKLABLE, (reason, tb_text)
-
-
 _CONTAINERS = (list, tuple, dict, set, frozenset)
 
 
@@ -425,7 +345,7 @@ def _run_in_child(plugin: FunctionPlugin, args: tuple[Any, ...], kwargs: dict[st
     result_r, result_w = os.pipe()
     try:
         child = subprocess.Popen(
-            [sys.executable, "-c", "from taskrun.runners.dask._child import main; main()", str(result_w)],
+            [sys.executable, _CHILD, str(result_w)],  # a script: it imports neither taskrun nor dask
             stdin=subprocess.PIPE, pass_fds=(result_w,), start_new_session=True,
         )
     except BaseException:
