@@ -8,6 +8,7 @@ deadline. Every test ends with no child process left (see ``_no_child_processes`
 
 import hashlib
 import logging
+import multiprocessing.resource_tracker
 import os
 import signal
 import subprocess
@@ -61,8 +62,10 @@ def read_pid(path, timeout=WAIT):
 
 
 def _shared_helpers():
-    """multiprocess's own long-lived helpers (the forkserver, the resource tracker): not taskrun's."""
-    pids = {multiprocess.forkserver._forkserver._forkserver_pid, multiprocess.resource_tracker._resource_tracker._pid}
+    """multiprocess's own long-lived helpers (the forkserver, the resource tracker), and the standard
+    library's resource tracker (Dask's worker processes start it, in the Dask tests): not taskrun's."""
+    pids = {multiprocess.forkserver._forkserver._forkserver_pid, multiprocess.resource_tracker._resource_tracker._pid,
+            multiprocessing.resource_tracker._resource_tracker._pid}
     return pids - {None}
 
 
