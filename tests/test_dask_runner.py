@@ -563,6 +563,27 @@ def test_a_local_cluster_of_its_own_starts_lazily_and_closes(tmp_path):
     wait_for(lambda: not any(is_alive(pid) for pid in started), WAIT, "the cluster's processes to end")
 
 
+def test_at_exit_calls_already_sent_finish_before_the_local_cluster_closes(tmp_path):
+    pytest.importorskip("distributed", reason='the dask extra is not installed: pip install "taskrun[dask]"')
+    done = tmp_path / "done"
+    script = tmp_path / "fire_and_forget.py"
+    script.write_text(
+        "import time\n"
+        "from taskrun import DaskTaskRun, task\n"
+        "def slow_write(path):\n"
+        "    time.sleep(0.5)\n"
+        "    open(path, 'w').write('written')\n"
+        "if __name__ == '__main__':\n"
+        f"    task(runner=DaskTaskRun.configure(n_workers=1, memory_limit='512MiB'))(slow_write)({str(done)!r})\n"
+        "    print('leaving', flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=2 * WAIT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "leaving\n"
+    assert done.read_text() == "written"  # the call went on after the script's last line
+    assert "Traceback" not in out.stderr and "ERROR" not in out.stderr, out.stderr
+
+
 @pytest.fixture
 def cli_cluster(tmp_path):
     """A scheduler and two workers started with the ``dask`` command, as separate processes; killed at the end."""
