@@ -358,20 +358,16 @@ def _run_in_child(plugin: FunctionPlugin, args: tuple[Any, ...], kwargs: dict[st
         message = pickle.dumps((sys.path, plugin.fn_bytes, call, plugin.levels), PROTOCOL)  # it imports what the worker can
         feeder = threading.Thread(target=_feed_child, args=(child, message), daemon=True)
         feeder.start()
-        previous = set_stop_flag(flag)  # for the wrapper's own loop only
-        try:
-            while True:
-                ready, _, _ = select.select([result_r], [], [], CHILD_POLL)
-                if ready:
-                    chunk = os.read(result_r, 1 << 16)
-                    if not chunk:
-                        break
-                    data += chunk
-                elif flag():
-                    _end_group(child)
-                    return Outcome(ENDED, None, started, time.time(), address, child.pid, None)
-        finally:
-            set_stop_flag(previous)
+        while True:
+            ready, _, _ = select.select([result_r], [], [], CHILD_POLL)
+            if ready:
+                chunk = os.read(result_r, 1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+            elif flag():
+                _end_group(child)
+                return Outcome(ENDED, None, started, time.time(), address, child.pid, None)
         exitcode = child.wait()
         feeder.join(1)
     finally:
