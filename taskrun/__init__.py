@@ -1,7 +1,7 @@
 """taskrun: call a function, get a handle back at once; the work runs in a process, a thread, an event loop or inline.
 
-The process and async runners and the ledger are imported when first used (they bring
-multiprocess, asyncio and sqlite3), so ``import taskrun`` stays cheap.
+The process, async and Dask runners and the ledger are imported when first used (they bring
+multiprocess, asyncio, dask and sqlite3), so ``import taskrun`` stays cheap.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .runners import SequentialTaskRun, ThreadTaskRun
 if TYPE_CHECKING:
     from ._ledger import Ledger, RunRecord
     from .runners.aio import AsyncTaskRun
+    from .runners.dask import DaskTaskRun
     from .runners.process import MultiprocessTaskRun
 
 TaskRun = BaseTaskRun
@@ -48,6 +49,7 @@ __all__ = [
     "MultiprocessTaskRun",
     "SequentialTaskRun",
     "ThreadTaskRun",
+    "DaskTaskRun",
     "stop_requested",
     "shutdown",
     "TaskrunError",
@@ -65,6 +67,7 @@ _LAZY = {
     "RunRecord": "._ledger",
     "MultiprocessTaskRun": ".runners.process",
     "AsyncTaskRun": ".runners.aio",
+    "DaskTaskRun": ".runners.dask",
 }
 
 

@@ -112,11 +112,24 @@ def stop_requested() -> bool:
     if attempt is None:
         attempt = _context_attempt.get()
         if attempt is None:
-            return False
+            flag = getattr(_local, "stop_flag", None)  # a runner running the function itself, e.g. on a remote worker
+            return flag is not None and bool(flag())
     if attempt.stop_requested:
         return True
     deadline = attempt.deadline  # an inline attempt past its timeout: it fails anyway, so it may stop
     return deadline is not None and time.monotonic() >= deadline
+
+
+def set_stop_flag(flag: Callable[[], bool] | None) -> Callable[[], bool] | None:
+    """Make :func:`stop_requested` in the current thread return ``flag()``; returns the flag it replaces.
+
+    For runners that call the function outside any :class:`Attempt` of this process (a remote
+    worker, a child process): set it before the call, restore the previous one after. An
+    attempt executing in the thread (``Attempt.execute``) takes precedence. None removes it.
+    """
+    previous: Callable[[], bool] | None = getattr(_local, "stop_flag", None)
+    _local.stop_flag = flag
+    return previous
 
 
 class BaseTaskRun(Generic[R]):

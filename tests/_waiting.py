@@ -23,3 +23,19 @@ def is_alive(pid):
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def shared_helper_pids():
+    """Long-lived helper processes that are not taskrun's: multiprocess's forkserver and resource
+    tracker, and the standard library's resource tracker (Dask's worker processes start it)."""
+    import multiprocessing.resource_tracker
+
+    import multiprocess.forkserver
+    import multiprocess.resource_tracker
+
+    pids = {
+        multiprocess.forkserver._forkserver._forkserver_pid,
+        multiprocess.resource_tracker._resource_tracker._pid,
+        multiprocessing.resource_tracker._resource_tracker._pid,
+    }
+    return pids - {None}

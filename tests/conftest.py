@@ -3,6 +3,7 @@ import threading
 import pytest
 
 import taskrun
+from taskrun import SequentialTaskRun, ThreadTaskRun
 
 
 @pytest.fixture(autouse=True)
@@ -15,3 +16,38 @@ def _no_leaked_threads():
         t.join(5)
     alive = [t.name for t in leftover if t.is_alive()]
     assert not alive, f"taskrun threads still alive after shutdown: {alive}"
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    """A real ``LocalCluster`` for the module that asks for it: 2 worker processes, 1 thread each, no dashboard,
+    and ``allowed-failures`` 0.
+
+    Skips (saying why) only when the dask extra is not installed.
+    """
+    pytest.importorskip("distributed", reason='the dask extra is not installed: pip install "taskrun[dask]"')
+    import dask
+    from distributed import Client, LocalCluster
+
+    # As the README advises: Dask never runs a task again because its worker died (taskrun reports it).
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit="1GiB"
+    ) as cluster, Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def dask_runner(dask_client):
+    """``DaskTaskRun`` on the module's cluster."""
+    from taskrun import DaskTaskRun
+
+    return DaskTaskRun.configure(client=dask_client)
+
+
+@pytest.fixture(params=[ThreadTaskRun, SequentialTaskRun, "DaskTaskRun"], ids=lambda r: getattr(r, "__name__", r))
+def any_runner(request):
+    """Every runner, DaskTaskRun too (on the module's cluster): for the contract tests whose task bodies
+    share nothing with the caller's memory, and so run on a remote worker as well."""
+    if request.param == "DaskTaskRun":
+        return request.getfixturevalue("dask_runner")
+    return request.param

@@ -1,4 +1,5 @@
-"""API.md section 2: every member of a run handle, for ThreadTaskRun, SequentialTaskRun and AsyncTaskRun alike.
+"""API.md section 2: every member of a run handle, for ThreadTaskRun, SequentialTaskRun and AsyncTaskRun alike
+(and DaskTaskRun, through conftest's ``any_runner``, for the tests whose task bodies need not see the caller's memory).
 
 A SequentialTaskRun has finished by the time the call returns, so "while it runs" is seen from
 inside the task body: the runner is subclassed with a ``prepare`` hook that records each handle,
@@ -49,7 +50,8 @@ class Spy:
 # ---- get_result ---------------------------------------------------------------------------
 
 
-def test_get_result_returns_the_value(runner):
+def test_get_result_returns_the_value(any_runner):
+    runner = any_runner
     @task(runner=runner)
     def add(x, y=0):
         return x + y
@@ -62,7 +64,8 @@ def test_get_result_returns_the_value(runner):
     assert run.status is Status.SUCCEEDED
 
 
-def test_get_result_returns_none_and_falsy_values(runner):
+def test_get_result_returns_none_and_falsy_values(any_runner):
+    runner = any_runner
     @task(runner=runner)
     def ident(x):
         return x
@@ -130,7 +133,8 @@ def _failing():
     raise ValueError("boom 42")
 
 
-def test_failed_run_reraises_the_task_exception_with_its_traceback(runner):
+def test_failed_run_reraises_the_task_exception_with_its_traceback(any_runner):
+    runner = any_runner
     run = task(runner=runner)(_failing)()
     assert run.wait(WAIT)
     with pytest.raises(ValueError, match="^boom 42$") as info:
@@ -147,7 +151,8 @@ def test_failed_run_reraises_the_task_exception_with_its_traceback(runner):
     assert run.exception() is exc
 
 
-def test_raise_exceptions_false_returns_the_exception(runner):
+def test_raise_exceptions_false_returns_the_exception(any_runner):
+    runner = any_runner
     run = task(runner=runner)(_failing)()
     exc = run.get_result(timeout=WAIT, raise_exceptions=False)
     assert isinstance(exc, ValueError)
@@ -157,7 +162,8 @@ def test_raise_exceptions_false_returns_the_exception(runner):
     assert task(runner=runner)(lambda: 3)().get_result(timeout=WAIT, raise_exceptions=False) == 3
 
 
-def test_base_exception_subclasses_fail_the_run(runner):
+def test_base_exception_subclasses_fail_the_run(any_runner):
+    runner = any_runner
     class Quit(BaseException):
         pass
 
@@ -202,7 +208,8 @@ def test_stop_while_running_stops_discards_result_and_is_idempotent(runner):
     assert run.attempts == 1
 
 
-def test_stop_after_finish_returns_false_and_changes_nothing(runner):
+def test_stop_after_finish_returns_false_and_changes_nothing(any_runner):
+    runner = any_runner
     run = task(runner=runner)(lambda: "kept")()
     assert run.get_result(timeout=WAIT) == "kept"
     finished_at = run.finished_at
@@ -269,7 +276,8 @@ def test_status_values():
     assert [s.name for s in Status] == ["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED", "SKIPPED"]
 
 
-def test_cached_is_false_when_the_task_ran(runner):
+def test_cached_is_false_when_the_task_ran(any_runner):
+    runner = any_runner
     run = task(runner=runner)(lambda: 1)()
     assert run.cached is False
     run.wait(WAIT)
@@ -332,13 +340,15 @@ def test_attempts_count_up_with_retries(runner):
     assert run.attempts == 3
 
 
-def test_attempts_is_one_for_a_plain_success(runner):
+def test_attempts_is_one_for_a_plain_success(any_runner):
+    runner = any_runner
     run = task(runner=runner)(lambda: 0)()
     run.wait(WAIT)
     assert run.attempts == 1
 
 
-def test_name_and_unique_id(runner):
+def test_name_and_unique_id(any_runner):
+    runner = any_runner
     @task(runner=runner, name="inc")
     def inc(x):
         return x + 1
@@ -431,7 +441,8 @@ def test_done_callback_added_while_running_is_called_once_after_the_end(runner):
     assert calls == [(run, True, Status.SUCCEEDED, "v"), "second"]
 
 
-def test_done_callback_added_after_the_end_is_called_at_once(runner):
+def test_done_callback_added_after_the_end_is_called_at_once(any_runner):
+    runner = any_runner
     run = task(runner=runner)(_failing)()
     assert run.wait(WAIT)
     calls = []
@@ -488,7 +499,8 @@ def test_raising_callback_is_logged_and_never_breaks_the_run(runner, caplog):
 # ---- await ----------------------------------------------------------------------------------
 
 
-def test_await_returns_the_value(runner):
+def test_await_returns_the_value(any_runner):
+    runner = any_runner
     @task(runner=runner)
     def add(x, y):
         return x + y
@@ -572,7 +584,8 @@ def test_repr_while_running_and_after(runner):
     assert re.fullmatch(rf"<TaskRun inc#{number} succeeded \d+\.\ds attempt 1/4>", repr(run)), repr(run)
 
 
-def test_repr_of_a_failed_run_shows_the_error(runner):
+def test_repr_of_a_failed_run_shows_the_error(any_runner):
+    runner = any_runner
     @task(runner=runner, name="bad")
     def bad():
         raise KeyError("nope")
@@ -582,7 +595,8 @@ def test_repr_of_a_failed_run_shows_the_error(runner):
     assert re.fullmatch(r"<TaskRun bad#\d+ failed \d+\.\ds attempt 1/1: KeyError: 'nope'>", repr(run)), repr(run)
 
 
-def test_repr_of_a_failed_run_keeps_a_long_error_on_one_short_line(runner):
+def test_repr_of_a_failed_run_keeps_a_long_error_on_one_short_line(any_runner):
+    runner = any_runner
     @task(runner=runner, name="bad")
     def bad():
         raise ValueError("first line\nsecond line " + "x" * 10_000)

@@ -20,11 +20,9 @@ import threading
 import time
 from pathlib import Path
 
-import multiprocess.forkserver
-import multiprocess.resource_tracker
 import psutil
 import pytest
-from _waiting import is_alive, wait_for
+from _waiting import is_alive, shared_helper_pids, wait_for
 
 import taskrun
 from taskrun import Status, ThreadTaskRun, task
@@ -205,8 +203,7 @@ async def _await(run):
 
 
 def _shared_helpers() -> set[int]:
-    pids = {multiprocess.forkserver._forkserver._forkserver_pid, multiprocess.resource_tracker._resource_tracker._pid}
-    return pids - {None}
+    return shared_helper_pids()
 
 
 class Script:

@@ -7,6 +7,7 @@ polls for those files with a deadline, then checks with psutil that every proces
 started is gone in time. A zombie (dead, not yet reaped by whoever adopted it) counts as gone.
 """
 
+import multiprocessing.resource_tracker
 import os
 import signal
 import subprocess
@@ -80,8 +81,10 @@ def scripts():
     helper = Scripts()
     yield helper
     helper.cleanup()
-    # multiprocess's own long-lived helpers, if other tests in this session started them
-    shared = {multiprocess.forkserver._forkserver._forkserver_pid, multiprocess.resource_tracker._resource_tracker._pid}
+    # multiprocess's own long-lived helpers, and the standard library's resource tracker (Dask's worker
+    # processes start it), if other tests in this session started them
+    shared = {multiprocess.forkserver._forkserver._forkserver_pid, multiprocess.resource_tracker._resource_tracker._pid,
+              multiprocessing.resource_tracker._resource_tracker._pid}
     left = [(p.pid, p.name()) for p in psutil.Process().children(recursive=True) if p.pid not in shared]
     assert not left, f"child processes left: {left}"
 

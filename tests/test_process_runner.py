@@ -17,11 +17,9 @@ import time
 import warnings
 from collections import Counter
 
-import multiprocess.forkserver
-import multiprocess.resource_tracker
 import psutil
 import pytest
-from _waiting import is_alive, wait_for
+from _waiting import is_alive, shared_helper_pids, wait_for
 
 import taskrun
 from taskrun import (
@@ -61,9 +59,7 @@ def read_pid(path, timeout=WAIT):
 
 
 def _shared_helpers():
-    """multiprocess's own long-lived helpers (the forkserver, the resource tracker): not taskrun's."""
-    pids = {multiprocess.forkserver._forkserver._forkserver_pid, multiprocess.resource_tracker._resource_tracker._pid}
-    return pids - {None}
+    return shared_helper_pids()
 
 
 def leftover_children():

@@ -2,15 +2,19 @@
 
 The runner-parametrized tests run on AsyncTaskRun too, each plain body as a coroutine (see
 tests/_async_bodies.py); a body that would block the event loop has a coroutine of its own there.
+Tests with ``any_runner`` run on DaskTaskRun too (conftest): their task bodies record calls in files.
 """
 
 import asyncio
 import itertools
 import logging
+import pathlib
 import random
 import re
+import tempfile
 import threading
 import time
+from collections.abc import Sequence
 
 import pytest
 from _async_bodies import is_async, task
@@ -28,24 +32,50 @@ def runner(request):
     return request.param
 
 
+_calls_dir = tempfile.TemporaryDirectory(prefix="taskrun-test-retries-")
+_call_files = itertools.count()
+
+
+class CallTimes(Sequence):
+    """The ``time.monotonic()`` of each call, read from the file every call appends to (in any process)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def _times(self):
+        return [float(line) for line in self.path.read_text().split()] if self.path.exists() else []
+
+    def __getitem__(self, index):
+        return self._times()[index]
+
+    def __len__(self):
+        return len(self._times())
+
+
 def flaky(failures, exc_type=OSError, value="ok"):
-    """A function failing ``failures`` times, then returning ``value``; ``calls`` records call times."""
-    calls = []
+    """A function failing ``failures`` times, then returning ``value``; ``calls`` records call times.
+
+    The times go to a file, so that the calls count wherever they run (a Dask worker too).
+    """
+    path = pathlib.Path(_calls_dir.name) / f"calls-{next(_call_files)}"
 
     def fn():
-        calls.append(time.monotonic())
-        if len(calls) <= failures:
-            raise exc_type(f"failure {len(calls)}")
+        with open(path, "a") as f:
+            f.write(f"{time.monotonic()}\n")
+        made = len(path.read_text().split())
+        if made <= failures:
+            raise exc_type(f"failure {made}")
         return value
 
-    fn.calls = calls
+    fn.calls = CallTimes(path)
     return fn
 
 
 # ---- how many attempts ----------------------------------------------------------------------
 
 
-def test_no_retries_by_default(runner):
+def test_no_retries_by_default(any_runner):
+    runner = any_runner
     fn = flaky(1)
     run = task(runner=runner)(fn)()
     assert run.wait(WAIT)
@@ -54,7 +84,8 @@ def test_no_retries_by_default(runner):
     assert len(fn.calls) == 1
 
 
-def test_retries_until_success(runner):
+def test_retries_until_success(any_runner):
+    runner = any_runner
     fn = flaky(2)
     run = task(runner=runner, retries=3)(fn)()
     assert run.get_result(timeout=WAIT) == "ok"
@@ -63,7 +94,8 @@ def test_retries_until_success(runner):
     assert run.status is Status.SUCCEEDED
 
 
-def test_retries_exhausted_raises_the_last_failure(runner):
+def test_retries_exhausted_raises_the_last_failure(any_runner):
+    runner = any_runner
     fn = flaky(100)
     run = task(runner=runner, retries=2)(fn)()
     with pytest.raises(OSError, match="^failure 3$") as info:
@@ -74,7 +106,8 @@ def test_retries_exhausted_raises_the_last_failure(runner):
     assert run.status is Status.FAILED
 
 
-def test_retries_are_counted_per_call(runner):
+def test_retries_are_counted_per_call(any_runner):
+    runner = any_runner
     fn = flaky(1)
     t = task(runner=runner, retries=1)(fn)
     first = t()
@@ -87,7 +120,8 @@ def test_retries_are_counted_per_call(runner):
 # ---- waits: retry_sleep_time, backoff, jitter ------------------------------------------------
 
 
-def test_retry_sleep_time_and_backoff_space_the_attempts(runner):
+def test_retry_sleep_time_and_backoff_space_the_attempts(any_runner):
+    runner = any_runner
     fn = flaky(3)
     run = task(runner=runner, retries=3, retry_sleep_time=0.04, backoff=2.0)(fn)()
     assert run.get_result(timeout=WAIT) == "ok"
@@ -98,7 +132,8 @@ def test_retry_sleep_time_and_backoff_space_the_attempts(runner):
     assert gaps[2] < 2.0  # waits do not grow without bound
 
 
-def test_zero_sleep_retries_at_once(runner):
+def test_zero_sleep_retries_at_once(any_runner):
+    runner = any_runner
     fn = flaky(3)
     run = task(runner=runner, retries=3)(fn)()
     assert run.get_result(timeout=WAIT) == "ok"
@@ -111,7 +146,8 @@ def test_retry_policy_delays():
     assert RetryPolicy(retries=2, retry_sleep_time=1).delay(5) == 1.0  # backoff 1: constant
 
 
-def test_jitter_adds_up_to_jitter_seconds_to_each_wait(runner, monkeypatch, caplog):
+def test_jitter_adds_up_to_jitter_seconds_to_each_wait(any_runner, monkeypatch, caplog):
+    runner = any_runner
     drawn = []
 
     def fake_uniform(low, high):
@@ -140,7 +176,8 @@ def test_real_jitter_stays_within_bounds():
 # ---- retry_on -------------------------------------------------------------------------------
 
 
-def test_retry_on_retries_only_the_listed_errors(runner):
+def test_retry_on_retries_only_the_listed_errors(any_runner):
+    runner = any_runner
     fn = flaky(5, exc_type=KeyError)
     run = task(runner=runner, retries=3, retry_on=ValueError)(fn)()
     with pytest.raises(KeyError):
@@ -149,7 +186,8 @@ def test_retry_on_retries_only_the_listed_errors(runner):
     assert len(fn.calls) == 1
 
 
-def test_retry_on_retries_subclasses_and_tuples(runner):
+def test_retry_on_retries_subclasses_and_tuples(any_runner):
+    runner = any_runner
     fn = flaky(2, exc_type=ConnectionResetError)  # an OSError subclass
     run = task(runner=runner, retries=2, retry_on=(KeyError, OSError))(fn)()
     assert run.get_result(timeout=WAIT) == "ok"
@@ -446,7 +484,8 @@ def test_sequential_run_stopped_inside_is_not_retried():
 # ---- logging --------------------------------------------------------------------------------
 
 
-def test_each_retry_is_logged_at_info_with_attempt_error_and_wait(runner, caplog):
+def test_each_retry_is_logged_at_info_with_attempt_error_and_wait(any_runner, caplog):
+    runner = any_runner
     fn = flaky(2, exc_type=ConnectionError)
 
     with caplog.at_level(logging.INFO, logger="taskrun"):
@@ -461,7 +500,8 @@ def test_each_retry_is_logged_at_info_with_attempt_error_and_wait(runner, caplog
     assert "attempt 2/4" in second and "failure 2" in second and "0.03 s" in second
 
 
-def test_final_failure_is_not_logged_as_a_retry(runner, caplog):
+def test_final_failure_is_not_logged_as_a_retry(any_runner, caplog):
+    runner = any_runner
     with caplog.at_level(logging.INFO, logger="taskrun"):
         run = task(runner=runner, retries=1)(flaky(5))()
         assert run.wait(WAIT)
@@ -470,7 +510,8 @@ def test_final_failure_is_not_logged_as_a_retry(runner, caplog):
     assert "attempt 1/2" in retry_lines[0].getMessage()
 
 
-def test_no_retry_logged_for_unlisted_errors(runner, caplog):
+def test_no_retry_logged_for_unlisted_errors(any_runner, caplog):
+    runner = any_runner
     with caplog.at_level(logging.INFO, logger="taskrun"):
         run = task(runner=runner, retries=3, retry_on=KeyError)(flaky(5))()
         assert run.wait(WAIT)

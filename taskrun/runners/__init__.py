@@ -1,7 +1,7 @@
 """The runners: where an attempt executes. Each is a ``BaseTaskRun`` subclass.
 
-``MultiprocessTaskRun`` and ``AsyncTaskRun`` are imported when first used (they bring
-multiprocess and asyncio), so ``import taskrun`` stays cheap.
+``MultiprocessTaskRun``, ``AsyncTaskRun`` and ``DaskTaskRun`` are imported when first used (they
+bring multiprocess, asyncio and dask), so ``import taskrun`` stays cheap.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from .thread import ThreadTaskRun
 
 if TYPE_CHECKING:
     from .aio import AsyncTaskRun
+    from .dask import DaskTaskRun
     from .process import MultiprocessTaskRun
 
-__all__ = ["AsyncTaskRun", "BaseTaskRun", "MultiprocessTaskRun", "SequentialTaskRun", "ThreadTaskRun"]
+__all__ = ["AsyncTaskRun", "BaseTaskRun", "DaskTaskRun", "MultiprocessTaskRun", "SequentialTaskRun", "ThreadTaskRun"]
 
-_LAZY = {"MultiprocessTaskRun": ".process", "AsyncTaskRun": ".aio"}
+_LAZY = {"MultiprocessTaskRun": ".process", "AsyncTaskRun": ".aio", "DaskTaskRun": ".dask"}
 
 
 def __getattr__(name: str) -> Any:

@@ -24,7 +24,7 @@ from .._lifecycle import (
     pools,
     shutdown,
 )
-from .._run import PLAIN_TYPES, Attempt, BaseTaskRun, R, stop_requested
+from .._run import PLAIN_TYPES, Attempt, BaseTaskRun, R, set_stop_flag, stop_requested
 from .._status import Status
 
 PoolT = TypeVar("PoolT", bound=Pool)
@@ -38,6 +38,7 @@ __all__ = [
     "PoolKey",
     "PLAIN_TYPES",
     "stop_requested",
+    "set_stop_flag",
     "shared_pool",
     "registered_pools",
     "drop_pools",

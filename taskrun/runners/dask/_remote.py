@@ -1,0 +1,405 @@
+"""The worker side of ``DaskTaskRun``: what runs in a Dask worker for each attempt.
+
+Every attempt is one Dask task running :func:`run_attempt`. It never raises: it returns an
+:class:`Outcome` (the value or the exception with its traceback text, when it began and ended
+on the worker, the worker's address and pid, and the log records the call emitted), so that
+an error Dask itself reports means the infrastructure failed, never the task.
+
+The task's function reaches each worker once, in a worker plugin (:class:`FunctionPlugin`),
+and calls name it by id. This module imports only the standard library, cloudpickle,
+distributed, and taskrun's runner interface (for the stop flag), as it runs on the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+import cloudpickle
+from distributed import Event, get_client, get_worker
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from ..base import set_stop_flag
+from ._outcome import DIED, ENDED, PROTOCOL, UNPICKLABLE, VALUE, dumps, exception_payload, record_fields, value_payload
+
+# How a call's arguments travel (the ``mode`` of its config).
+PLAIN, BYTES, VIA_DASK = range(3)
+
+_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_child.py")
+#: Seconds an attempt without a timeout runs before its start is announced to the caller.
+START_ANNOUNCE_DELAY = 0.05
+#: Seconds between two looks at the attempts whose start may be due for announcing.
+ANNOUNCE_TICK = 0.02
+#: Seconds between two reads of a run's stop Event by a function that polls stop_requested().
+EVENT_POLL = 0.5
+#: Seconds between two checks for a stop while a child process runs an isolated attempt.
+CHILD_POLL = 0.05
+#: Seconds between SIGTERM and SIGKILL when an isolated attempt is ended.
+TERMINATE_GRACE = 1.0
+
+
+def stop_event_name(key: str) -> str:
+    """The name of the ``distributed.Event`` that ``stop()`` sets for the attempt of Dask task ``key``."""
+    return f"taskrun-stop-{key}"
+
+
+class Outcome:
+    """What an attempt came to, as the worker returns it. ``payload`` depends on ``kind``:
+
+    VALUE: the value itself (a plain value); PICKLED: the value's pickle; RAISED: ``(pickled
+    exception, traceback text)``; UNPICKLABLE: ``(reason, traceback text)``; DIED: the exit code
+    of the child process that ran an isolated attempt; ENDED: None (stopped; nobody reads it).
+    """
+
+    __slots__ = ("kind", "payload", "started", "ended", "worker", "pid", "logs")
+
+    def __init__(self, kind: int, payload: Any, started: float, ended: float, worker: str, pid: int,
+                 logs: list[dict[str, Any]] | None) -> None:
+        self.kind = kind
+        self.payload = payload
+        self.started = started
+        self.ended = ended
+        self.worker = worker
+        self.pid = pid
+        self.logs = logs
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Outcome, (self.kind, self.payload, self.started, self.ended, self.worker, self.pid, self.logs))
+
+    def value(self) -> Any:
+        """The value of a successful attempt (a dependent run's argument)."""
+        return self.payload if self.kind == VALUE else pickle.loads(self.payload)
+
+
+# ---- the function, once per worker --------------------------------------------------------
+
+_functions: dict[str, FunctionPlugin] = {}
+
+
+class FunctionPlugin(WorkerPlugin):
+    """Carries one task's pickled function to every worker (present and future) of a cluster.
+
+    Registered once per task per client; calls name it by ``fn_id``. The function is
+    unpickled on a worker the first time a call needs it. ``levels`` are the caller's logger
+    levels, applied in the worker so that the records the caller would handle are made.
+    """
+
+    idempotent = True  # registering it again (after a worker left mid-broadcast) is a no-op
+
+    def __init__(self, fn_id: str, fn_bytes: bytes, levels: dict[str, int]) -> None:
+        self.fn_id = fn_id
+        self.fn_bytes = fn_bytes
+        self.levels = levels
+        self.fn: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"fn_id": self.fn_id, "fn_bytes": self.fn_bytes, "levels": self.levels, "fn": None}
+
+    def setup(self, worker: Any) -> None:
+        apply_levels(self.levels)
+        _functions[self.fn_id] = self
+
+    def teardown(self, worker: Any) -> None:
+        if _functions.get(self.fn_id) is self:
+            del _functions[self.fn_id]
+
+    def load(self) -> Any:
+        fn = self.fn
+        if fn is None:
+            fn = self.fn = cloudpickle.loads(self.fn_bytes)
+        return fn
+
+
+def apply_levels(levels: dict[str, int]) -> None:
+    for name, level in levels.items():
+        logging.getLogger(name or None).setLevel(level)
+
+
+# ---- log records made by a call ----------------------------------------------------------
+
+_capture = threading.local()
+_handler_lock = threading.Lock()
+_handler_installed = False
+
+
+class _CaptureHandler(logging.Handler):
+    """On a worker's root logger: keeps the records of the threads that run a call, for its outcome."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        records = getattr(_capture, "records", None)
+        if records is not None:
+            try:
+                records.append(record_fields(record))
+            except Exception:
+                self.handleError(record)
+
+
+def _install_capture() -> None:
+    global _handler_installed
+    with _handler_lock:
+        if not _handler_installed:
+            logging.getLogger().addHandler(_CaptureHandler())
+            _handler_installed = True
+
+
+# ---- the stop flag seen by taskrun.stop_requested() in the task ----------------------------
+
+
+class _StopFlag:
+    """True once the run was stopped: this Dask task was cancelled (the worker released it) or the
+    run's stop Event is set. The worker's own state is read at every call (a dict lookup); the
+    Event, on the scheduler, at most every ``EVENT_POLL`` seconds."""
+
+    __slots__ = ("worker", "key", "next_event_check", "stopped", "event_seen")
+
+    def __init__(self, worker: Any, key: str) -> None:
+        self.worker = worker
+        self.key = key
+        self.next_event_check = time.monotonic() + EVENT_POLL
+        self.stopped = False
+        self.event_seen = False
+
+    def __call__(self) -> bool:
+        if self.stopped:
+            return True
+        task = self.worker.state.tasks.get(self.key)
+        if task is None or task.state not in ("executing", "long-running"):
+            self.stopped = True
+            return True
+        now = time.monotonic()
+        if now >= self.next_event_check:
+            self.next_event_check = now + EVENT_POLL
+            try:
+                if Event(stop_event_name(self.key), client=get_client()).is_set():
+                    self.stopped = self.event_seen = True
+            except Exception:
+                pass  # the scheduler cannot be asked now: the worker's own state still says
+        return self.stopped
+
+    def clear_event(self) -> None:
+        """Clear the stop Event this attempt saw set, so that the scheduler forgets it."""
+        if self.event_seen:
+            try:
+                Event(stop_event_name(self.key), client=get_client()).clear()
+            except Exception:
+                pass
+
+
+# ---- one attempt ---------------------------------------------------------------------------
+
+
+def run_attempt(fn_id: str, config: tuple[Any, ...], call: Any) -> Outcome:
+    """Run one attempt on this worker; always returns its :class:`Outcome`.
+
+    ``config`` is ``(topic, isolate, mode, start_delay)``: the topic to announce the start on
+    (None: do not), ``"process"`` to run the call in a child process, how the arguments travel
+    (see below), and after how many seconds of running the start is announced (0: at once, for
+    an attempt with a timeout; a call that ends sooner is never announced, its start comes with
+    its outcome: an announcement costs the scheduler a message, and the worker's next message,
+    the outcome, would wait for the end of its batching interval). How the arguments travel: PLAIN
+    (``call`` is the tuple of positional arguments), BYTES (``call`` is the pickle of ``(args,
+    kwargs)``) or VIA_DASK (``call`` is ``(args, kwargs)`` with the outcomes of upstream runs
+    put in by Dask, replaced here by their values).
+    """
+    started = time.time()
+    worker = get_worker()
+    key = worker.get_current_task()
+    topic, isolate, mode, start_delay = config
+    address = worker.address
+    if topic is not None:
+        announcement = (topic, [key, address, os.getpid(), started])
+        if start_delay:
+            _announce_later(key, time.monotonic() + start_delay, worker, announcement)
+        else:
+            worker.log_event(*announcement)
+    try:
+        return _run(worker, key, fn_id, isolate, mode, call, started, address)
+    finally:
+        if topic is not None and start_delay:
+            _to_announce.pop(key, None)
+
+
+def _run(worker: Any, key: str, fn_id: str, isolate: str | None, mode: int, call: Any, started: float,
+         address: str) -> Outcome:
+    plugin = _functions.get(fn_id)
+    if plugin is None:
+        reason = (f"the task's function ({fn_id}) is not registered on worker {address}; was its plugin "
+                  "unregistered, or the client that registered it closed?")
+        return Outcome(UNPICKLABLE, (reason, ""), started, time.time(), address, os.getpid(), None)
+    try:
+        if mode == PLAIN:
+            args, kwargs = call, {}
+        elif mode == BYTES:
+            args, kwargs = pickle.loads(call)
+        else:
+            args, kwargs = _values_of_upstream(call[0]), _values_of_upstream(call[1])
+    except Exception as exc:
+        reason = f"the call's arguments could not be unpickled on worker {address}: {type(exc).__name__}: {exc}"
+        return Outcome(UNPICKLABLE, (reason, traceback.format_exc()), started, time.time(), address, os.getpid(), None)
+    flag = _StopFlag(worker, key)
+    if isolate == "process":
+        return _run_in_child(plugin, args, kwargs, flag, started, address)
+    try:
+        fn = plugin.load()
+    except Exception as exc:
+        reason = f"the task's function could not be loaded on worker {address}: {type(exc).__name__}: {exc}"
+        return Outcome(UNPICKLABLE, (reason, traceback.format_exc()), started, time.time(), address, os.getpid(), None)
+    _install_capture()
+    records: list[dict[str, Any]] = []
+    previous_records = getattr(_capture, "records", None)
+    _capture.records = records
+    previous_flag = set_stop_flag(flag)
+    try:
+        value = fn(*args, **kwargs)
+    except BaseException as exc:  # noqa: B036 - a task's SystemExit or KeyboardInterrupt is its outcome
+        kind, payload = exception_payload(exc)
+    else:
+        kind, payload = value_payload(value)
+    finally:
+        set_stop_flag(previous_flag)
+        _capture.records = previous_records
+        flag.clear_event()
+    return Outcome(kind, payload, started, time.time(), address, os.getpid(), records or None)
+
+
+# Attempts whose start is to be announced if they still run at a given time: key -> (when, worker,
+# announcement). One thread per worker process announces them; it ends after a second with none.
+_to_announce: dict[str, tuple[float, Any, tuple[str, list[Any]]]] = {}
+_announcer: threading.Thread | None = None
+_announcer_lock = threading.Lock()
+
+
+def _announce_later(key: str, when: float, worker: Any, announcement: tuple[str, list[Any]]) -> None:
+    global _announcer
+    _to_announce[key] = (when, worker, announcement)
+    if _announcer is None:
+        with _announcer_lock:
+            if _announcer is None:
+                _announcer = threading.Thread(target=_announce_loop, name="taskrun-dask-announcer", daemon=True)
+                _announcer.start()
+
+
+def _announce_loop() -> None:
+    global _announcer
+    idle_since = time.monotonic()
+    while True:
+        time.sleep(ANNOUNCE_TICK)
+        now = time.monotonic()
+        if not _to_announce:
+            if now - idle_since > 1.0:
+                with _announcer_lock:
+                    if not _to_announce:
+                        _announcer = None
+                        return
+            continue
+        idle_since = now
+        for key, (when, worker, announcement) in list(_to_announce.items()):
+            if when <= now and _to_announce.pop(key, None) is not None:
+                try:
+                    worker.log_event(*announcement)
+                except Exception:
+                    pass  # the worker is closing
+
+
+_CONTAINERS = (list, tuple, dict, set, frozenset)
+
+
+def _values_of_upstream(value: Any) -> Any:
+    """``value`` with every upstream :class:`Outcome` (Dask put in for its future) replaced by its value."""
+    kind = type(value)
+    if kind is Outcome:
+        return value.value()
+    if kind not in _CONTAINERS:
+        return value
+    if kind is dict:
+        return {k: _values_of_upstream(v) for k, v in value.items()}
+    items = [_values_of_upstream(v) for v in value]
+    return items if kind is list else kind(items)
+
+
+# ---- isolate="process": the attempt in a child process ------------------------------------
+
+
+def _run_in_child(plugin: FunctionPlugin, args: tuple[Any, ...], kwargs: dict[str, Any], flag: _StopFlag,
+                  started: float, address: str) -> Outcome:
+    """Run the call in a child process leading its own process group; end the group on a stop.
+
+    The child gets the pickled function and call on its stdin and writes its outcome to a pipe
+    of its own (its stdout and stderr are the worker's). Stopped, it is sent SIGTERM, then
+    SIGKILL after ``TERMINATE_GRACE`` seconds; whatever it started dies with it.
+    """
+    try:
+        call = dumps((args, kwargs))
+    except Exception as exc:
+        reason = f"the call's arguments could not be pickled for a child process: {type(exc).__name__}: {exc}"
+        return Outcome(UNPICKLABLE, (reason, ""), started, time.time(), address, os.getpid(), None)
+    result_r, result_w = os.pipe()
+    try:
+        child = subprocess.Popen(
+            [sys.executable, _CHILD, str(result_w)],  # a script: it imports neither taskrun nor dask
+            stdin=subprocess.PIPE, pass_fds=(result_w,), start_new_session=True,
+        )
+    except BaseException:
+        os.close(result_r)
+        raise
+    finally:
+        os.close(result_w)
+    data = bytearray()
+    try:
+        message = pickle.dumps((sys.path, plugin.fn_bytes, call, plugin.levels), PROTOCOL)  # it imports what the worker can
+        feeder = threading.Thread(target=_feed_child, args=(child, message), daemon=True)
+        feeder.start()
+        while True:
+            ready, _, _ = select.select([result_r], [], [], CHILD_POLL)
+            if ready:
+                chunk = os.read(result_r, 1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+            elif flag():
+                _end_group(child)
+                return Outcome(ENDED, None, started, time.time(), address, child.pid, None)
+        exitcode = child.wait()
+        feeder.join(1)
+    finally:
+        os.close(result_r)
+        flag.clear_event()
+    if not data:
+        return Outcome(DIED, exitcode, started, time.time(), address, child.pid, None)
+    kind, payload, logs = pickle.loads(bytes(data))
+    return Outcome(kind, payload, started, time.time(), address, child.pid, logs)
+
+
+def _feed_child(child: subprocess.Popen[bytes], data: bytes) -> None:
+    try:
+        assert child.stdin is not None
+        child.stdin.write(data)
+        child.stdin.close()
+    except OSError:
+        pass  # it died early: its exit status tells
+
+
+def _end_group(child: subprocess.Popen[bytes]) -> None:
+    for signum, wait in ((signal.SIGTERM, TERMINATE_GRACE), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(child.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            child.wait(wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:
+        os.killpg(child.pid, signal.SIGKILL)  # what the child started, if it outlived the child
+    except (ProcessLookupError, PermissionError):
+        pass
