@@ -1,3 +1,4 @@
+import sys
 import threading
 
 import pytest
@@ -15,3 +16,38 @@ def _no_leaked_threads():
         t.join(5)
     alive = [t.name for t in leftover if t.is_alive()]
     assert not alive, f"taskrun threads still alive after shutdown: {alive}"
+
+
+def _measuring_coverage():
+    coverage = sys.modules.get("coverage")
+    return coverage is not None and coverage.Coverage.current() is not None
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Under coverage (.ci/run), let idle worker processes exit on their own before the fixtures end them.
+
+    The fixtures' ``shutdown(wait=False)`` ends workers with SIGTERM, then SIGKILL at once, which
+    leaves coverage no time to save what a worker ran. A pool that holds no call loses nothing by
+    closing with ``wait=True`` instead: its workers read end of file and exit, saving their data.
+    Outside coverage the teardown is exactly the fixtures'.
+    """
+    if _measuring_coverage():
+        _close_idle_process_pools()
+    return (yield)
+
+
+def _close_idle_process_pools():
+    from taskrun import _lifecycle
+    from taskrun.runners.process._pool import ProcessPool
+
+    for pool in list(_lifecycle.pools.values()):
+        if not isinstance(pool, ProcessPool):
+            continue
+        with pool.lock:
+            idle = pool.closing is None and not pool.pending and not pool.submitted and not any(
+                w.in_flight or w.ending for w in pool.workers
+            )
+        if idle:
+            _lifecycle.forget_pool(pool)
+            pool.shutdown(wait=True)
