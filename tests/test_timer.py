@@ -1,13 +1,18 @@
-"""The timer on its own: order, cancelling, callbacks that raise, shutdown's drops, restart, compaction.
+"""The timer on its own: order, cancelling, callbacks that raise, shutdown's drops, restart, compaction; and
+what a drop means for a run waiting to retry when taskrun shuts down.
 
-Each test uses a Timer of its own (never the library's), shut down at the end.
+The unit tests use a Timer of their own (never the library's), shut down at the end.
 """
 
 import logging
+import os
 import threading
 
 import pytest
+from _waiting import wait_for
 
+import taskrun
+from taskrun import MultiprocessTaskRun, Status, TaskStopped, ThreadTaskRun, task
 from taskrun._timer import COMPACT_MIN, Timer
 
 WAIT = 10
@@ -123,3 +128,25 @@ def test_compaction_keeps_live_entries_and_marks_the_dropped_ones(own):
     for handle in below:
         handle.cancel()
     assert own._cancelled == COMPACT_MIN - 1 and len(own) == len(live) + len(below)  # too few to compact
+
+
+def fail_once(path):
+    """Fails the first time (no file yet), leaving the file behind."""
+    if not os.path.exists(path):
+        open(path, "w").close()
+        raise ConnectionError("first attempt fails")
+    return "retried"
+
+
+@pytest.mark.parametrize("runner", [ThreadTaskRun.configure(max_workers=1),
+                                    MultiprocessTaskRun.configure(start_method="fork", max_workers=1)],
+                         ids=["thread", "process"])
+def test_shutdown_while_a_run_waits_to_retry_ends_it_stopped(runner, tmp_path):
+    flaky = task(runner=runner, retries=1, retry_sleep_time=3600)(fail_once)
+    run = flaky(str(tmp_path / "attempted"))
+    wait_for(lambda: run.attempts == 1 and run._retry_timer is not None, WAIT, "the run to wait for its retry")
+    assert run.status is Status.PENDING or run.status is Status.RUNNING
+    taskrun.shutdown()
+    assert run.done() and run.status is Status.STOPPED and run.attempts == 1
+    with pytest.raises(TaskStopped, match="taskrun shut down before its retry"):
+        run.get_result(timeout=0)
