@@ -23,18 +23,18 @@ def _measuring_coverage():
     return coverage is not None and coverage.Coverage.current() is not None
 
 
-@pytest.hookimpl(wrapper=True, tryfirst=True)
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_teardown(item, nextitem):
     """Under coverage (.ci/run), let idle worker processes exit on their own before the fixtures end them.
 
-    The fixtures' ``shutdown(wait=False)`` ends workers with SIGTERM, then SIGKILL at once, which
-    leaves coverage no time to save what a worker ran. A pool that holds no call loses nothing by
+    The fixtures' ``shutdown(wait=False)`` ends workers by signal, which leaves coverage no chance
+    to save what a worker ran. A pool that holds no call loses nothing by
     closing with ``wait=True`` instead: its workers read end of file and exit, saving their data.
     Outside coverage the teardown is exactly the fixtures'.
     """
     if _measuring_coverage():
         _close_idle_process_pools()
-    return (yield)
+    yield
 
 
 def _close_idle_process_pools():

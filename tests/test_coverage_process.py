@@ -23,7 +23,7 @@ import types
 import cloudpickle
 import multiprocess
 import pytest
-from _waiting import wait_for
+from _waiting import is_alive, wait_for
 from test_process_runner import WAIT, _no_child_processes, read_pid, runner, write_atomic  # noqa: F401
 
 import taskrun
@@ -624,8 +624,7 @@ def test_a_done_callback_on_the_pools_thread_can_stop_another_process_call(tmp_p
     wait_for(lambda: seen, WAIT, "the callback")
     assert seen == [("taskrun-process-pool", True)]  # from the supervisor itself: it did not wait for itself
     assert b.wait(WAIT) and b.status is Status.STOPPED
-    wait_for(lambda: not os.path.exists(f"/proc/{b_pid}") or open(f"/proc/{b_pid}/stat").read().split()[2] == "Z",
-             WAIT, "b's worker to be ended")
+    wait_for(lambda: not is_alive(b_pid), WAIT, "b's worker to be ended")
 
 
 def test_taskrun_shutdown_from_a_done_callback_on_the_pools_thread(tmp_path):
