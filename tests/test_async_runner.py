@@ -365,6 +365,7 @@ def test_a_done_callback_that_blocks_the_loop_is_logged(blocked_warnings):
     assert "the done callbacks of finished runs" in blocked_warnings.records[0].getMessage()
 
 
+@pytest.mark.timing
 def test_a_burst_of_quick_coroutines_is_not_reported_as_blocking(blocked_warnings):
     """Regression: a loop iteration running thousands of quick steps took longer than the threshold, and
     whichever task was current then was named as blocking the loop."""

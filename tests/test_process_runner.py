@@ -668,6 +668,7 @@ def test_configure_rejects_bad_settings():
     assert MultiprocessTaskRun.start_method == "fork"  # configure() never changes the base class
 
 
+@pytest.mark.timing
 def test_a_long_call_does_not_hold_queued_calls_behind_it():
     """Calls that take a while go to workers one at a time: the worker on the long call takes no backlog."""
     slow_runner = runner("fork")
@@ -691,6 +692,7 @@ def block_on_fifo(started, fifo):
     return "released"
 
 
+@pytest.mark.timing
 def test_calls_sent_ahead_stay_pending_until_the_worker_gets_to_them(tmp_path):
     one = runner("fork", max_workers=1)
     gated, tiny = task(runner=one)(block_on_fifo), task(runner=one)(double)
