@@ -12,16 +12,16 @@ from __future__ import annotations
 import atexit
 import sys
 import threading
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeGuard
 
 import cloudpickle
 
 try:
     import distributed
-except ImportError as exc:  # pragma: no cover - the extra is missing
+except ImportError as _missing:  # pragma: no cover - the extra is missing
     raise ImportError(
-        f'DaskTaskRun needs dask.distributed, which is not installed ({exc}); install the extra: pip install "taskrun[dask]"'
-    ) from exc
+        f'DaskTaskRun needs dask.distributed, which is not installed ({_missing}); install the extra: pip install "taskrun[dask]"'
+    ) from _missing
 
 from ...errors import SerializationError
 from ..base import PLAIN_TYPES, Attempt, BaseTaskRun, R, check_setting_int, drop_pools, registered_pools, shared_pool
@@ -87,12 +87,12 @@ class DaskTaskRun(BaseTaskRun[R]):
 
     @classmethod
     def _pool(cls) -> DaskPool:
-        pool = registered_pools.get(cls)
+        pool: DaskPool | None = registered_pools.get(cls)
         if pool is None:
             if cls.address is not None and cls.client is not None:
                 raise ValueError(f"{cls.__name__}: give address= or client=, not both")
             pool = shared_pool(cls, lambda: DaskPool(cls))
-        return pool  # type: ignore[return-value]
+        return pool
 
     # ---- dependencies: an upstream's future, kept until its dependents finish --------------------
 
@@ -102,9 +102,7 @@ class DaskTaskRun(BaseTaskRun[R]):
             upstream = _dask_runs((*args, *kwargs.values()) if kwargs else args, [])
             if upstream:
                 _client.hold(upstream)
-                self._held = upstream
-                self._given = (args, kwargs)
-                self.add_done_callback(_let_go)
+                self.add_done_callback(_LetGo(upstream, args, kwargs))
         return super().start()
 
     def upstream_value(self, upstream: BaseTaskRun[Any]) -> Any:
@@ -164,10 +162,14 @@ class DaskTaskRun(BaseTaskRun[R]):
             pool.shutdown(wait=wait)
 
 
+def _is_dask_run(value: object) -> TypeGuard[DaskTaskRun[Any]]:
+    return isinstance(value, DaskTaskRun)
+
+
 def _dask_runs(values: Any, found: list[DaskTaskRun[Any]]) -> list[DaskTaskRun[Any]]:
     """The DaskTaskRun handles among ``values`` and inside the plain containers among them."""
     for value in values:
-        if isinstance(value, DaskTaskRun):
+        if _is_dask_run(value):
             if value not in found:
                 found.append(value)
         elif type(value) in _CONTAINERS:
@@ -175,10 +177,19 @@ def _dask_runs(values: Any, found: list[DaskTaskRun[Any]]) -> list[DaskTaskRun[A
     return found
 
 
-def _let_go(run: DaskTaskRun[Any]) -> None:
-    """A dependent finished: its upstream runs may let their futures go, and so may its arguments."""
-    _client.release(run._held)
-    run.args, run.kwargs = run._given
+class _LetGo:
+    """A dependent's done callback: its upstream runs may let their futures go, and so may its arguments."""
+
+    __slots__ = ("upstream", "args", "kwargs")
+
+    def __init__(self, upstream: list[DaskTaskRun[Any]], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.upstream = upstream
+        self.args = args  # as given: with the upstream handles, not their futures (put in when it starts)
+        self.kwargs = kwargs
+
+    def __call__(self, run: BaseTaskRun[Any]) -> None:
+        _client.release(self.upstream)
+        run.args, run.kwargs = self.args, self.kwargs
 
 
 def _shutdown_before_dask() -> None:

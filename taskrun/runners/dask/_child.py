@@ -14,10 +14,14 @@ import logging
 import os
 import pickle
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import _outcome  # type: ignore[import-not-found]  # beside this script (see above)
 import cloudpickle
+
+if TYPE_CHECKING:
+    from . import _outcome  # the same file, as type checkers find it
+else:
+    import _outcome  # beside this script (see above)
 
 
 class _Keep(logging.Handler):

@@ -29,17 +29,22 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import cloudpickle
-import dask
+import dask.config
 from distributed import CancelledError, Client, Event, Future, KilledWorker, LocalCluster, as_completed
 
 from ...errors import SerializationError, TaskrunError, WorkerDied, attach_traceback, describe_exit
 from ..base import PLAIN_TYPES, Attempt, BaseTaskRun, forget_pool
 from . import _outcome, _remote
+from ._outcome import type_of
 
+if TYPE_CHECKING:
+    from dask.typing import Key
+
+_T = TypeVar("_T")
 logger = logging.getLogger("taskrun")
 
 #: Tells this process's Dask keys from those of other processes using the same cluster.
@@ -63,7 +68,7 @@ class Call:
         self.mode = mode
         self.payload = payload
         self.config = config  # run_attempt's
-        self.future: Future | None = None
+        self.future: Future[_remote.Outcome] | None = None
         self.worker: str | None = None  # where it began (from the start event); None while queued
         self.pid: int | None = None
         self.resent = resent  # times sent again because the worker it was queued on died
@@ -111,8 +116,10 @@ class _Hub:
                 pool.on_started(msg)
 
     def on_cluster_event(self, event: tuple[float, Any]) -> None:
-        msg = event[1]
-        if type(msg) is dict and msg.get("action") == "remove-worker":
+        if type(event[1]) is not dict:
+            return
+        msg = cast("dict[str, Any]", event[1])  # the scheduler's event: its fields by name
+        if msg.get("action") == "remove-worker":
             processing = set(msg.get("processing-tasks") or ())
             for pool in self.pools:
                 pool.on_worker_removed(msg.get("worker"), bool(msg.get("expected")), processing)
@@ -152,7 +159,7 @@ def _leave_hub(pool: DaskPool, client: Client) -> None:
 # ---- futures kept for dependents -------------------------------------------------------------
 
 _holds: dict[BaseTaskRun[Any], int] = {}  # upstream run -> dependents made before it finished, not yet finished
-_kept: dict[BaseTaskRun[Any], Future] = {}  # upstream run -> its Dask future, while held
+_kept: dict[BaseTaskRun[Any], Future[_remote.Outcome]] = {}  # upstream run -> its Dask future, while held
 _holds_lock = threading.Lock()
 
 
@@ -175,11 +182,11 @@ def release(upstream: Iterable[BaseTaskRun[Any]]) -> None:
                 _kept.pop(run, None)
 
 
-def kept_future(upstream: BaseTaskRun[Any]) -> Future | None:
+def kept_future(upstream: BaseTaskRun[Any]) -> Future[_remote.Outcome] | None:
     return _kept.get(upstream)
 
 
-def _keep_if_held(run: BaseTaskRun[Any], future: Future | None) -> None:
+def _keep_if_held(run: BaseTaskRun[Any], future: Future[_remote.Outcome] | None) -> None:
     if future is not None and run in _holds:
         with _holds_lock:
             if run in _holds:
@@ -196,7 +203,7 @@ class DaskPool:
         self.runner_name = runner.__name__
         self.address: str | None = runner.address
         self.user_client: Client | None = runner.client
-        self.cluster_options = {
+        self.cluster_options: dict[str, Any] = {  # LocalCluster's
             "n_workers": runner.n_workers or os.cpu_count() or 1,
             "threads_per_worker": runner.threads_per_worker or 1,
             "dashboard_address": runner.dashboard_address,
@@ -214,7 +221,7 @@ class DaskPool:
         self.configs: dict[tuple[int, bool], tuple[Any, ...]] = {}  # (mode, has a timeout) -> run_attempt's config
         self.levels: dict[str, int] = {}
         self.functions: list[str] = []  # plugin names registered on the cluster (one per task)
-        self.in_flight: dict[str, Attempt] = {}  # key -> attempt, from submit until its outcome is taken
+        self.in_flight: dict[Key, Attempt] = {}  # key -> attempt, from submit until its outcome is taken
         # Finished futures arrive in this as_completed (on the client's event loop, and also while the
         # interpreter exits, unlike done callbacks); its condition wakes the delivery thread for everything.
         self.completed: as_completed | None = None
@@ -222,7 +229,7 @@ class DaskPool:
         self.woken = False
         self.starts: deque[tuple[Any, ...]] = deque()
         self.departed: deque[tuple[str, bool, set[Any]]] = deque()
-        self.to_cancel: deque[Future] = deque()
+        self.to_cancel: deque[Future[_remote.Outcome]] = deque()
         self.outbox: deque[tuple[Attempt, Call]] = deque()  # queued for the delivery thread to send
         self.events_set: set[str] = set()  # stop Events to set (attempts stopped after they began)
         self.events_to_clear: set[str] = set()  # stop Events set, cleared when the pool ends on a user's cluster
@@ -370,7 +377,7 @@ class DaskPool:
             raise self._send_error(attempt, exc) from exc
         self._sent(call, future)
 
-    def _sent(self, call: Call, future: Future) -> None:
+    def _sent(self, call: Call, future: Future[_remote.Outcome]) -> None:
         call.future = future
         if call.key not in self.in_flight:  # stopped meanwhile, before it had a future to cancel
             self.to_cancel.append(future)
@@ -518,7 +525,9 @@ class DaskPool:
                     logger.debug("setting the Dask Event %s failed", name, exc_info=True)
 
         try:
-            client.loop.add_callback(set_all)
+            loop = client.loop
+            if loop is not None:  # optional in its type; a client whose loop stopped raises instead
+                loop.add_callback(set_all)
         except Exception:
             pass
 
@@ -573,10 +582,10 @@ class DaskPool:
             self._wake()
         attempt.set_exception(exc, started_at=started)
 
-    def _take_done(self, client: Client, futures: list[Future]) -> None:
+    def _take_done(self, client: Client, futures: list[Future[_remote.Outcome]]) -> None:
         """Read the outcomes of finished tasks (in one request) and report them."""
         in_flight = self.in_flight
-        finished: list[Future] = []
+        finished: list[Future[_remote.Outcome]] = []
         for future in futures:
             if future.key not in in_flight:
                 continue  # stopped, or already failed
@@ -586,6 +595,7 @@ class DaskPool:
                 self._take_other(future)
         if not finished:
             return
+        outcomes: Sequence[_remote.Outcome | BaseException]
         try:
             outcomes = client.gather(finished, direct=self.direct)
         except Exception:
@@ -623,7 +633,7 @@ class DaskPool:
         if successes:
             Attempt.report_results(successes, now)
 
-    def _gather_one(self, client: Client, future: Future) -> Any:
+    def _gather_one(self, client: Client, future: Future[_remote.Outcome]) -> _remote.Outcome | BaseException:
         try:
             return client.gather(future)
         except BaseException as exc:  # noqa: B036 - reported on the attempt
@@ -652,7 +662,7 @@ class DaskPool:
             )
         return TaskrunError(f"attempt {attempt.number} of {attempt.run.id} ended without an outcome")
 
-    def _take_other(self, future: Future) -> None:
+    def _take_other(self, future: Future[_remote.Outcome]) -> None:
         """A task that did not finish: cancelled by someone else, erred in Dask itself, or its result lost."""
         key = future.key
         attempt = self.in_flight.get(key)
@@ -682,7 +692,7 @@ class DaskPool:
             return
         self._fail(attempt, call, self._dask_error(future, error, attempt, call))
 
-    def _dask_error(self, future: Future, error: BaseException, attempt: Attempt | None = None,
+    def _dask_error(self, future: Future[_remote.Outcome], error: BaseException | None, attempt: Attempt | None = None,
                     call: Call | None = None) -> BaseException:
         """The taskrun error for an error Dask reports (the task itself never raises)."""
         where = f"attempt {attempt.number} of {attempt.run.id}" if attempt is not None else f"Dask task {future.key}"
@@ -763,8 +773,8 @@ class DaskPool:
         self.closing = "closed"
 
 
-def _drain(queue: deque[Any]) -> list[Any]:
-    items = []
+def _drain(queue: deque[_T]) -> list[_T]:
+    items: list[_T] = []
     try:
         while True:
             items.append(queue.popleft())
@@ -775,7 +785,7 @@ def _drain(queue: deque[Any]) -> list[Any]:
 def contains_future(values: Iterable[Any]) -> bool:
     """True if a Dask future is among ``values`` or inside the plain containers among them."""
     for value in values:
-        kind = type(value)
+        kind = type_of(value)
         if kind in PLAIN_TYPES:
             continue
         if isinstance(value, Future):

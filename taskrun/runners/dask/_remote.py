@@ -29,7 +29,7 @@ from distributed import Event, get_client, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from ..base import set_stop_flag
-from ._outcome import DIED, ENDED, PROTOCOL, UNPICKLABLE, VALUE, dumps, exception_payload, record_fields, value_payload
+from ._outcome import DIED, ENDED, PROTOCOL, UNPICKLABLE, VALUE, dumps, exception_payload, record_fields, type_of, value_payload
 
 # How a call's arguments travel (the ``mode`` of its config).
 PLAIN, BYTES, VIA_DASK = range(3)
@@ -235,6 +235,8 @@ def _run(worker: Any, key: str, fn_id: str, isolate: str | None, mode: int, call
         reason = (f"the task's function ({fn_id}) is not registered on worker {address}; was its plugin "
                   "unregistered, or the client that registered it closed?")
         return Outcome(UNPICKLABLE, (reason, ""), started, time.time(), address, os.getpid(), None)
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
     try:
         if mode == PLAIN:
             args, kwargs = call, {}
@@ -310,12 +312,12 @@ def _announce_loop() -> None:
                     pass  # the worker is closing
 
 
-_CONTAINERS = (list, tuple, dict, set, frozenset)
+_CONTAINERS: tuple[type[Any], ...] = (list, tuple, dict, set, frozenset)
 
 
 def _values_of_upstream(value: Any) -> Any:
     """``value`` with every upstream :class:`Outcome` (Dask put in for its future) replaced by its value."""
-    kind = type(value)
+    kind = type_of(value)
     if kind is Outcome:
         return value.value()
     if kind not in _CONTAINERS:

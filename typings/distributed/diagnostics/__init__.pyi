@@ -1,0 +1,1 @@
+# Only what taskrun uses is declared (see ../__init__.pyi).
