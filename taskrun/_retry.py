@@ -23,11 +23,11 @@ class RetryPolicy:
         jitter: float = 0.0,
         retry_on: tuple[type[BaseException], ...] = (Exception,),
     ) -> None:
-        self.retries = retries
-        self.retry_sleep_time = retry_sleep_time
-        self.backoff = backoff
-        self.jitter = jitter
-        self.retry_on = retry_on
+        self.retries: int = retries
+        self.retry_sleep_time: float = retry_sleep_time
+        self.backoff: float = backoff
+        self.jitter: float = jitter
+        self.retry_on: tuple[type[BaseException], ...] = retry_on
 
     def should_retry(self, exc: BaseException, attempt: int) -> bool:
         """True if the failure of attempt number ``attempt`` (1-based) earns another attempt."""
