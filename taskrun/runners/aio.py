@@ -9,8 +9,11 @@ task; successes are reported together once per loop iteration (``Attempt.report_
 
 ``stop()`` and a timeout cancel the asyncio task: the coroutine gets ``CancelledError`` at its
 next ``await`` (so ``finally`` blocks and ``async with`` clean up) while the run is already
-STOPPED (or failed with ``TaskTimeout``). A watchdog thread notices one step of a task that
-holds the loop for ``slow_callback_seconds`` and logs a warning naming it.
+STOPPED (or failed with ``TaskTimeout``), and its slot goes to the next call. The loop ends
+without waiting for such a coroutine beyond ``CANCEL_GRACE``: one that catches the
+``CancelledError`` and goes on is abandoned then, as a stopped thread call is. A watchdog
+thread notices one step of a task that holds the loop for ``slow_callback_seconds`` and logs
+a warning naming it.
 
 asyncio is imported when the first loop starts, not by ``import taskrun``.
 """
@@ -37,9 +40,10 @@ __all__ = ["AsyncTaskRun"]
 
 logger: logging.Logger = logging.getLogger("taskrun")
 
-#: Seconds that coroutines stopped by ``shutdown(wait=False)`` get to run their cleanup
-#: (``finally``, ``async with``) before the loop closes without them.
-CANCEL_GRACE = 2.0
+#: Seconds a stopped or timed-out coroutine gets, from its cancel, to run its cleanup (``finally``,
+#: ``async with``) when its loop ends; then the loop closes without it (its coroutine is closed
+#: where it waits) and a warning names its run.
+CANCEL_GRACE = 1.0
 #: Shown by ``wait()``/``get_result()`` called on the loop thread (``{run}``: the id of the run waited for).
 LOOP_THREAD_WAIT = (
     "waiting for {run} on taskrun's event loop thread (in an async task or a done callback) would block every async "
@@ -107,8 +111,8 @@ class AsyncTaskRun(BaseTaskRun[R]):
 class LoopPool:
     """One event loop, its thread, and the attempts handed to it.
 
-    Only the loop thread touches ``waiting``, ``running`` and ``succeeded``; other threads
-    append to ``incoming`` and call into the loop with ``call_soon_threadsafe``.
+    Only the loop thread touches ``waiting``, ``running``, ``cancelled`` and ``succeeded``; other
+    threads append to ``incoming`` and call into the loop with ``call_soon_threadsafe``.
     """
 
     def __init__(self, runner: type[AsyncTaskRun[Any]]) -> None:
@@ -127,7 +131,10 @@ class LoopPool:
         self.incoming: deque[Attempt] = deque()  # handed over by any thread, not yet seen by the loop
         self.scheduled: bool = False  # a _take_incoming is due on the loop
         self.waiting: deque[Attempt] = deque()  # taken, waiting for a slot
-        self.running: dict[Attempt, asyncio.Task[None]] = {}
+        self.running: dict[Attempt, asyncio.Task[None]] = {}  # each holds a slot
+        # Stopped or timed out: cancelled, their slot given up, the loop waits for them CANCEL_GRACE s at most.
+        # (task, time.monotonic() of the cancel)
+        self.cancelled: dict[Attempt, tuple[asyncio.Task[None], float]] = {}
         self.succeeded: list[tuple[Attempt, Any, None]] = []  # reported together by _flush
         self.flush_due: bool = False
         self.delivering: int = 0  # runs whose outcome (and done callbacks) _flush is delivering
@@ -235,8 +242,8 @@ class LoopPool:
             attempt = incoming.popleft()
             if attempt.reported:  # stopped while it was handed over
                 continue
-            if self.stopping:
-                attempt.run.stop("taskrun.shutdown(wait=False) was called")
+            if self.stopping or self.ended:  # (ended: handed over while the loop gave stopped runs their grace)
+                attempt.run.stop("its event loop was shut down" if self.ended else "taskrun.shutdown(wait=False) was called")
                 continue
             if limit is not None and len(running) >= limit:
                 self.waiting.append(attempt)
@@ -274,10 +281,11 @@ class LoopPool:
                     self.flush_due = True
                     self.call_soon(self._flush)
         finally:
-            del self.running[attempt]
-            if self.waiting:
+            if self.running.pop(attempt, None) is None:
+                self.cancelled.pop(attempt, None)  # stopped: it gave up its slot when it was cancelled
+            elif self.waiting and not self.ended:
                 self._start_waiting()
-            if self.closing:
+            if self.closing and not self.ended:
                 self._check_idle()
 
     def _start_waiting(self) -> None:
@@ -317,32 +325,31 @@ class LoopPool:
         if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
             return  # its first step is due: _drive sees the stop there (a cancel now would skip its bookkeeping)
         task.cancel("taskrun: the run was stopped or its attempt timed out")
+        # Its slot goes to the next call now: a coroutine that catches the CancelledError and goes on must
+        # not hold it for good (as a ThreadTaskRun replaces the thread of a stopped call).
+        del self.running[attempt]
+        self.cancelled[attempt] = (task, time.monotonic())
+        if self.waiting and not self.ended:
+            self._start_waiting()
+        if self.closing and not self.ended:
+            self._check_idle()
 
     def _close(self, wait: bool) -> None:
-        import asyncio
-
+        """Close once no live run is left: ``wait=False`` stops them all first. Stopped ones are not waited
+        for here: ``_end`` gives them the rest of their grace."""
         self.closing = True
         self.stopping = not wait
         self.idle = self.loop.create_future()
         if not wait:
             self._stop_all("taskrun.shutdown(wait=False) was called")
+            self.waiting.clear()  # all stopped
         self._check_idle()
-        self.create_task(self._close_when_idle(wait, asyncio))
+        self.create_task(self._close_when_idle())
 
-    async def _close_when_idle(self, wait: bool, asyncio: Any) -> None:
+    async def _close_when_idle(self) -> None:
         idle = self.idle
         assert idle is not None
-        if wait:
-            await idle
-        else:
-            try:
-                await asyncio.wait_for(asyncio.shield(idle), CANCEL_GRACE)
-            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-                logger.warning(
-                    "%s: %d stopped coroutine(s) still running %.1f s after being cancelled (they catch "
-                    "CancelledError and go on?); the event loop closes without them",
-                    self.runner.__name__, len(self.running), CANCEL_GRACE,
-                )
+        await idle
         self.loop.stop()
 
     def _stop_all(self, reason: str) -> None:
@@ -358,29 +365,76 @@ class LoopPool:
             idle.set_result(None)
 
     def _end(self) -> None:
-        """After the loop stopped: stop what was handed over too late, then close the loop."""
+        """After the loop stopped: stop what was handed over too late, let the stopped coroutines end within
+        their grace, abandon those that do not, then close the loop."""
         self.ended = True
         self.busy.set()
         while self.incoming:
             self.incoming.popleft().run.stop("its event loop was shut down")
-        for attempt in list(self.running):
+        for attempt in [*self.waiting, *self.running]:
             attempt.run.stop("its event loop was shut down")
+        self.waiting.clear()
         loop = self.loop
         try:
             import asyncio
 
-            leftover = [task for task in asyncio.all_tasks(loop) if not task.done()]
-            for task in leftover:
-                task.cancel()
-            if leftover:
-                loop.run_until_complete(asyncio.wait(leftover, timeout=CANCEL_GRACE))
+            self._end_tasks(asyncio)
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         except Exception:
             logger.exception("%s: the event loop did not shut down cleanly", self.runner.__name__)
         finally:
             self.running.clear()
+            self.cancelled.clear()
             loop.close()
+
+    def _end_tasks(self, asyncio: Any) -> None:
+        """Give every task left on the loop CANCEL_GRACE s from its cancel to end; abandon those that do not."""
+        loop = self.loop
+        now = time.monotonic()
+        ours = {task: since for task, since in self.cancelled.values()}
+        others: list[asyncio.Task[Any]] = [task for task in asyncio.all_tasks(loop) if not task.done() and task not in ours]
+        for task in others:  # the user's own tasks on this loop, and runs stopped before their first step
+            task.cancel()
+        deadline = max([*ours.values(), *([now] if others else [])], default=now) + CANCEL_GRACE
+        pending = [*ours, *others]
+        if pending and deadline > now:
+            loop.run_until_complete(asyncio.wait(pending, timeout=deadline - now))
+        stuck = [task for task in pending if not task.done()]
+        if stuck:
+            self._abandon(stuck, asyncio)
+
+    def _abandon(self, stuck: list[asyncio.Task[Any]], asyncio: Any) -> None:
+        """Close the coroutines still running after their grace (GeneratorExit where they wait: their ``finally``
+        blocks run, nothing more of them does) and end their tasks quietly, saying which runs they were."""
+        names = [self._name_of(task) for task in stuck]
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        logger.warning(
+            "%s: %s still running %.1f s after being stopped (its coroutine catches CancelledError and goes on?); "
+            "taskrun's event loop closes without waiting for it: abandoned, its coroutine closed where it waits",
+            self.runner.__name__, shown, CANCEL_GRACE,
+        )
+        for task, name in zip(stuck, names):
+            try:
+                task.get_coro().close()
+            except RuntimeError as exc:  # it awaited again in its cleanup ("coroutine ignored GeneratorExit")
+                logger.warning("%s: closing the coroutine of %s: %s", self.runner.__name__, name, exc)
+            task.cancel()  # its next step finds the coroutine closed, and the task ends
+        self.loop.run_until_complete(asyncio.wait(stuck, timeout=CANCEL_GRACE))
+        for task in stuck:
+            if not task.done():  # its coroutine goes on still: left pending, not to be reported as lost when collected
+                task._log_destroy_pending = False  # type: ignore[attr-defined]  # noqa: SLF001 - asyncio's own switch (gather sets it)
+            elif not task.cancelled():
+                task.exception()  # retrieved (a RuntimeError: the closed coroutine cannot step), so never logged
+
+    def _name_of(self, task: asyncio.Task[Any]) -> str:
+        for attempt, (own, _) in self.cancelled.items():
+            if own is task:
+                return attempt.run.id
+        for attempt, own in self.running.items():
+            if own is task:
+                return attempt.run.id
+        return f"asyncio task {task.get_name()!r}"
 
     # ---- the watchdog -------------------------------------------------------------------
 
@@ -388,7 +442,7 @@ class LoopPool:
         if self.ended:
             return  # the loop runs once more while it closes: `busy` now tells the watchdog to leave, and stays set
         self.beat = time.monotonic()
-        if self.running or self.waiting or self.incoming or self.delivering:
+        if self.running or self.cancelled or self.waiting or self.incoming or self.delivering:
             self.loop.call_later(self.interval, self._heartbeat)
         else:
             self.beating = False
@@ -441,7 +495,4 @@ class LoopPool:
     def _describe(self, holder: Any) -> str:
         if isinstance(holder, int):
             return "the done callbacks of finished runs"
-        for attempt, own in list(self.running.items()):
-            if own is holder:
-                return attempt.run.id
-        return f"asyncio task {holder.get_name()!r}"
+        return self._name_of(holder)
