@@ -29,7 +29,7 @@ from ...errors import RemoteTraceback, SerializationError, TaskrunError, WorkerD
 from ..base import Attempt, forget_pool
 from . import _functions
 from ._batching import CALL_BYTES, PIPE_BUDGET, BatchPolicy
-from ._protocol import CALLS, CANCEL, DIED, LOG, OK, PROTOCOL, RAISED, READY, WARN
+from ._protocol import CALLS, CANCEL, DIED, LOG, OK, PROTOCOL, RAISED, READY, SKIPPED, WARN
 from ._workers import WorkerProcess, default_start_method
 
 if TYPE_CHECKING:
@@ -517,8 +517,10 @@ class ProcessPool:
             return
         attempt = worker.in_flight.get(call_id)  # type: ignore[arg-type]
         if attempt is None:
-            return  # its run was stopped (a cancelled call's acknowledgement lands here too)
+            return  # its run was stopped
         self._finish_call(worker, attempt)
+        if kind == SKIPPED:  # a cancelled call, skipped (see _stop)
+            return
         if kind == RAISED:
             exc_bytes, tb_text = payload
             try:
@@ -615,14 +617,16 @@ class ProcessPool:
         self._drain(worker)
         if call_id not in worker.in_flight:  # it finished meanwhile
             return None
-        first = next(iter(worker.in_flight))
-        self._finish_call(worker, attempt)
-        if first != call_id:  # queued in the worker behind another call: tell it to skip this one
+        if next(iter(worker.in_flight)) != call_id:
+            # Queued in the worker behind another call: tell it to skip this one. It stays in flight
+            # until the worker says it skipped it, or sends its outcome: the worker may have begun it
+            # already, and what it does then (its death too) is its own, never the next call's.
             try:
                 worker.call_w.send_bytes(pickle.dumps((CANCEL, call_id), PROTOCOL))
             except OSError:
                 pass
             return None
+        self._finish_call(worker, attempt)
         self._end_worker(worker)
         gone = threading.Event()
         worker.gone_waiters.append(gone)

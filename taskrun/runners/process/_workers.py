@@ -29,6 +29,20 @@ if TYPE_CHECKING:
 
 _worker_numbers = itertools.count(1)
 
+# Held while a worker is started, from its pipes' making until the parent has closed the child's
+# ends: a fork copies every open fd, so a worker of another pool forked in between would keep
+# this one's exit sentinel and pipe ends open, and its death would go unseen while that one lives.
+_starting = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    global _starting
+    _starting = threading.Lock()  # a worker forked while this process started another inherits it held
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
 
 def default_start_method() -> str:
     """fork where the platform has it (not macOS, where it is unsafe), else spawn."""
@@ -64,6 +78,17 @@ class WorkerProcess:
     """One worker process and the parent's ends of its three pipes."""
 
     def __init__(self, pool: ProcessPool) -> None:
+        with _starting:
+            self._start(pool)
+        self.pid: int = self.process.pid
+        try:
+            os.setpgid(self.pid, self.pid)  # as the worker does first thing: its group exists from now on
+        except OSError:
+            pass  # it already did (or, under spawn, exec'd and must do it itself)
+        self.sentinel: int = self.process.sentinel
+        self.reader = FrameReader(self.result_r.fileno())
+
+    def _start(self, pool: ProcessPool) -> None:
         ctx = pool.ctx
         call_r, self.call_w = ctx.Pipe(duplex=False)
         self.result_r, result_w = ctx.Pipe(duplex=False)
@@ -116,13 +141,6 @@ class WorkerProcess:
             children.discard(self.process)
         for conn in (call_r, result_w, alive_r):
             conn.close()
-        self.pid: int = self.process.pid
-        try:
-            os.setpgid(self.pid, self.pid)  # as the worker does first thing: its group exists from now on
-        except OSError:
-            pass  # it already did (or, under spawn, exec'd and must do it itself)
-        self.sentinel: int = self.process.sentinel
-        self.reader = FrameReader(self.result_r.fileno())
 
     @property
     def busy(self) -> bool:
