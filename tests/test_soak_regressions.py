@@ -2,6 +2,7 @@
 
 import logging
 import os
+import signal
 import threading
 
 from _waiting import wait_for
@@ -138,3 +139,67 @@ def test_a_call_stopped_as_its_worker_begins_it_is_not_blamed_on_the_call_queued
         assert run.get_result(WAIT) not in (worker_pid, None)  # run again on the replacement, not failed
         assert run.status is Status.SUCCEEDED and run.attempts == 1
     assert x.status is Status.STOPPED
+
+
+# ---- a worker forked while another pool closes a dead worker's pipes ---------------------------
+
+
+def block_on(fifo):
+    with open(fifo, "rb") as f:
+        f.read(1)
+    return os.getpid()
+
+
+def test_a_worker_forked_while_another_pool_closes_a_dead_workers_pipes_keeps_its_own(tmp_path):
+    """A forked child closes the parent's ends of every worker's pipes: never one of its own.
+
+    The child closes them by the numbers their connections hold. When it was forked while
+    another pool's thread was closing a dead worker's pipe end (closed, but its connection not
+    yet told), that number could already be one of the new worker's own pipes: the child
+    closed it, and the new worker died as it started (exit code 0 or 1, "Bad file
+    descriptor"), failing the call it had been given with WorkerDied.
+    """
+    q_runner = MultiprocessTaskRun.configure(start_method="fork", max_workers=1)
+    p_runner = MultiprocessTaskRun.configure(start_method="fork", max_workers=2)
+    q_pid = task(runner=q_runner)(getpid)().get_result(timeout=WAIT)
+    p_task = task(runner=p_runner)(getpid)
+    p_task().get_result(timeout=WAIT)  # p's pool and first worker exist
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (q_worker,) = q_runner._pool().workers
+    closing, forked = threading.Event(), threading.Event()
+    conn = q_worker.call_w
+    number, real_close = conn.fileno(), conn._close
+    fillers = []
+
+    def close_then_pause():
+        # The fd is closed, and is the lowest free one (the next pipe made gets it); the connection
+        # forgets it only when this returns. Where no worker can be started meanwhile, the pause
+        # ends after a second.
+        real_close()
+        fillers.extend(os.open(os.devnull, os.O_RDONLY) for fd in range(number) if not _is_open(fd))
+        closing.set()
+        forked.wait(1)
+
+    conn._close = close_then_pause
+    try:
+        os.kill(q_pid, signal.SIGKILL)  # q's supervisor reaps its worker and closes its pipes
+        assert closing.wait(WAIT)
+        busy = task(runner=p_runner)(block_on)(str(fifo))  # p's first worker is busy...
+        run = p_task()  # ...so this call starts p's second worker, forked now
+        forked.set()
+        assert isinstance(run.get_result(timeout=WAIT), int)
+        assert run.status is Status.SUCCEEDED and run.attempts == 1
+        release(fifo)
+        assert busy.get_result(timeout=WAIT) != run.get_result()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+
+
+def _is_open(fd):
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True

@@ -185,7 +185,7 @@ class ProcessPool:
     def after_fork_in_child(self) -> None:
         """In a forked child (a new worker, or the user's own fork): drop the parent's pipe ends."""
         for worker in self.workers:
-            worker.close()
+            worker.close_unlocked()
         for fd in (self.wake_r, self.wake_w):
             try:
                 os.close(fd)
@@ -669,10 +669,7 @@ class ProcessPool:
             if worker.ending:
                 worker.signal_group(signal.SIGKILL)
             else:
-                try:
-                    worker.call_w.close()
-                except OSError:
-                    pass
+                worker.close_call_pipe()
         deadline = time.monotonic() + 5
         for worker in workers:
             self._drain_until_exit(worker, deadline)

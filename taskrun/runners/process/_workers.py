@@ -30,8 +30,12 @@ if TYPE_CHECKING:
 _worker_numbers = itertools.count(1)
 
 # Held while a worker is started, from its pipes' making until the parent has closed the child's
-# ends: a fork copies every open fd, so a worker of another pool forked in between would keep
-# this one's exit sentinel and pipe ends open, and its death would go unseen while that one lives.
+# ends, and while the parent's ends of a worker's pipes are closed. A fork copies every open fd:
+# a worker of another pool forked in between would keep this one's exit sentinel and pipe ends
+# open, and its death would go unseen while that one lives. And a forked child closes the
+# parent's ends by the numbers their connections hold (ProcessPool.after_fork_in_child): forked
+# between the closing of an fd and its connection forgetting the number, it would close that
+# number again, by then perhaps one of its own pipes.
 _starting = threading.Lock()
 
 
@@ -132,7 +136,7 @@ class WorkerProcess:
             pool.workers.remove(self)
             for conn in (call_r, result_w, alive_r):
                 conn.close()
-            self.close()
+            self.close_unlocked()
             raise
         # Only we reap it: multiprocess would otherwise reap it whenever any process is started
         # (or active_children() is called), and we must know when its pid is no longer ours.
@@ -216,6 +220,20 @@ class WorkerProcess:
         return text or None
 
     def close(self) -> None:
+        """Close the parent's ends of the worker's pipes (not while a worker is being started: see ``_starting``)."""
+        with _starting:
+            self.close_unlocked()
+
+    def close_call_pipe(self) -> None:
+        """Close the pipe calls go out on: the worker exits once it has sent back what it holds."""
+        with _starting:
+            try:
+                self.call_w.close()
+            except OSError:
+                pass
+
+    def close_unlocked(self) -> None:
+        """:meth:`close` without ``_starting``: in a forked child (whose copy of it may be held), or where it is held."""
         for conn in (self.call_w, self.result_r, self.alive_w):
             try:
                 conn.close()
