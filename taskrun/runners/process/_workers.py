@@ -36,12 +36,12 @@ _worker_numbers = itertools.count(1)
 # parent's ends by the numbers their connections hold (ProcessPool.after_fork_in_child): forked
 # between the closing of an fd and its connection forgetting the number, it would close that
 # number again, by then perhaps one of its own pipes.
-_starting = threading.Lock()
+_pipes_lock = threading.Lock()
 
 
 def _reset_after_fork() -> None:
-    global _starting
-    _starting = threading.Lock()  # a worker forked while this process started another inherits it held
+    global _pipes_lock
+    _pipes_lock = threading.Lock()  # a worker forked while this process started another inherits it held
 
 
 if hasattr(os, "register_at_fork"):
@@ -82,7 +82,7 @@ class WorkerProcess:
     """One worker process and the parent's ends of its three pipes."""
 
     def __init__(self, pool: ProcessPool) -> None:
-        with _starting:
+        with _pipes_lock:
             self._start(pool)
         self.pid: int = self.process.pid
         try:
@@ -220,20 +220,20 @@ class WorkerProcess:
         return text or None
 
     def close(self) -> None:
-        """Close the parent's ends of the worker's pipes (not while a worker is being started: see ``_starting``)."""
-        with _starting:
+        """Close the parent's ends of the worker's pipes (not while a worker is being started: see ``_pipes_lock``)."""
+        with _pipes_lock:
             self.close_unlocked()
 
     def close_call_pipe(self) -> None:
         """Close the pipe calls go out on: the worker exits once it has sent back what it holds."""
-        with _starting:
+        with _pipes_lock:
             try:
                 self.call_w.close()
             except OSError:
                 pass
 
     def close_unlocked(self) -> None:
-        """:meth:`close` without ``_starting``: in a forked child (whose copy of it may be held), or where it is held."""
+        """:meth:`close` without ``_pipes_lock``: in a forked child (whose copy of it may be held), or where it is held."""
         for conn in (self.call_w, self.result_r, self.alive_w):
             try:
                 conn.close()
