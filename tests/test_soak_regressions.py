@@ -2,6 +2,7 @@
 
 import logging
 import os
+import select
 import signal
 import threading
 
@@ -203,3 +204,45 @@ def _is_open(fd):
     except OSError:
         return False
     return True
+
+
+# ---- stop() reads the results that free a worker: the backlog must still go out ------------------
+
+
+def test_a_stop_that_reads_the_results_freeing_a_worker_lets_the_waiting_calls_go_on(tmp_path, monkeypatch):
+    """stop() reads what the call's worker has sent (to know where the call is); the calls waiting must go on.
+
+    When that read brought in the results that freed the worker, nobody sent it the calls
+    waiting for a worker: the pool's thread only does so when it reads results itself, and
+    there was nothing left for it to read. With every worker busy before, new calls queued
+    behind them and the pool stalled for good.
+    """
+    from taskrun.runners.process._pool import ProcessPool
+
+    one = MultiprocessTaskRun.configure(start_method="fork", max_workers=1)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    first = task(runner=one)(block_on)(str(fifo))
+    pool = one._pool()
+    wait_for(lambda: first.status is Status.RUNNING, WAIT, "the first call to run")  # the worker's READY is read
+    waiting = task(runner=one)(getpid)()  # every worker is busy: it waits for one
+    (worker,) = pool.workers
+
+    parked, unpark = threading.Event(), threading.Event()
+    real_deliver = ProcessPool._deliver
+
+    def deliver(self, out):
+        real_deliver(self, out)
+        if threading.current_thread() is self.thread and not unpark.is_set():
+            parked.set()  # the pool's thread waits here, outside its lock, before it polls again
+            unpark.wait(WAIT)
+
+    monkeypatch.setattr(ProcessPool, "_deliver", deliver)
+    pool._wake()
+    assert parked.wait(WAIT)
+    release(fifo)  # the first call ends; its result waits in the pipe, unread
+    wait_for(lambda: select.select([worker.result_r.fileno()], [], [], 0)[0], WAIT, "the first call's result")
+    assert first.stop() is True  # reads that result: the worker is free
+    unpark.set()
+    assert waiting.wait(10), f"{waiting!r} never went to the free worker"
+    assert waiting.get_result() == worker.pid

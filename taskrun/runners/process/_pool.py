@@ -146,10 +146,11 @@ class ProcessPool:
             gone = self._stop(attempt)
             out = self._take_outbox()
         self._deliver(out)
-        if gone is not None:
-            self._wake()  # the supervisor keeps the SIGKILL deadline
-            if threading.current_thread() is not self.thread:
-                gone.wait(TERMINATE_GRACE + 10)
+        # The supervisor keeps the SIGKILL deadline, and sends the calls waiting for a worker to the one
+        # _stop may have freed: the results it read there will not wake the supervisor.
+        self._wake()
+        if gone is not None and threading.current_thread() is not self.thread:
+            gone.wait(TERMINATE_GRACE + 10)
 
     def shutdown(self, wait: bool = True) -> None:
         """``wait=True``: finish every call first. ``wait=False``: stop them and end the workers now."""
