@@ -849,7 +849,7 @@ class Soak:
             # the ledger's second process is started (subprocess.Popen) while no pool forks a worker,
             # which would take along the pipes Popen is making (see the module docstring).
             sample_due = ledger_due = False
-            while checked < calls:
+            while checked < max(calls, issued):  # a group may take the count past ``calls``: all are checked
                 if (sample_due or ledger_due) and issued == checked:
                     if ledger_due:
                         self.ledger(self.ledger_keys)
