@@ -424,7 +424,11 @@ class Watcher:
             if not mine:
                 self.seen.append((time.time(), call_id, "not ours", pid))
             if mine:
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:  # it ended meanwhile (its run was stopped, or timed out)
+                    self.seen.append((time.time(), call_id, "gone", pid))
+                    return
                 self.figures.actions["sigkill"] += 1
             return
         with self.cond:  # the call may announce itself before the driver has registered it
