@@ -46,10 +46,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         errors = ledger.last_errors(args.errors) if args.errors else []
     except LedgerError as exc:
         return _fail(str(exc))
-    if args.json:
-        print(json.dumps(_as_json(path, summary, errors), indent=2))
-    else:
-        print(_as_text(path, summary, errors))
+    text = json.dumps(_as_json(path, summary, errors), indent=2) if args.json else _as_text(path, summary, errors)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        # Point stdout at /dev/null so the interpreter's own flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     return 0
 
 

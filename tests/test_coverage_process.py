@@ -773,7 +773,9 @@ def test_cloudpickle_rules_that_fail_fall_back_to_the_module_name(monkeypatch):
 
 
 def test_without_cloudpickles_hooks_functions_pickle_as_cloudpickle_does(monkeypatch):
-    monkeypatch.setattr(_functions, "_CAN_CUSTOMISE", False)
+    from taskrun import _pickling
+
+    monkeypatch.setattr(_pickling, "_CAN_CUSTOMISE", False)
     data, sources = _functions.dumps_function(double, vars(sys.modules[__name__]))
     assert sources == {} and cloudpickle.loads(data)(4) == 8
 

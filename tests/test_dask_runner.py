@@ -11,6 +11,7 @@ why, only when the extra is missing.
 from __future__ import annotations
 
 import asyncio
+import linecache
 import logging
 import multiprocessing.resource_tracker
 import os
@@ -23,10 +24,21 @@ import time
 
 import psutil
 import pytest
+from _dask_bodies import log_then_hang
 from _waiting import is_alive, wait_for
 
 import taskrun
-from taskrun import Ledger, SerializationError, Status, TaskStopped, TaskTimeout, UpstreamFailed, WorkerDied, task
+from taskrun import (
+    Ledger,
+    SerializationError,
+    Status,
+    TaskrunError,
+    TaskStopped,
+    TaskTimeout,
+    UpstreamFailed,
+    WorkerDied,
+    task,
+)
 from taskrun.errors import RemoteTraceback
 
 WAIT = 30
@@ -144,6 +156,39 @@ def log_warning(name, text):
     return text
 
 
+async def async_add(x, y):
+    await asyncio.sleep(0.01)
+    return x + y
+
+
+def by_value_failure():
+    """A function defined in a test: cloudpickle sends it by value (its code), as it does those of a main script."""
+
+    def fail_here(text):
+        raise ValueError(text)  # the line the traceback must show
+
+    return fail_here
+
+
+def worker_pid():
+    """The pid of the Dask worker running this (its parent, in an isolated attempt's child process)."""
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:
+        return os.getppid()
+    return os.getpid()
+
+
+def http_ports():
+    """The ports of the HTTP servers of the scheduler and of each worker, as the scheduler lists them."""
+    from distributed import get_client
+
+    info = get_client().scheduler_info()
+    return [info["services"]["dashboard"], *(w["services"]["dashboard"] for w in info["workers"].values())]
+
+
 def dask_dependencies(value):
     """The value, and the keys of the Dask tasks this one depended on (as the worker saw them)."""
     from distributed import get_worker
@@ -225,6 +270,42 @@ def test_a_result_that_cannot_be_pickled_fails_naming_its_type(dask_runner):
     with pytest.raises(SerializationError, match="lock") as info:
         run.get_result(timeout=WAIT)
     assert "could not be pickled" in str(info.value)
+
+
+@pytest.mark.parametrize("isolate", ["thread", "process"])
+def test_an_async_def_task_runs_to_completion_on_the_worker(dask_client, isolate, recwarn):
+    from taskrun import DaskTaskRun
+
+    runner = DaskTaskRun.configure(client=dask_client, isolate=isolate)
+    assert task(runner=runner)(async_add)(2, 3).get_result(timeout=WAIT) == 5  # its value, never a coroutine
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+@pytest.mark.parametrize("isolate", ["thread", "process"])
+def test_tracebacks_of_code_sent_by_value_name_its_file_line_and_source(dask_client, isolate):
+    from taskrun import DaskTaskRun
+
+    runner = DaskTaskRun.configure(client=dask_client, isolate=isolate)
+    fn = by_value_failure()
+    line = fn.__code__.co_firstlineno + 1
+    with pytest.raises(ValueError, match="from a test") as info:
+        task(runner=runner)(fn)("from a test").get_result(timeout=WAIT)
+    tb_text = info.value.__cause__.tb_text
+    assert f'File "{__file__}", line {line}, in fail_here' in tb_text, tb_text
+    assert "raise ValueError(text)  # the line the traceback must show" in tb_text
+    # Code whose file the workers cannot read (a notebook cell): its lines travel along.
+    source = "def from_a_cell(x):\n    return 1 / x  # in the cell\n"
+    filename = str(HERE / "no-such-dir" / f"cell-{isolate}.py")
+    namespace = {"__name__": "__main__"}
+    exec(compile(source, filename, "exec"), namespace)
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    try:
+        with pytest.raises(ZeroDivisionError) as info:
+            task(runner=runner)(namespace["from_a_cell"])(0).get_result(timeout=WAIT)
+    finally:
+        del linecache.cache[filename]
+    tb_text = info.value.__cause__.tb_text
+    assert f'File "{filename}", line 2, in from_a_cell' in tb_text and "return 1 / x  # in the cell" in tb_text, tb_text
 
 
 def test_the_function_goes_once_per_client_and_every_attempt_is_a_new_dask_task(dask_runner, dask_client, tmp_path):
@@ -494,6 +575,28 @@ def test_logging_from_the_task_reaches_the_callers_handlers(dask_client, caplog,
     assert records[0].levelno == logging.WARNING and records[0].process != os.getpid()
 
 
+@pytest.mark.parametrize("isolate", ["thread", "process"])
+@pytest.mark.parametrize("end", ["stop", "timeout"])
+def test_what_a_stopped_or_timed_out_attempt_logged_reaches_the_caller(dask_client, caplog, tmp_path, isolate, end):
+    from taskrun import DaskTaskRun
+
+    runner = DaskTaskRun.configure(client=dask_client, isolate=isolate)
+    name = f"tests.dask.hung.{isolate}.{end}"
+    caplog.set_level(logging.WARNING, logger=name)
+    started = tmp_path / "started"
+    timeout = {"stop": None, "timeout": 0.5 if isolate == "thread" else 2}[end]
+    run = task(runner=runner, timeout=timeout)(log_then_hang)(name, str(started))
+    (pid,) = read_pids(started)
+    if end == "stop":
+        run.stop()
+    else:
+        with pytest.raises(TaskTimeout):
+            run.get_result(timeout=WAIT)
+    records = wait_for(lambda: [r for r in caplog.records if r.name == name], WAIT, "the hung attempt's record")
+    assert [r.getMessage() for r in records] == [f"before the hang, pid {pid}"]
+    assert records[0].process == pid
+
+
 def test_done_callbacks_and_await(dask_runner):
     seen = []
     done = threading.Event()
@@ -522,12 +625,14 @@ def test_settings_are_checked():
         DaskTaskRun.configure(n_workers=0.5)
 
 
-def test_address_and_client_together_are_refused(dask_client):
+def test_address_and_client_together_are_refused_by_configure(dask_client):
     from taskrun import DaskTaskRun
 
-    both = DaskTaskRun.configure(client=dask_client, address="tcp://127.0.0.1:1")
-    with pytest.raises(ValueError, match="address= or client=, not both"):
-        task(runner=both)(add)(1)
+    with pytest.raises(ValueError, match=r"address= .* or client= .*not both; got address='tcp://127.0.0.1:1' and client="):
+        DaskTaskRun.configure(client=dask_client, address="tcp://127.0.0.1:1")
+    with pytest.raises(ValueError, match="not both"):  # one after the other, too
+        DaskTaskRun.configure(address="tcp://127.0.0.1:1").configure(client=dask_client)
+    assert DaskTaskRun.configure(address="tcp://127.0.0.1:1").configure(address=None, client=dask_client).client is dask_client
 
 
 def test_import_taskrun_does_not_import_dask_and_a_missing_extra_names_the_fix():
@@ -582,6 +687,127 @@ def test_at_exit_calls_already_sent_finish_before_the_local_cluster_closes(tmp_p
     assert out.stdout == "leaving\n"
     assert done.read_text() == "written"  # the call went on after the script's last line
     assert "Traceback" not in out.stderr and "ERROR" not in out.stderr, out.stderr
+
+
+def test_the_first_call_in_async_code_returns_at_once_while_the_local_cluster_starts(tmp_path):
+    pytest.importorskip("distributed", reason='the dask extra is not installed: pip install "taskrun[dask]"')
+    from taskrun import DaskTaskRun
+
+    t = task(runner=DaskTaskRun.configure(n_workers=1, memory_limit="512MiB"))(add)
+
+    async def main():
+        before = time.monotonic()
+        run = t(1, 2)  # starts the cluster: not in this thread, whose event loop would wait meanwhile
+        took = time.monotonic() - before
+        status = run.status
+        return took, status, await run
+
+    took, status, value = asyncio.run(main())
+    assert value == 3 and status is Status.PENDING
+    assert took < 0.3, f"the call took {took:.2f} s"  # starting the cluster takes about 1 s here
+
+
+def test_the_local_cluster_serves_no_http_and_runners_that_do_not_change_it_share_it():
+    pytest.importorskip("distributed", reason='the dask extra is not installed: pip install "taskrun[dask]"')
+    import urllib.error
+    import urllib.request
+
+    from taskrun import DaskTaskRun
+
+    plain = DaskTaskRun.configure(n_workers=1, memory_limit="512MiB")
+    isolated = plain.configure(isolate="process")
+    pids = [task(runner=runner)(worker_pid)().get_result(timeout=WAIT) for runner in (plain, isolated)]
+    assert pids[0] == pids[1]  # one cluster (of one worker) for both
+    ports = task(runner=plain)(http_ports)().get_result(timeout=WAIT)
+    assert len(ports) == 2 and 8787 not in ports
+    for port in ports:  # Dask opens them whatever its settings say: they answer nothing
+        for path in ("/health", "/info/main/workers.html", "/metrics", "/status"):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=WAIT)
+            assert info.value.code == 404, (port, path)
+
+
+def test_calls_to_an_unreachable_scheduler_return_at_once_fail_together_and_a_later_call_tries_again():
+    pytest.importorskip("distributed", reason='the dask extra is not installed: pip install "taskrun[dask]"')
+    import socket
+
+    import dask
+    from distributed import LocalCluster
+
+    from taskrun import DaskTaskRun
+
+    with socket.socket() as sock:  # a port nothing listens on (yet)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    t = task(runner=DaskTaskRun.configure(address=address))(add)
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        before = time.monotonic()
+        runs = [t(i) for i in range(5)]
+        took = time.monotonic() - before
+        assert took < 0.5, f"5 calls took {took:.2f} s"  # each waited for Dask's connect timeout
+        assert all(run.status is Status.PENDING for run in runs)
+        for run in runs:
+            with pytest.raises(TaskrunError, match=rf"could not connect to the Dask scheduler at {address} .*"
+                                                   r"is the scheduler running"):
+                run.get_result(timeout=WAIT)
+        assert time.monotonic() - before < 5 * 1.0  # one connection tried for all, not one per call
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, scheduler_port=port, host="127.0.0.1",
+                      dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster:
+        assert cluster.scheduler_address == address
+        assert t(41, 1).get_result(timeout=WAIT) == 42  # not the failure again: it connected
+        taskrun.shutdown()
+
+
+def test_a_script_that_calls_tasks_outside_the_main_guard_fails_the_call_saying_so(tmp_path):
+    pytest.importorskip("distributed", reason='the dask extra is not installed: pip install "taskrun[dask]"')
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from taskrun import DaskTaskRun, task\n"
+        "def add(x, y):\n"
+        "    return x + y\n"
+        "print(task(runner=DaskTaskRun.configure(n_workers=1))(add)(1, 2).get_result(timeout=60))\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=2 * WAIT)
+    assert out.returncode == 1 and out.stdout == ""
+    assert "TaskrunError" in out.stderr and "did not start its local Dask cluster" in out.stderr, out.stderr
+    assert f"main script ({script}) again" in out.stderr and "line 4" in out.stderr
+    assert 'Put the code that starts tasks under `if __name__ == "__main__":`' in out.stderr
+    assert "Nanny" not in out.stderr and len(out.stderr.splitlines()) < 30, out.stderr  # not Dask's hundreds of lines
+
+
+def test_a_script_with_logging_configured_prints_each_task_record_once_and_exits_quietly(tmp_path):
+    """The workers of a local cluster run the script's top level again (logging.basicConfig too); a second
+    local cluster (other settings) and an attempt stopped while it runs must not make Dask talk at exit."""
+    pytest.importorskip("distributed", reason='the dask extra is not installed: pip install "taskrun[dask]"')
+    started = tmp_path / "started"
+    script = tmp_path / "logs.py"
+    script.write_text(
+        "import logging, os, time\n"
+        "from taskrun import DaskTaskRun, task\n"
+        "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s %(message)s')\n"
+        "def say(text):\n"
+        "    logging.getLogger('script').warning('said %s', text)\n"
+        "    return text\n"
+        "def hang(path):\n"
+        "    open(path, 'w').close()\n"
+        "    time.sleep(1)  # stopped meanwhile: it runs on, and is still running at exit\n"
+        "if __name__ == '__main__':\n"
+        "    One = DaskTaskRun.configure(n_workers=1, memory_limit='512MiB')\n"
+        "    Two = DaskTaskRun.configure(n_workers=1, memory_limit='512MiB', threads_per_worker=2)\n"
+        "    print(task(runner=One)(say)('hello').get_result(timeout=60), flush=True)\n"
+        "    print(task(runner=Two)(say)('again').get_result(timeout=60), flush=True)\n"
+        f"    run = task(runner=One)(hang)({str(started)!r})\n"
+        f"    while not os.path.exists({str(started)!r}):\n"
+        "        time.sleep(0.01)\n"
+        "    run.stop()\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=2 * WAIT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "hello\nagain\n"
+    lines = out.stderr.splitlines()
+    assert [line for line in lines if "said" in line] == ["WARNING script said hello", "WARNING script said again"], lines
+    assert not [line for line in lines if " - INFO - " in line or "Async instruction" in line], lines
 
 
 @pytest.fixture

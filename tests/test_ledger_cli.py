@@ -167,3 +167,29 @@ def test_a_negative_error_count_is_a_usage_error(ledger_path):
     result = status(ledger_path, "--errors", "-1")
     assert result.returncode == 2
     assert "--errors" in result.stderr and "0 or more" in result.stderr
+
+
+def test_status_piped_into_a_reader_that_stops_early_exits_quietly(tmp_path):
+    """``python -m taskrun status runs.db --json | head -1``: no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    from taskrun import ThreadTaskRun, task
+
+    path = tmp_path / "runs.db"
+    echo = task(runner=ThreadTaskRun, ledger=str(path), name="echo")(lambda x: x)
+    assert echo.map(range(20)).wait(30)
+    import taskrun
+
+    taskrun.shutdown()
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte is written
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "taskrun", "status", str(path), "--json"], stdout=write, stderr=subprocess.PIPE,
+            timeout=30,
+        )
+    finally:
+        os.close(write)
+    assert b"Traceback" not in out.stderr, out.stderr.decode()
+    assert out.returncode == 0

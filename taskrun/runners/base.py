@@ -47,6 +47,8 @@ __all__ = [
     "shutdown",
     "exit_handler_first",
     "check_setting_int",
+    "dumps_function",
+    "register_sources",
 ]
 
 #: The registered pools by key (read-only; look a pool up here on hot paths, make it with :func:`shared_pool`).
@@ -66,3 +68,27 @@ def shared_pool(key: PoolKey, factory: Callable[[], PoolT]) -> PoolT:
 def check_setting_int(owner: str, name: str, value: Any, allow_none: bool = True) -> None:
     """Raise TypeError/ValueError naming the setting unless ``value`` is an int >= 1 (or None, if allowed)."""
     positive_int_or_none(owner, name, value, allow_none)
+
+
+def dumps_function(fn: Any, home: dict[str, Any] | None = None, every_file: bool = False) -> tuple[bytes, dict[str, list[str]]]:
+    """Pickle ``fn`` for another process, so that tracebacks and warnings there name your file, line and source.
+
+    Returns the pickle (cloudpickle's, whose code objects keep their real file name) and the
+    source lines that process needs, ``{file name: lines}``: of code without a file to read
+    (a notebook cell), or, with ``every_file``, of every file the pickled code comes from (a
+    worker on another machine cannot read this one's files). Give them to
+    :func:`register_sources` there before running the function. ``home``: a module's
+    globals whose plain functions travel by value too (None: cloudpickle's own rule); if
+    that pickle fails, ``fn`` is pickled as cloudpickle does it by default.
+    """
+    from .._pickling import dumps_function as dumps
+
+    return dumps(fn, home, every_file)
+
+
+def register_sources(sources: dict[str, list[str]]) -> None:
+    """In the process that runs a function from :func:`dumps_function`: make its source lines readable by
+    tracebacks and warnings (``linecache``)."""
+    from .._pickling import register_sources as register
+
+    register(sources)

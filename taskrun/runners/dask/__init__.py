@@ -12,7 +12,7 @@ from __future__ import annotations
 import atexit
 import sys
 import threading
-from typing import Any, ClassVar, TypeGuard
+from typing import Any, ClassVar, TypeGuard, TypeVar
 
 import cloudpickle
 
@@ -25,12 +25,13 @@ except ImportError as _missing:  # pragma: no cover - the extra is missing
 
 from ...errors import SerializationError
 from ..base import PLAIN_TYPES, Attempt, BaseTaskRun, R, check_setting_int, drop_pools, registered_pools, shared_pool
-from . import _client, _outcome, _remote
+from . import _client, _guard, _outcome, _remote
 from ._client import DaskPool
 
 __all__ = ["DaskTaskRun"]
 
 _ISOLATE = (None, "thread", "process")
+_RunT = TypeVar("_RunT", bound=BaseTaskRun[Any])
 _CONTAINERS = (list, tuple, dict, set, frozenset)
 
 
@@ -41,7 +42,9 @@ class DaskTaskRun(BaseTaskRun[R]):
     ``distributed.Client`` of yours, never closed by taskrun); with neither, a ``LocalCluster``
     of ``n_workers`` processes (default: one per core) with ``threads_per_worker`` threads
     (default 1), ``memory_limit`` each and ``dashboard_address`` (None: no dashboard) is started
-    on first use and closed at exit. ``isolate="process"`` runs each attempt in a child process
+    on first use (by a thread of taskrun's: calls return at once, and wait PENDING) and closed at
+    exit; runner classes that differ only in settings that do not change the cluster share it.
+    ``isolate="process"`` runs each attempt in a child process
     on its worker, so that ``stop()`` and a timeout end it (and its process group); by default
     (``isolate="thread"``) a stopped or timed-out attempt runs on in its worker thread until it
     returns, its result discarded, and ``taskrun.stop_requested()`` turns True inside it.
@@ -86,11 +89,23 @@ class DaskTaskRun(BaseTaskRun[R]):
                                 f"or None, got {value!r}")
 
     @classmethod
+    def configure(cls: type[_RunT], **settings: Any) -> type[_RunT]:
+        """A subclass with these settings (see :meth:`BaseTaskRun.configure`); ``address`` and ``client`` exclude each other."""
+        address = settings.get("address", getattr(cls, "address", None))
+        client = settings.get("client", getattr(cls, "client", None))
+        if address is not None and client is not None:
+            raise ValueError(
+                f"{cls.__name__}: give address= (taskrun connects to that scheduler) or client= (your own "
+                f"distributed.Client), not both; got address={address!r} and client={client!r}"
+            )
+        return super().configure(**settings)
+
+    @classmethod
     def _pool(cls) -> DaskPool:
         pool: DaskPool | None = registered_pools.get(cls)
         if pool is None:
-            if cls.address is not None and cls.client is not None:
-                raise ValueError(f"{cls.__name__}: give address= or client=, not both")
+            if cls.address is None and cls.client is None:
+                _guard.check_main_guard(cls.__name__)
             pool = shared_pool(cls, lambda: DaskPool(cls))
         return pool
 
@@ -111,7 +126,7 @@ class DaskTaskRun(BaseTaskRun[R]):
         the call's key in the ledger is made of its arguments' values."""
         if isinstance(upstream, DaskTaskRun) and self.task.ledger is None:
             future = _client.kept_future(upstream)
-            if future is not None and future.client is type(self)._pool().connect():
+            if future is not None and future.client is type(self)._pool().client:  # None until connected
                 self._via_dask = True
                 return future
         return upstream.get_result()
@@ -146,10 +161,15 @@ class DaskTaskRun(BaseTaskRun[R]):
 
     def start_attempt(self, attempt: Attempt) -> None:
         pool = self._pool_used
-        if pool is None or pool.closed:  # retried after its pool shut down: a new one, and the function sent there
-            pool = self._pool_used = type(self)._pool()
-            self._fn_id = pool.function_id(self.task)
-        pool.submit(attempt, self._key_prefix + str(attempt.number), self._fn_id, self._mode, self._payload)  # type: ignore[arg-type]
+        key = self._key_prefix + str(attempt.number)
+        for _ in range(3):
+            if pool is None or pool.closed:  # shut down, or it could not connect: a new pool, which tries again
+                pool = self._pool_used = type(self)._pool()
+                self._fn_id = pool.function_id(self.task)
+            if pool.submit(attempt, key, self._fn_id, self._mode, self._payload):  # type: ignore[arg-type]
+                return
+            pool = None
+        raise RuntimeError(f"{type(self).__name__}: its Dask pool closed at every try to send {attempt.run.id}")
 
     def stop_attempt(self, attempt: Attempt) -> None:
         pool = self._pool_used

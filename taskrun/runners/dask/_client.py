@@ -1,9 +1,12 @@
 """The caller's side of ``DaskTaskRun``: one connection to a cluster, its attempts, and their outcomes.
 
-A :class:`DaskPool` per configured runner class holds a ``distributed.Client`` (the user's, one
-made for ``address``, or one on a ``LocalCluster`` it starts) and a delivery thread. An attempt is
-one Dask task (``_remote.run_attempt``) with a unique key. Dask tells the pool three things, on
-its own threads, and the pool only queues them for the delivery thread:
+A :class:`DaskPool` per configured runner class holds a ``distributed.Client`` (the user's, or a
+:class:`Connection` shared by every runner class with the same target: a scheduler's address, or
+one ``LocalCluster`` per set of cluster settings) and a delivery thread. The thread connects (or
+starts the cluster) first, so that no call waits for it: calls made meanwhile are queued, PENDING,
+and if the connection fails they all fail with one error. An attempt is one Dask task
+(``_remote.run_attempt``) with a unique key. Dask tells the pool four things, on its own threads,
+and the pool only queues them for the delivery thread:
 
 * a task finished (a ``distributed.as_completed`` the pool feeds, whose condition is also the
   thread's wake-up call; done callbacks would not do, as their executor is gone while the
@@ -12,7 +15,8 @@ its own threads, and the pool only queues them for the delivery thread:
 * a task began on a worker: the worker logs an event on the client's topic, so the attempt turns
   RUNNING and its timeout counts from the worker's start, not from when it was queued;
 * a worker left the cluster (the scheduler's "all" topic): attempts that had begun there end with
-  :class:`WorkerDied` (Dask would otherwise quietly run them again elsewhere).
+  :class:`WorkerDied` (Dask would otherwise quietly run them again elsewhere);
+* the log records of an attempt that was stopped while it ran (its outcome is never read).
 
 Futures are let go as soon as their outcome is read, except that a run whose dependents were
 made before it finished keeps its future until they finish (see ``hold``), so they receive
@@ -37,7 +41,7 @@ import dask.config
 from distributed import CancelledError, Client, Event, Future, KilledWorker, LocalCluster, as_completed
 
 from ...errors import SerializationError, TaskrunError, WorkerDied, attach_traceback, describe_exit
-from ..base import PLAIN_TYPES, Attempt, BaseTaskRun, forget_pool
+from ..base import PLAIN_TYPES, Attempt, BaseTaskRun, dumps_function, forget_pool
 from . import _outcome, _remote
 from ._outcome import type_of
 
@@ -60,14 +64,14 @@ CLOSE_TIMEOUT = 10
 class Call:
     """An attempt's Dask task, as the pool tracks it (the attempt's ``runner_state``)."""
 
-    __slots__ = ("key", "fn_id", "mode", "payload", "config", "future", "worker", "pid", "resent", "queued_on_dead")
+    __slots__ = ("key", "fn_id", "mode", "payload", "timed", "future", "worker", "pid", "resent", "queued_on_dead")
 
-    def __init__(self, key: str, fn_id: str, mode: int, payload: Any, config: tuple[Any, ...], resent: int = 0) -> None:
+    def __init__(self, key: str, fn_id: str, mode: int, payload: Any, timed: bool, resent: int = 0) -> None:
         self.key = key
         self.fn_id = fn_id
         self.mode = mode
         self.payload = payload
-        self.config = config  # run_attempt's
+        self.timed = timed  # its task has a timeout: its start is announced at once
         self.future: Future[_remote.Outcome] | None = None
         self.worker: str | None = None  # where it began (from the start event); None while queued
         self.pid: int | None = None
@@ -106,14 +110,21 @@ class _Hub:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.pools: list[DaskPool] = []
-        client.subscribe_topic(client.id, self.on_started)
+        client.subscribe_topic(client.id, self.on_worker_event)
         client.subscribe_topic("all", self.on_cluster_event)
 
-    def on_started(self, event: tuple[float, Any]) -> None:
+    def on_worker_event(self, event: tuple[float, Any]) -> None:
         msg = event[1]
-        if type(msg) in (tuple, list) and len(msg) == 4:  # else one of the scheduler's own events about this client
+        if type(msg) not in (tuple, list):
+            return  # one of the scheduler's own events about this client
+        if len(msg) == 4:
             for pool in self.pools:
                 pool.on_started(msg)
+        elif len(msg) == 3 and msg[0] == _remote.LOGS:
+            for pool in self.pools:  # any of them replays them, on its own thread
+                if pool.on_logs(msg[2]):
+                    return
+            replay_logs(msg[2])
 
     def on_cluster_event(self, event: tuple[float, Any]) -> None:
         if type(event[1]) is not dict:
@@ -154,6 +165,193 @@ def _leave_hub(pool: DaskPool, client: Client) -> None:
             return
         del _hubs[id(client)]
     hub.close()
+
+
+# ---- connections this process made, shared by the pools with the same target ----------------
+
+_STREAM_HANDLER: type[logging.Handler] = logging.StreamHandler  # what Dask installs (type() of it, exactly)
+_quiet_lock = threading.Lock()
+_quiet_users = 0
+_quieted: list[tuple[logging.Handler, int]] = []
+
+
+def _quiet_dask_logs(on: bool) -> None:
+    """Keep Dask's own stderr handler at WARNING while any local cluster of taskrun's lives.
+
+    A ``LocalCluster`` raises that handler (which Dask installs on its "distributed" logger)
+    to WARNING for its life and puts it back when it has closed; with two clusters, the first
+    to close would put it back while the other still runs, and that one's INFO lines about
+    closing would print. Nothing changes for a handler the user set a level on, or added.
+    """
+    global _quiet_users
+    with _quiet_lock:
+        if on:
+            _quiet_users += 1
+            if _quiet_users == 1:
+                for handler in logging.getLogger("distributed").handlers:
+                    if type(handler) is _STREAM_HANDLER and handler.level < logging.WARNING:
+                        _quieted.append((handler, handler.level))
+                        handler.setLevel(logging.WARNING)
+            return
+        _quiet_users -= 1
+        if _quiet_users == 0:
+            for handler, level in _quieted:
+                if handler.level == logging.WARNING:
+                    handler.setLevel(level)
+            _quieted.clear()
+
+
+class Connection:
+    """A client this process made: to a scheduler's address, or on a ``LocalCluster`` it started.
+
+    Shared by every pool (configured runner class) with the same target, so that settings that
+    do not change the cluster (``isolate``) do not start a second one. It connects (or starts
+    the cluster) the first time a pool's thread asks, never in a caller's thread; a failed
+    connection is forgotten, so that the next call tries again. The last pool to let it go
+    closes it.
+    """
+
+    def __init__(self, key: tuple[Any, ...], runner_name: str, address: str | None, cluster_options: dict[str, Any]) -> None:
+        self.key = key
+        self.runner_name = runner_name
+        self.address = address
+        self.cluster_options = cluster_options
+        self.lock = threading.Lock()
+        self.users = 0  # pools holding it (under _connections_lock)
+        self.client: Client | None = None
+        self.cluster: LocalCluster | None = None
+        self.error: TaskrunError | None = None
+
+    def open(self) -> Client:
+        """The client, connecting or starting the cluster the first time (it blocks: call it on a pool's thread)."""
+        with self.lock:
+            if self.client is not None:
+                return self.client
+            if self.error is not None:
+                raise self.error
+            try:
+                self.client = self._open()
+            except Exception as exc:
+                self.error = self._error(exc)
+                _forget_connection(self)
+                raise self.error from exc
+            return self.client
+
+    def _open(self) -> Client:
+        if self.address is not None:
+            return Client(self.address, set_as_default=False)
+        options = dict(self.cluster_options)
+        settings: dict[str, Any] = {
+            # A task whose worker dies is never run again by Dask: taskrun reports WorkerDied (and retries
+            # per the task's options), and sends again the attempts that were only queued there.
+            "distributed.scheduler.allowed-failures": 0,
+        }
+        if options.get("dashboard_address") is None:
+            # No dashboard: the scheduler and the workers open an HTTP server all the same (no setting turns it
+            # off), on port 8787 for the scheduler. Serve nothing there, on a port of the system's choosing.
+            settings["distributed.scheduler.http.routes"] = []
+            settings["distributed.worker.http.routes"] = []
+            options["scheduler_kwargs"] = {"dashboard_address": "127.0.0.1:0"}
+        _quiet_dask_logs(True)
+        try:
+            with dask.config.set(settings):
+                cluster = LocalCluster(**options)
+        except BaseException:
+            _quiet_dask_logs(False)
+            raise
+        try:
+            client = Client(cluster, set_as_default=False)
+        except BaseException:
+            self._close_cluster(cluster)
+            raise
+        self.cluster = cluster
+        return client
+
+    def _error(self, exc: Exception) -> TaskrunError:
+        if self.address is not None:
+            return TaskrunError(
+                f"{self.runner_name} could not connect to the Dask scheduler at {self.address} ({type(exc).__name__}: "
+                f"{exc}): is the scheduler running (`dask scheduler`), is address= right, and is its port reachable "
+                "from here? The next call tries again."
+            )
+        return TaskrunError(f"{self.runner_name} could not start its local Dask cluster: {type(exc).__name__}: {exc}")
+
+    def close(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            try:
+                client.close(timeout=CLOSE_TIMEOUT)
+            except Exception:
+                logger.debug("closing the Dask client failed", exc_info=True)
+        cluster, self.cluster = self.cluster, None
+        if cluster is not None:
+            self._close_cluster(cluster)
+
+    def _close_cluster(self, cluster: LocalCluster) -> None:
+        try:
+            cluster.close(timeout=CLOSE_TIMEOUT)
+        except Exception:
+            logger.warning("%s: closing its local Dask cluster failed", self.runner_name, exc_info=True)
+        finally:
+            _quiet_dask_logs(False)
+
+
+_connections: dict[tuple[Any, ...], Connection] = {}
+_connections_lock = threading.Lock()
+
+
+def connection_for(runner: Any) -> Connection:
+    """The connection for ``runner``'s target (a new one on first use), held until :func:`let_go`."""
+    if runner.address is not None:
+        key: tuple[Any, ...] = ("address", runner.address)
+        options: dict[str, Any] = {}
+    else:
+        options = {
+            "n_workers": runner.n_workers or os.cpu_count() or 1,
+            "threads_per_worker": runner.threads_per_worker or 1,
+            "dashboard_address": runner.dashboard_address,
+            "processes": True,
+        }
+        if runner.memory_limit is not None:
+            options["memory_limit"] = runner.memory_limit
+        key = ("local", *sorted(options.items()))
+    with _connections_lock:
+        connection = _connections.get(key)
+        if connection is None:
+            connection = _connections[key] = Connection(key, runner.__name__, runner.address, options)
+        connection.users += 1
+    return connection
+
+
+def let_go(connection: Connection) -> None:
+    """A pool is done with ``connection``: the last one closes it (here, and it may block)."""
+    with _connections_lock:
+        connection.users -= 1
+        if connection.users > 0:
+            return
+        if _connections.get(connection.key) is connection:
+            del _connections[connection.key]
+    connection.close()
+
+
+def _forget_connection(connection: Connection) -> None:
+    with _connections_lock:
+        if _connections.get(connection.key) is connection:
+            del _connections[connection.key]
+
+
+def _forget_connections_in_child() -> None:
+    """In a forked child: the parent's clients and clusters are not ours (each pool forgets its own)."""
+    global _connections_lock, _quiet_lock, _quiet_users
+    _connections.clear()
+    _connections_lock = threading.Lock()
+    _quiet_lock = threading.Lock()
+    _quiet_users = 0
+    _quieted.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_connections_in_child)
 
 
 # ---- futures kept for dependents -------------------------------------------------------------
@@ -203,92 +401,68 @@ class DaskPool:
         self.runner_name = runner.__name__
         self.address: str | None = runner.address
         self.user_client: Client | None = runner.client
-        self.cluster_options: dict[str, Any] = {  # LocalCluster's
-            "n_workers": runner.n_workers or os.cpu_count() or 1,
-            "threads_per_worker": runner.threads_per_worker or 1,
-            "dashboard_address": runner.dashboard_address,
-            "processes": True,
-        }
-        if runner.memory_limit is not None:
-            self.cluster_options["memory_limit"] = runner.memory_limit
+        # The user's client, or a connection shared by the runner classes with the same target.
+        self.connection: Connection | None = None if self.user_client is not None else connection_for(runner)
         self.isolate: str | None = runner.isolate
         self.number = next(_pool_numbers)
         self.lock = threading.Lock()
-        self.client: Client | None = None
+        self.client: Client | None = None  # set by the thread once connected
+        self.ready = False  # connected, and the thread delivering
         self.direct: bool | None = None
-        self.cluster: LocalCluster | None = None
         self.closing: str | None = None  # "wait", "now", then "closed"
         self.configs: dict[tuple[int, bool], tuple[Any, ...]] = {}  # (mode, has a timeout) -> run_attempt's config
-        self.levels: dict[str, int] = {}
-        self.functions: list[str] = []  # plugin names registered on the cluster (one per task)
+        self.plugins: dict[str, _remote.FunctionPlugin] = {}  # by fn_id: made in the caller, registered by the thread
+        self.registered: set[str] = set()  # fn_ids registered on the cluster
+        self.functions: list[str] = []  # plugin names registered on the cluster (one per task), in order
         self.in_flight: dict[Key, Attempt] = {}  # key -> attempt, from submit until its outcome is taken
         # Finished futures arrive in this as_completed (on the client's event loop, and also while the
         # interpreter exits, unlike done callbacks); its condition wakes the delivery thread for everything.
         self.completed: as_completed | None = None
-        self.cond = threading.Condition()
+        self.cond = threading.Condition()  # until connected; then the as_completed's (see _wake)
         self.woken = False
         self.starts: deque[tuple[Any, ...]] = deque()
         self.departed: deque[tuple[str, bool, set[Any]]] = deque()
+        self.logs: deque[list[dict[str, Any]]] = deque()
         self.to_cancel: deque[Future[_remote.Outcome]] = deque()
         self.outbox: deque[tuple[Attempt, Call]] = deque()  # queued for the delivery thread to send
         self.events_set: set[str] = set()  # stop Events to set (attempts stopped after they began)
-        self.events_to_clear: set[str] = set()  # stop Events set, cleared when the pool ends on a user's cluster
-        self.thread: threading.Thread | None = None
+        self.events_to_clear: set[str] = set()  # stop Events set, cleared when the pool ends on a cluster not ours
+        thread = threading.Thread(target=self._run, name=f"taskrun-dask-{self.number}", daemon=True)
+        thread.taskrun_delivers = True  # type: ignore[attr-defined]  # see BaseTaskRun.wait
+        self.thread: threading.Thread | None = thread
+        thread.start()
 
     @property
     def closed(self) -> bool:
         return self.closing in ("now", "closed")
 
-    # ---- connecting ------------------------------------------------------------------------
+    # ---- connecting, on the pool's own thread ------------------------------------------------
 
-    def connect(self) -> Client:
-        """The client, connecting (or starting the local cluster) on first use."""
-        client = self.client
-        if client is not None:
-            return client
-        with self.lock:
-            if self.closed:
-                raise RuntimeError(f"this {self.runner_name} pool was shut down")
-            if self.client is None:
-                try:
-                    self._connect()
-                except BaseException:
-                    forget_pool(self)  # the next call tries again
-                    self.closing = "closed"
-                    raise
-            return self.client  # type: ignore[return-value]
+    def _run(self) -> None:
+        client: Client | None = None
+        try:
+            try:
+                client = self._connect()
+            except Exception as exc:
+                self._connect_failed(exc)
+                return
+            if client is not None:
+                self._deliver_loop()
+        finally:
+            self._finish(client)
 
-    def _connect(self) -> None:
+    def _connect(self) -> Client | None:
+        """Connect (or start the local cluster); None if the pool was shut down without waiting meanwhile."""
+        if self.closing == "now":
+            return None
         if self.user_client is not None:
             client = self.user_client
             if client.status not in ("running", "connecting", "newly-created"):
                 raise TaskrunError(f"{self.runner_name}: the Dask client given as client= is {client.status}")
-        elif self.address is not None:
-            try:
-                client = Client(self.address, set_as_default=False)
-            except Exception as exc:
-                raise TaskrunError(
-                    f"{self.runner_name} could not connect to the Dask scheduler at {self.address}: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
         else:
-            # A task whose worker dies is never run again by Dask: taskrun reports WorkerDied (and retries
-            # per the task's options), and sends again the attempts that were only queued there.
-            with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-                cluster = self.cluster = LocalCluster(**self.cluster_options)
-            try:
-                client = Client(cluster, set_as_default=False)
-            except BaseException:
-                cluster.close()
-                self.cluster = None
-                raise
-        try:
-            _join_hub(self, client)
-        except BaseException:
-            if client is not self.user_client:
-                self._close_own(client)
-            raise
-        self.levels = log_levels()
+            assert self.connection is not None
+            client = self.connection.open()
+        _join_hub(self, client)
         topic = client.id
         self.configs = {
             (mode, timed): (topic, self.isolate, mode, 0 if timed else _remote.START_ANNOUNCE_DELAY)
@@ -298,84 +472,103 @@ class DaskPool:
         # local processes: through the scheduler, each read would cost it (in this very process) a hop more.
         direct = client.direct_to_workers
         self.direct = direct if direct is not None else isinstance(getattr(client, "cluster", None), LocalCluster)
-        self.completed = as_completed(loop=client.loop)
-        self.cond = self.completed.thread_condition  # it notifies it as futures finish; we, for the rest
-        thread = threading.Thread(target=self._deliver_loop, name=f"taskrun-dask-{self.number}", daemon=True)
-        thread.taskrun_delivers = True  # type: ignore[attr-defined]  # see BaseTaskRun.wait
-        self.thread = thread
+        completed = self.completed = as_completed(loop=client.loop)
         self.client = client
-        thread.start()
+        with self.lock:
+            self.cond = completed.thread_condition  # it notifies it as futures finish; we, for the rest
+            self.woken = True  # a first round for what was queued meanwhile
+            self.ready = True
+        return client
+
+    def _connect_failed(self, exc: Exception) -> None:
+        """Every call waiting for the connection fails with its error; the next call makes a new pool and tries again."""
+        forget_pool(self)
+        with self.lock:
+            self.closing = "closed"  # submit() refuses from now on
+            attempts = list(self.in_flight.values())
+            self.in_flight.clear()
+            self.outbox.clear()
+        if not isinstance(exc, TaskrunError):
+            exc = TaskrunError(f"{self.runner_name} could not connect to its Dask cluster: {type(exc).__name__}: {exc}")
+        for attempt in attempts:
+            attempt.runner_state = None
+            error = TaskrunError(str(exc))  # one each: a raised exception collects its traceback
+            error.__cause__ = exc.__cause__
+            attempt.set_exception(error)
 
     def function_id(self, task: Any) -> str:
-        """The id of ``task``'s function on this pool's cluster, sending it there (a worker plugin) the first time."""
+        """The id of ``task``'s function on this pool's cluster; the thread sends it there (a worker plugin) before
+        the first call that needs it. Pickled here, so that a function that cannot be fails the call."""
         cache = task.runner_cache
         fn_id: str | None = cache.get(("dask", self.number))
         if fn_id is not None:
             return fn_id
-        client = self.connect()
         with self.lock:
             fn_id = cache.get(("dask", self.number))
             if fn_id is not None:
                 return fn_id
             try:
-                fn_bytes = cloudpickle.dumps(task.fn, _outcome.PROTOCOL)
+                # Code keeps its real file name, and its source lines travel along: tracebacks and warnings on
+                # the workers show them (a worker on another machine cannot read this one's files).
+                fn_bytes, sources = dumps_function(task.fn, every_file=True)
             except Exception as exc:
                 raise SerializationError(f"the function of task {task.name} could not be pickled: {exc}") from exc
             fn_id = f"taskrun-fn-{SESSION}-{self.number}-{next(_fn_numbers)}"
-            plugin = _remote.FunctionPlugin(fn_id, fn_bytes, self.levels)
-            for tries_left in range(2, -1, -1):
-                try:
-                    client.register_plugin(plugin, name=fn_id)
-                    break
-                except OSError:
-                    # A worker left while the scheduler told every worker (the scheduler keeps the plugin
-                    # for the workers to come all the same): ask again, which is a no-op once it has it.
-                    if not tries_left:
-                        raise
-                except Exception as exc:
-                    raise TaskrunError(
-                        f"{self.runner_name} could not send the function of task {task.name} to the Dask workers "
-                        f"({type(exc).__name__}: {exc}); taskrun must be installed on the workers"
-                    ) from exc
-            self.functions.append(fn_id)
+            self.plugins[fn_id] = _remote.FunctionPlugin(fn_id, fn_bytes, sources, log_levels())
             cache[("dask", self.number)] = fn_id
             return fn_id
 
+    def _register(self, client: Client, fn_id: str) -> None:
+        """Send the function ``fn_id`` to the cluster (on the pool's thread)."""
+        plugin = self.plugins[fn_id]
+        for tries_left in range(2, -1, -1):
+            try:
+                client.register_plugin(plugin, name=fn_id)
+                break
+            except OSError:
+                # A worker left while the scheduler told every worker (the scheduler keeps the plugin
+                # for the workers to come all the same): ask again, which is a no-op once it has it.
+                if not tries_left:
+                    raise
+        self.functions.append(fn_id)
+        self.registered.add(fn_id)
+
     # ---- attempts ------------------------------------------------------------------------------
 
-    def submit(self, attempt: Attempt, key: str, fn_id: str, mode: int, payload: Any) -> None:
-        """Send ``attempt`` as the Dask task ``key``; its outcome is reported on it later.
+    def submit(self, attempt: Attempt, key: str, fn_id: str, mode: int, payload: Any) -> bool:
+        """Send ``attempt`` as the Dask task ``key``; its outcome is reported on it later. False if the pool is closed.
 
-        Into an idle pool (a call-and-wait loop) the caller submits it at once; otherwise it is
-        queued and the delivery thread sends what has queued in one message (``client.map``),
+        Into an idle, connected pool (a call-and-wait loop) the caller submits it at once; otherwise
+        it is queued and the delivery thread sends what has queued in one message (``client.map``),
         so that a ``map`` costs the scheduler one graph update per batch, not one per call.
         """
-        config = self.configs[mode, attempt.run.task.timeout is not None]
-        call = Call(key, fn_id, mode, payload, config)
+        call = Call(key, fn_id, mode, payload, attempt.run.task.timeout is not None)
         attempt.runner_state = call
         lock = self.lock
         lock.acquire()  # not `with`: on every call's path
         try:
             if self.closed:
-                raise RuntimeError(f"this {self.runner_name} pool was shut down")
+                attempt.runner_state = None
+                return False
             in_flight = self.in_flight
             in_flight[key] = attempt
-            alone = len(in_flight) == 1 and not self.outbox
+            alone = self.ready and len(in_flight) == 1 and not self.outbox and fn_id in self.registered
         finally:
             lock.release()
         if not alone:
             self.outbox.append((attempt, call))
             self._wake()
-            return
+            return True
         try:
             future = self.client.submit(  # type: ignore[union-attr]
-                _remote.run_attempt, fn_id, config, payload, key=key, pure=False
+                _remote.run_attempt, fn_id, self.configs[mode, call.timed], payload, key=key, pure=False
             )
         except Exception as exc:
             self.in_flight.pop(key, None)
             attempt.runner_state = None
             raise self._send_error(attempt, exc) from exc
         self._sent(call, future)
+        return True
 
     def _sent(self, call: Call, future: Future[_remote.Outcome]) -> None:
         call.future = future
@@ -393,9 +586,31 @@ class DaskPool:
         return exc
 
     def _send_outbox(self, client: Client) -> None:
-        """Submit the queued attempts: those with upstream futures one by one, the rest in one message."""
+        """Submit the queued attempts: those with upstream futures one by one, the rest in one message.
+
+        Functions not yet on the cluster are sent first; the calls of one that cannot be fail.
+        """
         in_flight = self.in_flight
         batch = [item for item in _drain(self.outbox) if item[1].key in in_flight]
+        unsent = {call.fn_id for _, call in batch if call.fn_id not in self.registered}
+        if unsent:
+            errors: dict[str, Exception] = {}
+            for fn_id in unsent:
+                try:
+                    self._register(client, fn_id)
+                except Exception as exc:
+                    errors[fn_id] = exc
+            if errors:
+                for attempt, call in batch:
+                    why = errors.get(call.fn_id)
+                    if why is not None and in_flight.pop(call.key, None) is not None:
+                        attempt.runner_state = None
+                        attempt.set_exception(TaskrunError(
+                            f"{self.runner_name} could not send the function of task {attempt.run.task.name} to the "
+                            f"Dask workers ({type(why).__name__}: {why}); taskrun must be installed on the workers"
+                        ))
+                batch = [item for item in batch if item[1].fn_id not in errors]
+        configs = self.configs
         plain = [item for item in batch if item[1].mode != _remote.VIA_DASK]
         one_by_one = [item for item in batch if item[1].mode == _remote.VIA_DASK] if len(plain) < len(batch) else []
         if len(plain) == 1:
@@ -404,7 +619,7 @@ class DaskPool:
             calls = [item[1] for item in plain]
             try:
                 futures = client.map(
-                    _remote.run_attempt, [c.fn_id for c in calls], [c.config for c in calls],
+                    _remote.run_attempt, [c.fn_id for c in calls], [configs[c.mode, c.timed] for c in calls],
                     [c.payload for c in calls], key=[c.key for c in calls], pure=False,
                 )
             except Exception:  # one call's arguments spoil the batch: send each alone, to fail only that one
@@ -418,7 +633,8 @@ class DaskPool:
                 del futures
         for attempt, call in one_by_one:
             try:
-                future = client.submit(_remote.run_attempt, call.fn_id, call.config, call.payload, key=call.key, pure=False)
+                future = client.submit(_remote.run_attempt, call.fn_id, configs[call.mode, call.timed], call.payload,
+                                       key=call.key, pure=False)
             except Exception as exc:
                 if in_flight.pop(call.key, None) is not None:
                     attempt.runner_state = None
@@ -430,7 +646,7 @@ class DaskPool:
         """The worker this attempt was queued on died before it began it: send it again, as a new Dask task."""
         if self.in_flight.pop(call.key, None) is None:
             return
-        again = Call(f"{call.key.partition('-q')[0]}-q{call.resent + 1}", call.fn_id, call.mode, call.payload, call.config,
+        again = Call(f"{call.key.partition('-q')[0]}-q{call.resent + 1}", call.fn_id, call.mode, call.payload, call.timed,
                      call.resent + 1)
         logger.info("%s: attempt %d was queued on a Dask worker that died; sending it again as %s",
                     attempt.run.id, attempt.number, again.key)
@@ -458,6 +674,14 @@ class DaskPool:
             self.starts.append(msg)
             self._wake()
 
+    def on_logs(self, records: list[dict[str, Any]]) -> bool:  # on the client's event loop
+        """Replay the records of a stopped attempt on the delivery thread; False if it no longer delivers."""
+        if self.closing == "closed":
+            return False
+        self.logs.append(records)
+        self._wake()
+        return True
+
     def on_worker_removed(self, address: str | None, expected: bool, processing: set[Any]) -> None:  # on the event loop
         if address is not None:
             self.departed.append((address, expected, processing))
@@ -465,10 +689,17 @@ class DaskPool:
 
     def _wake(self) -> None:
         cond = self.cond
-        with cond:
-            if not self.woken:
-                self.woken = True
+        while True:
+            with cond:
+                if not self.woken:
+                    self.woken = True
+                    cond.notify()
+            if self.cond is cond:
+                return
+            cond = self.cond  # the thread switched to the as_completed's condition meanwhile: tell that one too
+            with cond:
                 cond.notify()
+            return
 
     # ---- the delivery thread -----------------------------------------------------------------------
 
@@ -486,7 +717,7 @@ class DaskPool:
                 logger.exception("%s: delivering outcomes from the Dask cluster failed", self.runner_name)
             with self.lock:
                 if self.closing == "closed" or self.closing is not None and not self.in_flight:
-                    idle = not (completed.has_ready() or self.to_cancel or self.starts or self.outbox)
+                    idle = not (completed.has_ready() or self.to_cancel or self.starts or self.outbox or self.logs)
                     if self.closing == "closed" or idle:
                         self.closing = "closed"  # under the lock: submit() refuses from now on
                         break
@@ -511,6 +742,9 @@ class DaskPool:
             self._take_starts(_drain(self.starts))
         if self.departed:
             self._take_departures(_drain(self.departed))
+        if self.logs:
+            for records in _drain(self.logs):
+                replay_logs(records)
         if completed.has_ready():
             self._take_done(client, completed.next_batch(block=False))
 
@@ -713,36 +947,44 @@ class DaskPool:
     # ---- the end -----------------------------------------------------------------------------------
 
     def shutdown(self, wait: bool = True) -> None:
-        """``wait=True``: let the attempts sent finish first. ``wait=False``: stop them now. Then disconnect.
+        """``wait=True``: let the attempts sent finish first. ``wait=False``: stop them now. Then the thread disconnects.
 
-        A cluster this pool started is closed; a client given with ``client=`` stays open.
+        A client given with ``client=`` stays open; a connection of taskrun's is closed by the last
+        pool using it (a local cluster with it).
         """
         with self.lock:
             if self.closing == "closed" or (self.closing == "now" and not wait):
                 return
             self.closing = "wait" if wait else "now"
-            client, thread = self.client, self.thread
-        if client is None:
-            self.closing = "closed"
-            return
+            thread, ready = self.thread, self.ready
         if not wait:
             for attempt in list(self.in_flight.values()):
                 attempt.run.stop(f"its {self.runner_name} pool shut down")
         self._wake()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
+        if thread is None or thread is threading.current_thread():
+            return
+        if not wait and not ready and self.address is not None:
+            return  # still connecting to a scheduler, which may take Dask's connect timeout: it lets go when done
+        thread.join()
+
+    def _finish(self, client: Client | None) -> None:
+        """The thread's last act: let go of the client (and of the connection, which the last pool closes)."""
         with self.lock:
             self.closing = "closed"
+            self.ready = False
         if self.completed is not None:
             self.completed.clear()  # outcomes nobody will read: let their futures go
-        self._disconnect(client)
+        if client is not None:
+            self._disconnect(client)
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            let_go(connection)
 
     def _disconnect(self, client: Client) -> None:
         _leave_hub(self, client)
-        if client is not self.user_client:
-            self._close_own(client)
-            return
-        for name in self.functions:  # the user's cluster goes on: leave nothing of ours on it
+        if self.user_client is None and self.address is None:
+            return  # a local cluster of taskrun's: it ends with its connection
+        for name in self.functions:  # the cluster goes on: leave nothing of ours on it
             try:
                 client.unregister_worker_plugin(name)
             except Exception:
@@ -753,24 +995,14 @@ class DaskPool:
             except Exception:
                 logger.debug("clearing the Dask Event %s failed", name, exc_info=True)
 
-    def _close_own(self, client: Client) -> None:
-        try:
-            client.close(timeout=CLOSE_TIMEOUT)
-        except Exception:
-            logger.debug("closing the Dask client failed", exc_info=True)
-        cluster, self.cluster = self.cluster, None
-        if cluster is not None:
-            try:
-                cluster.close(timeout=CLOSE_TIMEOUT)
-            except Exception:
-                logger.warning("%s: closing its local Dask cluster failed", self.runner_name, exc_info=True)
-
     def after_fork_in_child(self) -> None:
-        """In a forked child: the parent's client, cluster and thread are not ours; forget them, untouched."""
+        """In a forked child: the parent's client, connection and thread are not ours; forget them, untouched."""
         self.client = None
-        self.cluster = None
+        self.connection = None
         self.thread = None
+        self.ready = False
         self.closing = "closed"
+
 
 
 def _drain(queue: deque[_T]) -> list[_T]:

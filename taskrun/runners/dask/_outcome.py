@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import pickle
+import struct
 import traceback
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -17,8 +19,13 @@ import cloudpickle
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 # Outcome kinds.
 VALUE, PICKLED, RAISED, UNPICKLABLE, DIED, ENDED = range(6)
+# What an isolated attempt's child process writes to the worker, frame by frame: a log record as it is made, then the end.
+RECORD, END = range(2)
+_LENGTH = struct.Struct("!Q")
 #: Values sent as they are (the same set as taskrun.runners.base.PLAIN_TYPES).
 PLAIN = frozenset({int, float, str, bytes, bool, type(None)})
+#: Narrows a value to a coroutine of anything (``types.CoroutineType`` alone leaves its parameters unknown).
+CoroutineType: type[types.CoroutineType[Any, Any, Any]] = types.CoroutineType
 #: ``type``, as type checkers are to see it: of an Any value, pyright's strict mode infers a partly unknown type.
 type_of: Callable[[object], type[Any]] = type
 
@@ -29,6 +36,60 @@ def dumps(obj: Any) -> bytes:
         return pickle.dumps(obj, PROTOCOL)
     except Exception:
         return cloudpickle.dumps(obj, PROTOCOL)
+
+
+def _reaches_root(logger: logging.Logger) -> bool:
+    """True if a record of ``logger`` would reach the root logger's handlers (no logger on the way stops it)."""
+    current = logger
+    while current.propagate and current.parent is not None:
+        current = current.parent
+    return current.parent is None
+
+
+def send_records_to(sink: Callable[[], Callable[[logging.LogRecord], None] | None]) -> None:
+    """From now on, a log record made where ``sink()`` gives a function goes to that function only.
+
+    For a record that would reach the root logger, made in a thread (of an attempt) where
+    ``sink()`` is not None: the process's own handlers never see it, as the caller handles
+    the copy it is sent (a script's ``logging.basicConfig``, which a worker runs again as it
+    starts, would print it twice). Every other record is handled as usual, by its loggers'
+    handlers. Call once per process.
+    """
+    call_handlers = logging.Logger.callHandlers
+
+    def call_handlers_or_send(self: logging.Logger, record: logging.LogRecord) -> None:
+        send = sink()
+        if send is not None and _reaches_root(self):
+            try:
+                send(record)
+                return
+            except Exception:
+                pass  # this process's handlers show it, then
+        call_handlers(self, record)
+
+    logger_class: Any = logging.Logger  # a method replaced: Any, which both type checkers let through
+    logger_class.callHandlers = call_handlers_or_send
+
+
+def frame(item: Any) -> bytes:
+    """``item`` pickled, with its length first: what :func:`take_frames` reads back."""
+    data = pickle.dumps(item, PROTOCOL)
+    return _LENGTH.pack(len(data)) + data
+
+
+def take_frames(buffer: bytearray) -> list[Any]:
+    """The items of the whole frames at the start of ``buffer``, removed from it."""
+    items: list[Any] = []
+    start, end = 0, len(buffer)
+    while end - start >= _LENGTH.size:
+        (size,) = _LENGTH.unpack_from(buffer, start)
+        if end - start - _LENGTH.size < size:
+            break
+        start += _LENGTH.size
+        items.append(pickle.loads(buffer[start:start + size]))
+        start += size
+    del buffer[:start]
+    return items
 
 
 def record_fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import select
 import signal
 import subprocess
@@ -28,8 +29,24 @@ import cloudpickle
 from distributed import Event, get_client, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from ..base import set_stop_flag
-from ._outcome import DIED, ENDED, PROTOCOL, UNPICKLABLE, VALUE, dumps, exception_payload, record_fields, type_of, value_payload
+from ..base import register_sources, set_stop_flag
+from ._outcome import (
+    DIED,
+    END,
+    ENDED,
+    PROTOCOL,
+    RECORD,
+    UNPICKLABLE,
+    VALUE,
+    CoroutineType,
+    dumps,
+    exception_payload,
+    record_fields,
+    send_records_to,
+    take_frames,
+    type_of,
+    value_payload,
+)
 
 # How a call's arguments travel (the ``mode`` of its config).
 PLAIN, BYTES, VIA_DASK = range(3)
@@ -37,8 +54,11 @@ PLAIN, BYTES, VIA_DASK = range(3)
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_child.py")
 #: Seconds an attempt without a timeout runs before its start is announced to the caller.
 START_ANNOUNCE_DELAY = 0.05
-#: Seconds between two looks at the attempts whose start may be due for announcing.
-ANNOUNCE_TICK = 0.02
+#: Seconds between two looks at the attempts whose start may be due for announcing, and at those that
+#: logged something, whether they were stopped (their records are then sent to the caller at once).
+WATCH_TICK = 0.02
+#: The first item of the event that sends the caller the log records of an attempt that was stopped.
+LOGS = "logs"
 #: Seconds between two reads of a run's stop Event by a function that polls stop_requested().
 EVENT_POLL = 0.5
 #: Seconds between two checks for a stop while a child process runs an isolated attempt.
@@ -89,24 +109,29 @@ class FunctionPlugin(WorkerPlugin):
     """Carries one task's pickled function to every worker (present and future) of a cluster.
 
     Registered once per task per client; calls name it by ``fn_id``. The function is
-    unpickled on a worker the first time a call needs it. ``levels`` are the caller's logger
-    levels, applied in the worker so that the records the caller would handle are made.
+    unpickled on a worker the first time a call needs it, after its source lines
+    (``sources``, see ``taskrun.runners.base.dumps_function``) are made readable there for
+    tracebacks and warnings. ``levels`` are the caller's logger levels, applied in the worker
+    so that the records the caller would handle are made.
     """
 
     idempotent = True  # registering it again (after a worker left mid-broadcast) is a no-op
 
-    def __init__(self, fn_id: str, fn_bytes: bytes, levels: dict[str, int]) -> None:
+    def __init__(self, fn_id: str, fn_bytes: bytes, sources: dict[str, list[str]], levels: dict[str, int]) -> None:
         self.fn_id = fn_id
         self.fn_bytes = fn_bytes
+        self.sources = sources
         self.levels = levels
         self.fn: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"fn_id": self.fn_id, "fn_bytes": self.fn_bytes, "levels": self.levels, "fn": None}
+        return {"fn_id": self.fn_id, "fn_bytes": self.fn_bytes, "sources": self.sources, "levels": self.levels,
+                "fn": None}
 
     def setup(self, worker: Any) -> None:
         apply_levels(self.levels)
         _functions[self.fn_id] = self
+        _quiet_stopped_tasks(worker)
 
     def teardown(self, worker: Any) -> None:
         if _functions.get(self.fn_id) is self:
@@ -115,6 +140,7 @@ class FunctionPlugin(WorkerPlugin):
     def load(self) -> Any:
         fn = self.fn
         if fn is None:
+            register_sources(self.sources)
             fn = self.fn = cloudpickle.loads(self.fn_bytes)
         return fn
 
@@ -124,31 +150,70 @@ def apply_levels(levels: dict[str, int]) -> None:
         logging.getLogger(name or None).setLevel(level)
 
 
+_EXECUTE = re.compile(r"""execute\('(taskrun-[^']*)'\)""")
+_quieted_worker: Any = None
+
+
+class _StoppedTaskWarning(logging.Filter):
+    """Drops Dask's warning, as a worker closes, about an attempt taskrun stopped that still runs in its thread
+    ("Async instruction for <Task cancelled name="execute('taskrun-...')"...> ended with CancelledError"):
+    its run is STOPPED already, and the function runs on as documented; Dask's words say something went wrong."""
+
+    def __init__(self, worker: Any) -> None:
+        super().__init__()
+        self.worker = worker
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        match = _EXECUTE.search(record.getMessage())
+        if match is None:
+            return True
+        task = self.worker.state.tasks.get(match[1])
+        return task is None or task.state != "cancelled"  # cancelled: the scheduler let it go (it was stopped)
+
+
+def _quiet_stopped_tasks(worker: Any) -> None:
+    global _quieted_worker
+    if _quieted_worker is not worker:
+        _quieted_worker = worker
+        logging.getLogger("distributed.worker.state_machine").addFilter(_StoppedTaskWarning(worker))
+
+
 # ---- log records made by a call ----------------------------------------------------------
 
-_capture = threading.local()
-_handler_lock = threading.Lock()
-_handler_installed = False
+_capture = threading.local()  # .send: where the records of the attempt this thread runs go (None: none runs)
+_capture_lock = threading.Lock()
+_capture_installed = False
 
 
-class _CaptureHandler(logging.Handler):
-    """On a worker's root logger: keeps the records of the threads that run a call, for its outcome."""
+class _Records:
+    """The log records of one attempt running in a worker thread, for its outcome.
 
-    def emit(self, record: logging.LogRecord) -> None:
-        records = getattr(_capture, "records", None)
-        if records is not None:
-            try:
-                records.append(record_fields(record))
-            except Exception:
-                self.handleError(record)
+    Once it has logged something, the watcher thread keeps an eye on it: if it is stopped
+    (its Dask task cancelled) while it runs, its records so far go to the caller at once
+    (the outcome of a stopped attempt is never read, and a hung one may never come).
+    """
+
+    __slots__ = ("key", "worker", "topic", "records")
+
+    def __init__(self, key: str, worker: Any, topic: str | None) -> None:
+        self.key = key
+        self.worker = worker
+        self.topic = topic
+        self.records: list[dict[str, Any]] = []
+
+    def add(self, record: logging.LogRecord) -> None:
+        records = self.records
+        records.append(record_fields(record))
+        if len(records) == 1 and self.topic is not None:
+            _watch(self)
 
 
 def _install_capture() -> None:
-    global _handler_installed
-    with _handler_lock:
-        if not _handler_installed:
-            logging.getLogger().addHandler(_CaptureHandler())
-            _handler_installed = True
+    global _capture_installed
+    with _capture_lock:
+        if not _capture_installed:
+            send_records_to(lambda: getattr(_capture, "send", None))
+            _capture_installed = True
 
 
 # ---- the stop flag seen by taskrun.stop_requested() in the task ----------------------------
@@ -171,8 +236,7 @@ class _StopFlag:
     def __call__(self) -> bool:
         if self.stopped:
             return True
-        task = self.worker.state.tasks.get(self.key)
-        if task is None or task.state not in ("executing", "long-running"):
+        if not _still_running(self.worker, self.key):
             self.stopped = True
             return True
         now = time.monotonic()
@@ -192,6 +256,12 @@ class _StopFlag:
                 Event(stop_event_name(self.key), client=get_client()).clear()
             except Exception:
                 pass
+
+
+def _still_running(worker: Any, key: str) -> bool:
+    """False once the worker was told to let the Dask task ``key`` go (it was cancelled: the run was stopped)."""
+    task = worker.state.tasks.get(key)
+    return task is not None and task.state in ("executing", "long-running")
 
 
 # ---- one attempt ---------------------------------------------------------------------------
@@ -222,13 +292,13 @@ def run_attempt(fn_id: str, config: tuple[Any, ...], call: Any) -> Outcome:
         else:
             worker.log_event(*announcement)
     try:
-        return _run(worker, key, fn_id, isolate, mode, call, started, address)
+        return _run(worker, key, fn_id, topic, isolate, mode, call, started, address)
     finally:
         if topic is not None and start_delay:
             _to_announce.pop(key, None)
 
 
-def _run(worker: Any, key: str, fn_id: str, isolate: str | None, mode: int, call: Any, started: float,
+def _run(worker: Any, key: str, fn_id: str, topic: str | None, isolate: str | None, mode: int, call: Any, started: float,
          address: str) -> Outcome:
     plugin = _functions.get(fn_id)
     if plugin is None:
@@ -249,58 +319,77 @@ def _run(worker: Any, key: str, fn_id: str, isolate: str | None, mode: int, call
         return Outcome(UNPICKLABLE, (reason, traceback.format_exc()), started, time.time(), address, os.getpid(), None)
     flag = _StopFlag(worker, key)
     if isolate == "process":
-        return _run_in_child(plugin, args, kwargs, flag, started, address)
+        return _run_in_child(plugin, args, kwargs, flag, started, address, topic)
     try:
         fn = plugin.load()
     except Exception as exc:
         reason = f"the task's function could not be loaded on worker {address}: {type(exc).__name__}: {exc}"
         return Outcome(UNPICKLABLE, (reason, traceback.format_exc()), started, time.time(), address, os.getpid(), None)
-    _install_capture()
-    records: list[dict[str, Any]] = []
-    previous_records = getattr(_capture, "records", None)
-    _capture.records = records
+    if not _capture_installed:
+        _install_capture()
+    records = _Records(key, worker, topic)
+    previous_send = getattr(_capture, "send", None)
+    _capture.send = records.add
     previous_flag = set_stop_flag(flag)
     try:
         value = fn(*args, **kwargs)
+        if type(value) is CoroutineType:  # an async def: run it to completion in this worker thread
+            import asyncio
+
+            value = asyncio.run(value)
     except BaseException as exc:  # noqa: B036 - a task's SystemExit or KeyboardInterrupt is its outcome
         kind, payload = exception_payload(exc)
     else:
         kind, payload = value_payload(value)
     finally:
         set_stop_flag(previous_flag)
-        _capture.records = previous_records
+        _capture.send = previous_send
         flag.clear_event()
-    return Outcome(kind, payload, started, time.time(), address, os.getpid(), records or None)
+    if records.records and _watched.pop(key, None) is not None and not _still_running(worker, key):
+        _send_logs(worker, topic, key, records.records)  # stopped, and it returned before the watcher looked
+    return Outcome(kind, payload, started, time.time(), address, os.getpid(), records.records or None)
 
 
 # Attempts whose start is to be announced if they still run at a given time: key -> (when, worker,
-# announcement). One thread per worker process announces them; it ends after a second with none.
+# announcement); and attempts running in a worker thread that logged something: key -> their records.
+# One thread per worker process looks at both; it ends after a second with neither.
 _to_announce: dict[str, tuple[float, Any, tuple[str, list[Any]]]] = {}
-_announcer: threading.Thread | None = None
-_announcer_lock = threading.Lock()
+_watched: dict[str, _Records] = {}
+_watcher: threading.Thread | None = None
+_watcher_lock = threading.Lock()
 
 
 def _announce_later(key: str, when: float, worker: Any, announcement: tuple[str, list[Any]]) -> None:
-    global _announcer
     _to_announce[key] = (when, worker, announcement)
-    if _announcer is None:
-        with _announcer_lock:
-            if _announcer is None:
-                _announcer = threading.Thread(target=_announce_loop, name="taskrun-dask-announcer", daemon=True)
-                _announcer.start()
+    if _watcher is None:
+        _start_watcher()
 
 
-def _announce_loop() -> None:
-    global _announcer
+def _watch(records: _Records) -> None:
+    _watched[records.key] = records
+    if _watcher is None:
+        _start_watcher()
+
+
+def _start_watcher() -> None:
+    global _watcher
+    with _watcher_lock:
+        if _watcher is None:
+            _watcher = threading.Thread(target=_watch_loop, name="taskrun-dask-watcher", daemon=True)
+            _watcher.start()
+
+
+def _watch_loop() -> None:
+    global _watcher
     idle_since = time.monotonic()
     while True:
-        time.sleep(ANNOUNCE_TICK)
+        time.sleep(WATCH_TICK)
         now = time.monotonic()
-        if not _to_announce:
+        if not _to_announce and not _watched:
             if now - idle_since > 1.0:
-                with _announcer_lock:
-                    if not _to_announce:
-                        _announcer = None
+                with _watcher_lock:
+                    if not _to_announce and not _watched:
+                        _watcher = None
                         return
             continue
         idle_since = now
@@ -310,6 +399,19 @@ def _announce_loop() -> None:
                     worker.log_event(*announcement)
                 except Exception:
                     pass  # the worker is closing
+        for key, records in list(_watched.items()):
+            if not _still_running(records.worker, key) and _watched.pop(key, None) is not None:
+                _send_logs(records.worker, records.topic, key, list(records.records))
+
+
+def _send_logs(worker: Any, topic: str | None, key: str, records: list[dict[str, Any]]) -> None:
+    """Send the caller the log records of the stopped attempt of Dask task ``key`` (its outcome will not say)."""
+    if topic is None or not records:
+        return
+    try:
+        worker.log_event(topic, [LOGS, key, records])
+    except Exception:
+        pass  # the worker is closing
 
 
 _CONTAINERS: tuple[type[Any], ...] = (list, tuple, dict, set, frozenset)
@@ -332,12 +434,13 @@ def _values_of_upstream(value: Any) -> Any:
 
 
 def _run_in_child(plugin: FunctionPlugin, args: tuple[Any, ...], kwargs: dict[str, Any], flag: _StopFlag,
-                  started: float, address: str) -> Outcome:
+                  started: float, address: str, topic: str | None) -> Outcome:
     """Run the call in a child process leading its own process group; end the group on a stop.
 
-    The child gets the pickled function and call on its stdin and writes its outcome to a pipe
-    of its own (its stdout and stderr are the worker's). Stopped, it is sent SIGTERM, then
-    SIGKILL after ``TERMINATE_GRACE`` seconds; whatever it started dies with it.
+    The child gets the pickled function and call on its stdin and writes its log records, as
+    they are made, and then its outcome to a pipe of its own (its stdout and stderr are the
+    worker's). Stopped, it is sent SIGTERM, then SIGKILL after ``TERMINATE_GRACE`` seconds;
+    whatever it started dies with it, and the records it made go to the caller.
     """
     try:
         call = dumps((args, kwargs))
@@ -356,8 +459,11 @@ def _run_in_child(plugin: FunctionPlugin, args: tuple[Any, ...], kwargs: dict[st
     finally:
         os.close(result_w)
     data = bytearray()
+    records: list[dict[str, Any]] = []
+    end: tuple[int, Any] | None = None
     try:
-        message = pickle.dumps((sys.path, plugin.fn_bytes, call, plugin.levels), PROTOCOL)  # it imports what the worker can
+        # it imports what the worker can
+        message = pickle.dumps((sys.path, plugin.fn_bytes, plugin.sources, call, plugin.levels), PROTOCOL)
         feeder = threading.Thread(target=_feed_child, args=(child, message), daemon=True)
         feeder.start()
         while True:
@@ -367,18 +473,35 @@ def _run_in_child(plugin: FunctionPlugin, args: tuple[Any, ...], kwargs: dict[st
                 if not chunk:
                     break
                 data += chunk
-            elif flag():
+                for tag, item in take_frames(data):
+                    if tag == RECORD:
+                        records.append(item)
+                    elif tag == END:
+                        end = item
+            if end is None and flag():
                 _end_group(child)
+                _read_rest(result_r, data, records)
+                _send_logs(flag.worker, topic, flag.key, records)
                 return Outcome(ENDED, None, started, time.time(), address, child.pid, None)
         exitcode = child.wait()
         feeder.join(1)
     finally:
         os.close(result_r)
         flag.clear_event()
-    if not data:
-        return Outcome(DIED, exitcode, started, time.time(), address, child.pid, None)
-    kind, payload, logs = pickle.loads(bytes(data))
-    return Outcome(kind, payload, started, time.time(), address, child.pid, logs)
+    if end is None:
+        return Outcome(DIED, exitcode, started, time.time(), address, child.pid, records or None)
+    kind, payload = end
+    return Outcome(kind, payload, started, time.time(), address, child.pid, records or None)
+
+
+def _read_rest(fd: int, data: bytearray, records: list[dict[str, Any]]) -> None:
+    """The log records still in the pipe of a child process that was ended."""
+    while select.select([fd], [], [], CHILD_POLL)[0]:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    records.extend(item for tag, item in take_frames(data) if tag == RECORD)
 
 
 def _feed_child(child: subprocess.Popen[bytes], data: bytes) -> None:

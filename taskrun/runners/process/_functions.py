@@ -6,7 +6,7 @@ under a new id (see :class:`PickledFunction`). So a process call sees the functi
 globals, closure and helpers as they are at call time, as a thread call does, at the cost
 of a few identity comparisons per call.
 
-What travels by value (see :func:`dumps_function`): the task's own function, the plain
+What travels by value (see ``taskrun.runners.base.dumps_function``): the task's own function, the plain
 functions of its module that the pickle reaches, and whatever cloudpickle sends by value
 anyway (functions and classes of ``__main__``, lambdas, closures, local classes). Classes
 of importable modules keep travelling by reference, so ``isinstance`` holds in the worker
@@ -20,8 +20,6 @@ from __future__ import annotations
 import functools
 import io
 import itertools
-import linecache
-import marshal
 import os
 import pickle
 import sys
@@ -33,6 +31,8 @@ from operator import is_
 from typing import Any
 
 import cloudpickle
+
+from ..base import dumps_function
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 #: The key of a task's PickledFunction in ``task.runner_cache``.
@@ -248,67 +248,6 @@ def by_value_rule(home: dict[str, Any] | None) -> Callable[[types.FunctionType],
     return by_value
 
 
-def _load_code(data: bytes) -> types.CodeType:
-    code: types.CodeType = marshal.loads(data)
-    return code
-
-
-class _FunctionPickler(cloudpickle.Pickler):
-    """cloudpickle, plus: the plain functions of ``home`` by value; code with its real file name."""
-
-    def __init__(self, file: io.BytesIO, home: dict[str, Any] | None) -> None:
-        super().__init__(file, protocol=PROTOCOL)
-        self.home = home
-        self.filenames: set[str] = set()
-
-    def _function_reduce(self, obj: types.FunctionType) -> Any:
-        if obj.__globals__ is self.home:
-            return self._dynamic_function_reduce(obj)
-        return super()._function_reduce(obj)
-
-    def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is types.CodeType:
-            self.filenames.add(obj.co_filename)
-            return _load_code, (marshal.dumps(obj),)  # marshal keeps co_filename; cloudpickle writes <dynamic-code>
-        return super().reducer_override(obj)
-
-
-_CAN_CUSTOMISE = hasattr(cloudpickle.Pickler, "_dynamic_function_reduce") and hasattr(
-    cloudpickle.Pickler, "_function_reduce"
-)
-
-
-def _sources(filenames: set[str]) -> dict[str, list[str]]:
-    """The lines of code that has no file to read (notebook cells), from this process's linecache."""
-    sources: dict[str, list[str]] = {}
-    for name in filenames:
-        if name.startswith("<") and name.endswith(">") or os.path.isfile(name):
-            continue  # no source at all (`python -c`), or a file the worker reads itself
-        lines = linecache.getlines(name)
-        if lines:
-            sources[name] = lines
-    return sources
-
-
-def dumps_function(fn: Any, home: dict[str, Any] | None) -> tuple[bytes, dict[str, list[str]]]:
-    """Pickle ``fn`` for a worker process: the bytes and the source lines the worker's linecache needs.
-
-    If the pickle by value fails (a module global that cannot be pickled, such as a lock),
-    ``fn`` is pickled as cloudpickle does it by default: an importable module's function by
-    reference, as the worker's copy of that module has it.
-    """
-    if _CAN_CUSTOMISE:
-        buffer = io.BytesIO()
-        pickler = _FunctionPickler(buffer, home)
-        try:
-            pickler.dump(fn)
-            return buffer.getvalue(), _sources(pickler.filenames)
-        except Exception:
-            if home is None:
-                raise
-    return cloudpickle.dumps(fn, PROTOCOL), {}
-
-
 class PickledFunction:
     """A task's function for worker processes: ``payload()`` gives ``(fn_id, (bytes, sources))``.
 
@@ -345,12 +284,6 @@ class PickledFunction:
                 payload = (next(_fn_ids), (data, sources))
             self.current = (fingerprint.unchanged, payload)
             return payload
-
-
-def register_sources(sources: dict[str, list[str]]) -> None:
-    """In a worker: make the caller's source lines of code without a file readable by tracebacks."""
-    for name, lines in sources.items():
-        linecache.cache[name] = (sum(map(len, lines)), None, lines, name)
 
 
 def main_objects() -> dict[str, Any]:

@@ -29,7 +29,7 @@ from ...errors import RemoteTraceback, SerializationError, TaskrunError, WorkerD
 from ..base import Attempt, forget_pool
 from . import _functions
 from ._batching import CALL_BYTES, PIPE_BUDGET, BatchPolicy
-from ._protocol import CALLS, CANCEL, DIED, LOG, OK, PROTOCOL, RAISED, READY, WARN
+from ._protocol import CALLS, CANCEL, DIED, LOG, OK, PROTOCOL, RAISED, READY, SKIPPED, WARN
 from ._workers import WorkerProcess, default_start_method
 
 if TYPE_CHECKING:
@@ -155,10 +155,11 @@ class ProcessPool:
             gone = self._stop(attempt)
             out = self._take_outbox()
         self._deliver(out)
-        if gone is not None:
-            self._wake()  # the supervisor keeps the SIGKILL deadline
-            if threading.current_thread() is not self.thread:
-                gone.wait(TERMINATE_GRACE + 10)
+        # The supervisor keeps the SIGKILL deadline, and sends the calls waiting for a worker to the one
+        # _stop may have freed: the results it read there will not wake the supervisor.
+        self._wake()
+        if gone is not None and threading.current_thread() is not self.thread:
+            gone.wait(TERMINATE_GRACE + 10)
 
     def shutdown(self, wait: bool = True) -> None:
         """``wait=True``: finish every call first. ``wait=False``: stop them and end the workers now."""
@@ -194,7 +195,7 @@ class ProcessPool:
     def after_fork_in_child(self) -> None:
         """In a forked child (a new worker, or the user's own fork): drop the parent's pipe ends."""
         for worker in self.workers:
-            worker.close()
+            worker.close_unlocked()
         for fd in (self.wake_r, self.wake_w):
             try:
                 os.close(fd)
@@ -523,8 +524,10 @@ class ProcessPool:
             return
         attempt = worker.in_flight.get(call_id)  # type: ignore[arg-type]
         if attempt is None:
-            return  # its run was stopped (a cancelled call's acknowledgement lands here too)
+            return  # its run was stopped
         self._finish_call(worker, attempt)
+        if kind == SKIPPED:  # a cancelled call, skipped (see _stop)
+            return
         if kind == RAISED:
             exc_bytes, tb_text = payload
             try:
@@ -621,14 +624,16 @@ class ProcessPool:
         self._drain(worker)
         if call_id not in worker.in_flight:  # it finished meanwhile
             return None
-        first = next(iter(worker.in_flight))
-        self._finish_call(worker, attempt)
-        if first != call_id:  # queued in the worker behind another call: tell it to skip this one
+        if next(iter(worker.in_flight)) != call_id:
+            # Queued in the worker behind another call: tell it to skip this one. It stays in flight
+            # until the worker says it skipped it, or sends its outcome: the worker may have begun it
+            # already, and what it does then (its death too) is its own, never the next call's.
             try:
                 worker.call_w.send_bytes(pickle.dumps((CANCEL, call_id), PROTOCOL))
             except OSError:
                 pass
             return None
+        self._finish_call(worker, attempt)
         self._end_worker(worker)
         gone = threading.Event()
         worker.gone_waiters.append(gone)
@@ -671,10 +676,7 @@ class ProcessPool:
             if worker.ending:
                 worker.signal_group(signal.SIGKILL)
             else:
-                try:
-                    worker.call_w.close()
-                except OSError:
-                    pass
+                worker.close_call_pipe()
         deadline = time.monotonic() + 5
         for worker in workers:
             self._drain_until_exit(worker, deadline)

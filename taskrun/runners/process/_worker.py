@@ -24,7 +24,7 @@ from typing import Any
 
 import cloudpickle
 
-from ._functions import register_sources
+from ..base import register_sources
 from ._protocol import (
     CALLS,
     DIED,

@@ -29,6 +29,24 @@ if TYPE_CHECKING:
 
 _worker_numbers = itertools.count(1)
 
+# Held while a worker is started, from its pipes' making until the parent has closed the child's
+# ends, and while the parent's ends of a worker's pipes are closed. A fork copies every open fd:
+# a worker of another pool forked in between would keep this one's exit sentinel and pipe ends
+# open, and its death would go unseen while that one lives. And a forked child closes the
+# parent's ends by the numbers their connections hold (ProcessPool.after_fork_in_child): forked
+# between the closing of an fd and its connection forgetting the number, it would close that
+# number again, by then perhaps one of its own pipes.
+_pipes_lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    global _pipes_lock
+    _pipes_lock = threading.Lock()  # a worker forked while this process started another inherits it held
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
 
 def default_start_method() -> str:
     """fork where the platform has it (not macOS, where it is unsafe), else spawn."""
@@ -64,6 +82,17 @@ class WorkerProcess:
     """One worker process and the parent's ends of its three pipes."""
 
     def __init__(self, pool: ProcessPool) -> None:
+        with _pipes_lock:
+            self._start(pool)
+        self.pid: int = self.process.pid
+        try:
+            os.setpgid(self.pid, self.pid)  # as the worker does first thing: its group exists from now on
+        except OSError:
+            pass  # it already did (or, under spawn, exec'd and must do it itself)
+        self.sentinel: int = self.process.sentinel
+        self.reader = FrameReader(self.result_r.fileno())
+
+    def _start(self, pool: ProcessPool) -> None:
         ctx = pool.ctx
         call_r, self.call_w = ctx.Pipe(duplex=False)
         self.result_r, result_w = ctx.Pipe(duplex=False)
@@ -107,7 +136,7 @@ class WorkerProcess:
             pool.workers.remove(self)
             for conn in (call_r, result_w, alive_r):
                 conn.close()
-            self.close()
+            self.close_unlocked()
             raise
         # Only we reap it: multiprocess would otherwise reap it whenever any process is started
         # (or active_children() is called), and we must know when its pid is no longer ours.
@@ -116,13 +145,6 @@ class WorkerProcess:
             children.discard(self.process)
         for conn in (call_r, result_w, alive_r):
             conn.close()
-        self.pid: int = self.process.pid
-        try:
-            os.setpgid(self.pid, self.pid)  # as the worker does first thing: its group exists from now on
-        except OSError:
-            pass  # it already did (or, under spawn, exec'd and must do it itself)
-        self.sentinel: int = self.process.sentinel
-        self.reader = FrameReader(self.result_r.fileno())
 
     @property
     def busy(self) -> bool:
@@ -198,6 +220,20 @@ class WorkerProcess:
         return text or None
 
     def close(self) -> None:
+        """Close the parent's ends of the worker's pipes (not while a worker is being started: see ``_pipes_lock``)."""
+        with _pipes_lock:
+            self.close_unlocked()
+
+    def close_call_pipe(self) -> None:
+        """Close the pipe calls go out on: the worker exits once it has sent back what it holds."""
+        with _pipes_lock:
+            try:
+                self.call_w.close()
+            except OSError:
+                pass
+
+    def close_unlocked(self) -> None:
+        """:meth:`close` without ``_pipes_lock``: in a forked child (whose copy of it may be held), or where it is held."""
         for conn in (self.call_w, self.result_r, self.alive_w):
             try:
                 conn.close()
