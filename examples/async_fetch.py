@@ -50,26 +50,28 @@ class RateLimit:
             await asyncio.sleep(at - now)
 
 
+#: The runner of every task here: one event loop thread, up to 500 requests in flight. The client
+#: session belongs to that loop, so the task that closes it runs there too (same runner).
+Fetcher = AsyncTaskRun.configure(max_concurrency=500)
 rate_limit = RateLimit(RATE)
 site = "http://127.0.0.1"  # where the pages are: set once the local server has its port
-sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+client: aiohttp.ClientSession | None = None
 
 
 def session() -> aiohttp.ClientSession:
-    """One client session per event loop (a session belongs to the loop it was made on), made on first use."""
-    loop = asyncio.get_running_loop()
-    if loop not in sessions:
-        sessions[loop] = aiohttp.ClientSession(
+    """The client session, made on first use (on the runner's event loop, which it belongs to)."""
+    global client
+    if client is None:
+        client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0),  # no cap of its own: max_concurrency is the cap
             timeout=aiohttp.ClientTimeout(total=30),
         )
-    return sessions[loop]
+    return client
 
 
-def make_fetch(ledger: taskrun.Ledger | None) -> taskrun.Task:
+def make_fetch(ledger: taskrun.Ledger | None) -> taskrun.Task[[str], int]:
     @task(
-        runner=AsyncTaskRun.configure(max_concurrency=500),
-        retries=3, retry_sleep_time=0.1, backoff=2, retry_on=aiohttp.ClientError,
+        runner=Fetcher, retries=3, retry_sleep_time=0.1, backoff=2, retry_on=aiohttp.ClientError,
         timeout=10, ledger=ledger, name="fetch",
     )
     async def fetch(path: str) -> int:
@@ -82,11 +84,12 @@ def make_fetch(ledger: taskrun.Ledger | None) -> taskrun.Task:
     return fetch
 
 
-@task
-async def close_sessions() -> None:
-    for each in sessions.values():
-        await each.close()
-    sessions.clear()
+@task(runner=Fetcher)
+async def close_session() -> None:
+    global client
+    if client is not None:
+        await client.close()
+        client = None
 
 
 # ---- a local server to fetch from (a stand-in for the internet) -----------------------------------
@@ -128,7 +131,7 @@ def start_server() -> tuple[int, threading.Event]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--fresh", action="store_true", help="forget what earlier runs fetched")
     parser.add_argument("--no-ledger", action="store_true", help="remember nothing between runs")
     parser.add_argument("--ledger", default=LEDGER_PATH, help=f"the ledger file (default {LEDGER_PATH})")
@@ -153,7 +156,7 @@ def main() -> None:
         if ledger is not None:
             print(f"run it again to have them all from the ledger; --fresh starts over (ledger: {options.ledger})")
     finally:
-        close_sessions().wait(10)
+        close_session().wait(10)
         stop_server.set()
         taskrun.shutdown()
 

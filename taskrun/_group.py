@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, cast, overload
 
 from ._lifecycle import register_feeder, unregister_feeder
@@ -79,7 +79,8 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         self._completed: list[BaseTaskRun[R]] = []  # in the order they finished
         self._lock = threading.Lock()  # entered directly (cheaper than the condition) on the per-item paths
         self._cond = threading.Condition(self._lock)
-        self._waiting = 0  # threads blocked on _cond: notify only when someone listens
+        self._waiting = 0  # threads blocked on _cond, and coroutines awaiting the group: notify only when someone listens
+        self._async_waiters: list[Callable[[], None]] = []  # how to wake each coroutine awaiting the group
         self._watching = 0  # of those, the ones that want every completion (as_completed, iteration)
         self._feeder_waits = False  # the feeder waits for room in the window
         self._window = window
@@ -186,7 +187,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         """The feeder made the handle a waiter wants (see _await_made)."""
         with self._lock:
             self._want = sys.maxsize
-            self._cond.notify_all()
+            self._notify_locked()
 
     def __iter__(self) -> Iterator[BaseTaskRun[R]]:
         """Each handle in input order, waiting for the feeder to make the next until the input ends."""
@@ -295,10 +296,53 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
             if done and i >= len(completed):
                 return
 
+    def __await__(self) -> Generator[Any, None, list[R]]:
+        """``await group``: every run's value, in input order, as ``results()`` gives them, without blocking the event loop.
+
+        Awaitable from any event loop (yours, a notebook's, an async task's); wrap it in
+        ``asyncio.wait_for`` for a timeout. Cancelling the await leaves the runs going.
+        """
+        if not self._settled():
+            import asyncio
+
+            loop = asyncio.get_running_loop()
+            settled: asyncio.Future[None] = loop.create_future()
+
+            def check() -> None:
+                if not settled.done() and self._settled():
+                    settled.set_result(None)
+
+            def wake() -> None:
+                try:
+                    loop.call_soon_threadsafe(check)
+                except RuntimeError:  # the loop closed while the group was awaited
+                    pass
+
+            with self._lock:
+                self._async_waiters.append(wake)
+                self._waiting += 1
+            try:
+                check()  # it may have settled before the waiter was in place
+                yield from settled
+            finally:
+                with self._lock:
+                    self._async_waiters.remove(wake)
+                    self._waiting -= 1
+        return self.results()
+
+    def _notify_locked(self) -> None:
+        """Wake every thread and coroutine waiting for the group (the lock held): each looks at what it waits for."""
+        self._cond.notify_all()
+        for wake in self._async_waiters:
+            wake()
+
     def _refuse_own_thread(self) -> None:
         """Waiting for the group on its feeder or a pool's thread (in stop_when, a callback) would never end."""
         thread = threading.current_thread()
-        if thread is self._feeder or getattr(thread, "taskrun_delivers", False):
+        delivers = getattr(thread, "taskrun_delivers", False)
+        if isinstance(delivers, str) and thread is not self._feeder:  # that thread says why, in its own words
+            raise RuntimeError(delivers.format(run=f"the {self._label()}", awaited="group"))
+        if thread is self._feeder or delivers:
             raise RuntimeError(
                 f"waiting for the {self._label()} on a thread it needs (its feeder, or a pool's thread: in stop_when "
                 "or a done callback) would block it for good; read len(group) or group.summary() there instead"
@@ -482,7 +526,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
             return False
         self._halt = reason
         if self._waiting:
-            self._cond.notify_all()
+            self._notify_locked()
         return halt is None
 
     def _end_feeding(self) -> None:
@@ -491,7 +535,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
             self._feeder = None
             finished = self._finished == len(self._runs)
             if self._waiting:
-                self._cond.notify_all()
+                self._notify_locked()
         unregister_feeder(self)
         if finished:
             self._finish()
@@ -502,7 +546,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
         with self._lock:
             self._done = True
             if self._waiting:
-                self._cond.notify_all()
+                self._notify_locked()
 
     def _on_done_many(self, runs: Sequence[BaseTaskRun[Any]], all_succeeded: bool) -> None:
         """Runs of the group finished (a runner reporting many at once tells them together).
@@ -527,7 +571,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                 or (self._feeder_waits and self._started - self._finished <= self._refill_at)
                 or (self._waiting and self._halt in _ENDS_READING and self._length is None and self._finished == len(self._runs))
             ):
-                self._cond.notify_all()
+                self._notify_locked()
         if finished:
             self._finish()
         elif self._bar is not None:

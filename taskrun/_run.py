@@ -470,9 +470,9 @@ class BaseTaskRun(Generic[R]):
             return True
         delivers = getattr(threading.current_thread(), "taskrun_delivers", False)
         if delivers:
-            # A str says why in that thread's own words ({run} is this run's id).
+            # A str says why in that thread's own words ({run}: this run's id, {awaited}: "run").
             raise RuntimeError(
-                delivers.format(run=self.id) if isinstance(delivers, str) else
+                delivers.format(run=self.id, awaited="run") if isinstance(delivers, str) else
                 f"waiting for {self.id} on a taskrun pool's own thread (in a done callback) would block that "
                 "pool for good; wait in your own thread, or chain work by passing the handle to a task"
             )

@@ -222,6 +222,97 @@ def test_a_coroutine_that_swallows_the_cancel_still_ends_stopped():
     assert isinstance(run.exception(), TaskStopped)
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_a_stopped_coroutine_that_goes_on_gives_up_its_slot_and_shutdown_abandons_it_after_the_grace():
+    from taskrun.runners import aio
+
+    gate = AsyncGate()
+    cleaned = threading.Event()
+
+    @task(runner=AsyncTaskRun.configure(max_concurrency=1), name="stubborn")
+    async def stubborn():
+        try:
+            while True:
+                try:
+                    await gate.wait(timeout=WAIT * 10)
+                except asyncio.CancelledError:
+                    pass  # goes on, for good
+        finally:
+            cleaned.set()
+
+    @task(runner=AsyncTaskRun.configure(max_concurrency=1), name="next_call")
+    async def next_call():
+        return "ran"
+
+    records = _Records()
+    logging.getLogger("taskrun").addHandler(records)
+    try:
+        run = stubborn()
+        assert gate.entered.wait(WAIT)
+        assert run.stop() is True
+        # Its only slot is given up: the next call does not wait for a coroutine that never ends.
+        assert next_call().get_result(timeout=WAIT) == "ran"
+        before = time.monotonic()
+        taskrun.shutdown(wait=True)
+        took = time.monotonic() - before
+    finally:
+        logging.getLogger("taskrun").removeHandler(records)
+    assert took < aio.CANCEL_GRACE + 2, f"shutdown took {took:.1f} s"
+    assert loop_threads() == []
+    assert cleaned.is_set()  # its coroutine was closed where it waited: its finally ran
+    assert run.status is Status.STOPPED
+    messages = [r.getMessage() for r in records.records]
+    assert len(messages) == 1 and run.id in messages[0] and "abandoned" in messages[0], messages
+
+
+STUBBORN_SCRIPT = """
+import asyncio, logging, sys, time
+logging.basicConfig(level=logging.WARNING)
+import taskrun
+from taskrun import task
+
+@task(timeout=float(sys.argv[1]) if sys.argv[1] != "none" else None, name="stubborn")
+async def stubborn():
+    while True:
+        try:
+            await asyncio.wait_for(asyncio.Event().wait(), 100)  # an inner task, left behind when it is abandoned
+        except asyncio.CancelledError:
+            pass
+
+run = stubborn()
+if sys.argv[1] == "none":
+    while run.status.value != "running":
+        time.sleep(0.01)
+    run.stop()
+else:
+    run.wait(10)
+print(run.status.value, flush=True)
+"""
+
+
+@pytest.mark.parametrize("timeout", ["none", "0.2"], ids=["stopped", "timed-out"])
+def test_a_script_whose_stopped_coroutine_never_ends_exits_quietly_after_the_grace(tmp_path, timeout):
+    script = tmp_path / "stubborn.py"
+    script.write_text(STUBBORN_SCRIPT)
+    before = time.monotonic()
+    out = subprocess.run([sys.executable, "-X", "dev", str(script), timeout], capture_output=True, text=True,
+                         timeout=WAIT * 2)
+    took = time.monotonic() - before
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == ("stopped" if timeout == "none" else "failed")
+    assert took < WAIT, f"exit took {took:.1f} s"
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "stubborn#1" in lines[0] and "abandoned" in lines[0], out.stderr
+
+
 def test_a_timeout_cancels_the_attempt_and_fails_it_with_task_timeout_within_2_seconds():
     cancelled = threading.Event()
 
@@ -316,7 +407,7 @@ class _Seen(logging.Handler):
 
 @pytest.fixture
 def blocked_warnings():
-    handler = _Seen("has blocked the event loop")
+    handler = _Seen("blocked the event loop")
     logger = logging.getLogger("taskrun")
     logger.addHandler(handler)
     yield handler
@@ -362,7 +453,8 @@ def test_a_done_callback_that_blocks_the_loop_is_logged(blocked_warnings):
     run.add_done_callback(lambda r: blocked_warnings.event.wait(WAIT))  # runs on the loop thread, blocking it
     gate.open()
     assert blocked_warnings.event.wait(WAIT)
-    assert "the done callbacks of finished runs" in blocked_warnings.records[0].getMessage()
+    message = blocked_warnings.records[0].getMessage()
+    assert f"the done callbacks of {run.id} have blocked the event loop" in message, message
 
 
 @pytest.mark.timing
@@ -537,6 +629,82 @@ def test_a_blocking_wait_on_the_loop_thread_is_refused_with_the_await_advice():
     finally:
         gate.open()
     assert target.id in message and "event loop thread" in message and "await run" in message
+
+
+def test_a_blocking_wait_for_a_group_on_the_loop_thread_is_refused_with_the_await_advice():
+    @task
+    async def inner(x):
+        return x
+
+    @task
+    async def waits_badly():
+        group = inner.map(range(3))
+        try:
+            group.results(timeout=1)
+        except RuntimeError as exc:
+            return str(exc), await group
+
+    message, values = waits_badly().get_result(timeout=WAIT)
+    assert values == [0, 1, 2]
+    assert "event loop thread" in message and "`await group`" in message and "map" in message, message
+
+
+def test_await_a_group_gives_its_results_without_blocking_the_loop():
+    gate = AsyncGate()
+
+    @task
+    async def gated(x):
+        await gate.wait()
+        return x * 10
+
+    async def main():
+        group = gated.map(range(50))
+
+        async def opener():
+            await asyncio.sleep(0.01)  # runs only if awaiting the group left this loop free
+            gate.open()
+
+        values, _ = await asyncio.wait_for(asyncio.gather(group, opener()), WAIT)
+        return values, await group  # a settled group is awaited again at once
+
+    values, again = asyncio.run(main())
+    assert values == again == [x * 10 for x in range(50)]
+
+
+def test_await_a_group_of_thread_runs_from_a_generator_and_a_failure_raises():
+    @task(runner=ThreadTaskRun)
+    def half(x):
+        if x == 3:
+            raise ValueError("three")
+        return x / 2
+
+    async def main():
+        ok = await half.map(x for x in (0, 2, 4))
+        with pytest.raises(ValueError, match="three"):
+            await half.map(range(5))
+        return ok
+
+    assert asyncio.run(asyncio.wait_for(main(), WAIT)) == [0, 1, 2]
+
+
+def test_cancelling_an_await_of_a_group_leaves_its_runs_going_and_forgets_the_waiter():
+    gate = AsyncGate()
+
+    @task
+    async def gated(x):
+        await gate.wait()
+        return x
+
+    group = gated.map(range(3))
+
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(group, 0.05)
+
+    asyncio.run(main())
+    assert group._async_waiters == [] and group._waiting == 0
+    gate.open()
+    assert group.results(timeout=WAIT) == [0, 1, 2]
 
 
 def test_a_done_callback_on_the_loop_thread_that_waits_gets_the_runtime_error():

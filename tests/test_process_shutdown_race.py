@@ -60,7 +60,7 @@ def test_every_call_made_during_a_shutdown_ends(fast_thread_switches):
             else:
                 assert run.status is Status.SUCCEEDED, run
         R.shutdown(wait=False)  # the calls made after the shutdown started a new pool
-    assert rounds >= 20  # the loop is bounded by time too: a loaded machine runs fewer rounds
+    assert rounds >= 3  # it raced at all (bounded by time too: a loaded machine runs fewer rounds)
 
 
 def test_a_call_on_a_pool_closed_under_it_ends_stopped():

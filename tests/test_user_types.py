@@ -73,6 +73,8 @@ SCRIPT = textwrap.dedent(
     async def main() -> None:
         value = await inc(1)
         reveal_type(value)  # awaited
+        values = await inc.map(range(3))
+        reveal_type(values)  # group awaited
     '''
 )
 
@@ -92,6 +94,7 @@ EXPECTED = {
         "async value": "int",
         "exception": "BaseException | None",
         "awaited": "int",
+        "group awaited": "list[int]",
     },
     "pyright": {
         "handle": "BaseTaskRun[int]",
@@ -107,6 +110,7 @@ EXPECTED = {
         "async value": "int",
         "exception": "BaseException | None",
         "awaited": "int",
+        "group awaited": "list[int]",
     },
 }
 

@@ -44,11 +44,12 @@ logger: logging.Logger = logging.getLogger("taskrun")
 #: ``async with``) when its loop ends; then the loop closes without it (its coroutine is closed
 #: where it waits) and a warning names its run.
 CANCEL_GRACE = 1.0
-#: Shown by ``wait()``/``get_result()`` called on the loop thread (``{run}``: the id of the run waited for).
+#: Shown by a blocking wait (``wait()``, ``get_result()``, ``results()``...) called on the loop thread
+#: (``{run}``: what is waited for; ``{awaited}``: "run" or "group").
 LOOP_THREAD_WAIT = (
     "waiting for {run} on taskrun's event loop thread (in an async task or a done callback) would block every async "
-    "task, and for good if {run} needs this loop; in an async task use `await run` (with a timeout: "
-    "`await asyncio.wait_for(run, seconds)`)"
+    "task, and for good if it needs this loop; in an async task await it instead: `await {awaited}` (with a "
+    "timeout: `await asyncio.wait_for({awaited}, seconds)`)"
 )
 
 _CoroutineType: type[types.CoroutineType[Any, Any, Any]] = types.CoroutineType
@@ -138,6 +139,7 @@ class LoopPool:
         self.succeeded: list[tuple[Attempt, Any, None]] = []  # reported together by _flush
         self.flush_due: bool = False
         self.delivering: int = 0  # runs whose outcome (and done callbacks) _flush is delivering
+        self.delivered: list[tuple[Attempt, Any, None]] = []  # ...and which they are (for the watchdog's warning)
         self.flushes: int = 0  # deliveries so far (the watchdog tells one from the next)
         self.lock: threading.Lock = threading.Lock()
         self.shut: bool = False  # shutdown() was called
@@ -303,6 +305,7 @@ class LoopPool:
         batch, self.succeeded = self.succeeded, []
         self.flushes += 1
         self.delivering = len(batch)
+        self.delivered = batch
         try:
             Attempt.report_results(batch)
         except Exception:  # not one of these runs may be left unfinished: those not reported yet are, one by one
@@ -314,6 +317,7 @@ class LoopPool:
                     logger.exception("%s: reporting the result of %s failed", self.runner.__name__, attempt.run.id)
         finally:
             self.delivering = 0
+            self.delivered = []
         if self.closing:
             self._check_idle()
 
@@ -376,9 +380,7 @@ class LoopPool:
         self.waiting.clear()
         loop = self.loop
         try:
-            import asyncio
-
-            self._end_tasks(asyncio)
+            self._end_tasks()
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         except Exception:
@@ -388,40 +390,51 @@ class LoopPool:
             self.cancelled.clear()
             loop.close()
 
-    def _end_tasks(self, asyncio: Any) -> None:
+    def _end_tasks(self) -> None:
         """Give every task left on the loop CANCEL_GRACE s from its cancel to end; abandon those that do not."""
+        import asyncio
+
         loop = self.loop
         now = time.monotonic()
         ours = {task: since for task, since in self.cancelled.values()}
         others: list[asyncio.Task[Any]] = [task for task in asyncio.all_tasks(loop) if not task.done() and task not in ours]
         for task in others:  # the user's own tasks on this loop, and runs stopped before their first step
             task.cancel()
-        deadline = max([*ours.values(), *([now] if others else [])], default=now) + CANCEL_GRACE
+        cancels: list[float] = [*ours.values(), *([now] if others else [])]
+        deadline = (max(cancels) if cancels else now) + CANCEL_GRACE
         pending = [*ours, *others]
         if pending and deadline > now:
             loop.run_until_complete(asyncio.wait(pending, timeout=deadline - now))
         stuck = [task for task in pending if not task.done()]
         if stuck:
-            self._abandon(stuck, asyncio)
+            self._abandon(stuck)
 
-    def _abandon(self, stuck: list[asyncio.Task[Any]], asyncio: Any) -> None:
+    def _abandon(self, stuck: list[asyncio.Task[Any]]) -> None:
         """Close the coroutines still running after their grace (GeneratorExit where they wait: their ``finally``
         blocks run, nothing more of them does) and end their tasks quietly, saying which runs they were."""
+        import asyncio
+
         names = [self._name_of(task) for task in stuck]
         shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
         logger.warning(
-            "%s: %s still running %.1f s after being stopped (its coroutine catches CancelledError and goes on?); "
-            "taskrun's event loop closes without waiting for it: abandoned, its coroutine closed where it waits",
+            "%s: %s still running %.1f s after its cancel by stop() or a timeout (does it catch CancelledError and "
+            "go on?); taskrun's event loop closes without waiting longer: abandoned, its coroutine closed where it waits",
             self.runner.__name__, shown, CANCEL_GRACE,
         )
-        for task, name in zip(stuck, names):
+        for task, name in zip(stuck, names, strict=True):
             try:
                 task.get_coro().close()
             except RuntimeError as exc:  # it awaited again in its cleanup ("coroutine ignored GeneratorExit")
                 logger.warning("%s: closing the coroutine of %s: %s", self.runner.__name__, name, exc)
             task.cancel()  # its next step finds the coroutine closed, and the task ends
-        self.loop.run_until_complete(asyncio.wait(stuck, timeout=CANCEL_GRACE))
-        for task in stuck:
+        # And the tasks they started (an asyncio.wait_for's inner task...), which closing them left behind.
+        left: list[asyncio.Task[Any]] = [
+            *stuck, *(task for task in asyncio.all_tasks(self.loop) if not task.done() and task not in stuck)
+        ]
+        for task in left[len(stuck):]:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.wait(left, timeout=CANCEL_GRACE))
+        for task in left:
             if not task.done():  # its coroutine goes on still: left pending, not to be reported as lost when collected
                 task._log_destroy_pending = False  # type: ignore[attr-defined]  # noqa: SLF001 - asyncio's own switch (gather sets it)
             elif not task.cancelled():
@@ -477,12 +490,12 @@ class LoopPool:
                 continue
             if now - since >= slow and key != warned:
                 warned = key
+                what, verb = self._describe(holder)
                 logger.warning(
-                    "%s has blocked the event loop of %s for over %.2f s so far (slow_callback_seconds=%g): every "
+                    "%s %s blocked the event loop of %s for over %.2f s so far (slow_callback_seconds=%g): every "
                     "other async task waits meanwhile. A blocking call (time.sleep, a synchronous HTTP client, heavy "
                     "CPU work) belongs in its async form (await asyncio.sleep, an async client) or in a "
-                    "ThreadTaskRun or MultiprocessTaskRun task", self._describe(holder), self.runner.__name__,
-                    now - since, slow,
+                    "ThreadTaskRun or MultiprocessTaskRun task", what, verb, self.runner.__name__, now - since, slow,
                 )
 
     def _holder(self) -> Any:
@@ -492,7 +505,10 @@ class LoopPool:
             return task
         return self.flushes if self.delivering else None
 
-    def _describe(self, holder: Any) -> str:
+    def _describe(self, holder: Any) -> tuple[str, str]:
+        """What holds the loop, for the warning, with the verb that agrees with it ("has" or "have")."""
         if isinstance(holder, int):
-            return "the done callbacks of finished runs"
-        return self._name_of(holder)
+            names = [attempt.run.id for attempt, _, _ in list(self.delivered)]
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} other runs" if len(names) > 3 else "")
+            return f"the done callbacks of {shown or 'finished runs'}", "have"
+        return self._name_of(holder), "has"
