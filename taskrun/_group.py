@@ -19,7 +19,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, cast, overload
 
 from ._lifecycle import register_feeder, unregister_feeder
-from ._run import BaseTaskRun, R
+from ._run import BaseTaskRun, R, succeeded_values
 from ._status import Status
 from .errors import TaskStopped
 
@@ -268,7 +268,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                 f"{len(self._runs)} handles made are in the group, results(raise_exceptions=False) returns their values"
             )
         if not self._failed and not self._stopped:  # every run succeeded (or came from the ledger): no raising
-            return [run.get_result() for run in self._runs]
+            return succeeded_values(self._runs)
         return [run.get_result(raise_exceptions=raise_exceptions) for run in self._runs]
 
     def as_completed(self, timeout: float | None = None) -> Iterator[BaseTaskRun[R]]:

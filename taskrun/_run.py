@@ -931,6 +931,11 @@ class BaseTaskRun(Generic[R]):
 Attempt = BaseTaskRun.Attempt
 
 
+def succeeded_values(runs: Iterable[BaseTaskRun[R]]) -> list[R]:
+    """The values of runs that have all succeeded, read directly (a group's ``results()`` hot path)."""
+    return [run._result for run in runs]
+
+
 def run_coroutine(coro: Any, what: str) -> Any:
     """Run ``coro`` (what the function of ``what`` returned) to completion on an event loop of its own, here.
 
