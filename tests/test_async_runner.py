@@ -279,13 +279,29 @@ logging.basicConfig(level=logging.WARNING)
 import taskrun
 from taskrun import task
 
+async def poll():
+    await asyncio.sleep(0.05)
+
 @task(timeout=float(sys.argv[1]) if sys.argv[1] != "none" else None, name="stubborn")
 async def stubborn():
-    while True:
-        try:
-            await asyncio.wait_for(asyncio.Event().wait(), 100)  # an inner task, left behind when it is abandoned
-        except asyncio.CancelledError:
-            pass
+    kind = sys.argv[2]
+    try:
+        while True:
+            if kind == "bare-except":
+                try:
+                    await poll()
+                except:  # noqa: E722 - catches the GeneratorExit of its closing too, and awaits again
+                    pass
+            else:
+                try:
+                    await asyncio.wait_for(asyncio.Event().wait(), 100)  # an inner task, left behind when abandoned
+                except asyncio.CancelledError:
+                    pass
+    finally:
+        print("finally", flush=True)
+        if kind == "awaits-in-finally":
+            await asyncio.sleep(0.1)
+            print("not reached", flush=True)
 
 run = stubborn()
 if sys.argv[1] == "none":
@@ -299,18 +315,27 @@ print(run.status.value, flush=True)
 
 
 @pytest.mark.parametrize("timeout", ["none", "0.2"], ids=["stopped", "timed-out"])
-def test_a_script_whose_stopped_coroutine_never_ends_exits_quietly_after_the_grace(tmp_path, timeout):
+@pytest.mark.parametrize("kind", ["swallows-cancel", "bare-except", "awaits-in-finally"])
+def test_a_script_whose_stopped_coroutine_never_ends_exits_quietly_after_the_grace(tmp_path, timeout, kind):
+    """Regression: closing a coroutine with a bare `except:` around an await, with no loop running, looped for
+    good inside close() (each await failed at once, and was caught), so the script never exited."""
     script = tmp_path / "stubborn.py"
     script.write_text(STUBBORN_SCRIPT)
     before = time.monotonic()
-    out = subprocess.run([sys.executable, "-X", "dev", str(script), timeout], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-X", "dev", str(script), timeout, kind], capture_output=True, text=True,
                          timeout=WAIT * 2)
     took = time.monotonic() - before
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == ("stopped" if timeout == "none" else "failed")
+    printed = out.stdout.split()
+    assert printed[0] == ("stopped" if timeout == "none" else "failed")
+    assert printed[1:] == ([] if kind == "bare-except" else ["finally"])  # a finally runs up to its first await
     assert took < WAIT, f"exit took {took:.1f} s"
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "stubborn#1" in lines[0] and "abandoned" in lines[0], out.stderr
+    assert "stubborn#1 still running" in lines[0] and "abandoned" in lines[0], out.stderr
+    if kind == "swallows-cancel":
+        assert len(lines) == 1, out.stderr
+    else:  # it awaited again while being closed: said so, and held (never collected: a collection would close it again)
+        assert len(lines) == 2 and "stubborn#1 awaited again while being closed" in lines[1], out.stderr
 
 
 def test_a_timeout_cancels_the_attempt_and_fails_it_with_task_timeout_within_2_seconds():

@@ -23,6 +23,8 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
+import os
+import queue
 import threading
 import time
 import types
@@ -107,6 +109,36 @@ class AsyncTaskRun(BaseTaskRun[R]):
     def shutdown(cls, wait: bool = True) -> None:
         for pool in drop_pools(cls):
             pool.shutdown(wait=wait)
+
+
+_held: queue.SimpleQueue[object] | None = None  # what hold_until_exit hands to its thread...
+_held_pid = 0  # ...in this process
+
+
+def hold_until_exit(objects: list[object]) -> None:
+    """Keep ``objects`` (abandoned tasks and coroutines) alive until the process ends, from a parked daemon thread.
+
+    A coroutine that ignores GeneratorExit is closed again by Python when it is collected (at
+    the latest at exit), with no loop running, where a bare ``except:`` around an await loops
+    for good. Only a daemon thread's frame is never cleared at exit; a module's globals are.
+    """
+    global _held, _held_pid
+    with _holder_lock:
+        if _held is None or _held_pid != os.getpid():  # (a forked child has no such thread)
+            _held, _held_pid = queue.SimpleQueue(), os.getpid()
+            threading.Thread(target=_hold, args=(_held,), name="taskrun-abandoned-coroutines", daemon=True).start()
+        held = _held
+    for obj in objects:
+        held.put(obj)
+
+
+def _hold(incoming: queue.SimpleQueue[object]) -> None:
+    kept: list[object] = []
+    while True:
+        kept.append(incoming.get())
+
+
+_holder_lock = threading.Lock()
 
 
 class LoopPool:
@@ -274,6 +306,8 @@ class LoopPool:
                 value = run.task.fn(*run.args, **run.kwargs)
                 if type(value) is _CoroutineType or inspect.isawaitable(value):
                     value = await value
+            except GeneratorExit:  # this coroutine is being closed (an abandoned run: see _abandon)
+                raise
             except BaseException as exc:  # noqa: B036 - the coroutine's failure (or its cancelling) is its outcome
                 if not attempt.reported:  # else stopped or timed out: the CancelledError we sent, or too late
                     attempt.set_exception(attach_traceback(exc))
@@ -411,34 +445,69 @@ class LoopPool:
 
     def _abandon(self, stuck: list[asyncio.Task[Any]]) -> None:
         """Close the coroutines still running after their grace (GeneratorExit where they wait: their ``finally``
-        blocks run, nothing more of them does) and end their tasks quietly, saying which runs they were."""
+        blocks run up to their first ``await``) and end their tasks quietly, saying which runs they were."""
         import asyncio
 
         names = [self._name_of(task) for task in stuck]
-        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        runs = [name for name in names if not name.startswith("asyncio task ")]
+        described = ", ".join(runs[:10]) + (f" and {len(runs) - 10} more" if len(runs) > 10 else "")
+        if len(runs) < len(names):
+            others = len(names) - len(runs)
+            described += (" and " if runs else "") + (f"{others} asyncio task{'s' if others > 1 else ''} of the loop")
         logger.warning(
-            "%s: %s still running %.1f s after its cancel by stop() or a timeout (does it catch CancelledError and "
-            "go on?); taskrun's event loop closes without waiting longer: abandoned, its coroutine closed where it waits",
-            self.runner.__name__, shown, CANCEL_GRACE,
+            "%s: %s still running %.1f s after being cancelled (by stop(), a timeout or the shutdown; %s "
+            "CancelledError and carry on?). taskrun's event loop closes without waiting longer: abandoned, "
+            "closed where %s (a finally block runs up to its first await)",
+            self.runner.__name__, described, CANCEL_GRACE,
+            "does it catch" if len(names) == 1 else "do they catch", "it waits" if len(names) == 1 else "they wait",
         )
-        for task, name in zip(stuck, names, strict=True):
-            try:
-                task.get_coro().close()
-            except RuntimeError as exc:  # it awaited again in its cleanup ("coroutine ignored GeneratorExit")
-                logger.warning("%s: closing the coroutine of %s: %s", self.runner.__name__, name, exc)
-            task.cancel()  # its next step finds the coroutine closed, and the task ends
+        kept: list[object] = []  # coroutines that await again once closed: alive, and held until the process exits
+
+        async def close_each() -> None:
+            # On the running loop: an await in a coroutine's cleanup suspends it (close() then says so) where,
+            # with no loop running, it would fail at once, and a bare `except:` around it would loop for good.
+            for task, name in zip(stuck, names, strict=True):
+                coro = self._coroutine_of(task)
+                try:
+                    coro.close()
+                except Exception as exc:  # noqa: BLE001 - its cleanup's own error, or "coroutine ignored GeneratorExit"
+                    if coro.cr_frame is None:
+                        logger.warning("%s: the cleanup of %s raised %s: %s", self.runner.__name__, name,
+                                       type(exc).__name__, exc)
+                if coro.cr_frame is not None:  # still suspended: it caught the GeneratorExit and awaited again
+                    logger.warning(
+                        "%s: %s awaited again while being closed (an await in its finally block, or a bare except: "
+                        "around an await); the rest of it never runs", self.runner.__name__, name,
+                    )
+                    kept.extend((task, task.get_coro(), coro))
+                    task._log_destroy_pending = False  # type: ignore[attr-defined]  # noqa: SLF001 - asyncio's own switch
+                else:
+                    task.cancel()  # its next step finds the coroutine closed, and the task ends
+
+        self.loop.run_until_complete(close_each())
         # And the tasks they started (an asyncio.wait_for's inner task...), which closing them left behind.
-        left: list[asyncio.Task[Any]] = [
-            *stuck, *(task for task in asyncio.all_tasks(self.loop) if not task.done() and task not in stuck)
-        ]
-        for task in left[len(stuck):]:
-            task.cancel()
-        self.loop.run_until_complete(asyncio.wait(left, timeout=CANCEL_GRACE))
+        left = [task for task in asyncio.all_tasks(self.loop) if not task.done() and task not in kept]
+        for task in left:
+            if task not in stuck:
+                task.cancel()
+        if left:
+            self.loop.run_until_complete(asyncio.wait(left, timeout=CANCEL_GRACE))
         for task in left:
             if not task.done():  # its coroutine goes on still: left pending, not to be reported as lost when collected
                 task._log_destroy_pending = False  # type: ignore[attr-defined]  # noqa: SLF001 - asyncio's own switch (gather sets it)
+                kept.append(task)
             elif not task.cancelled():
                 task.exception()  # retrieved (a RuntimeError: the closed coroutine cannot step), so never logged
+        if kept:
+            hold_until_exit(kept)
+
+    @staticmethod
+    def _coroutine_of(task: asyncio.Task[Any]) -> types.CoroutineType[Any, Any, Any]:
+        """The coroutine of a task's own code: for a run, the one its ``_drive`` awaits (the task function's)."""
+        coro = cast("types.CoroutineType[Any, Any, Any]", task.get_coro())
+        if coro.cr_code is LoopPool._drive.__code__ and type(coro.cr_await) is _CoroutineType:
+            return cast("types.CoroutineType[Any, Any, Any]", coro.cr_await)
+        return coro
 
     def _name_of(self, task: asyncio.Task[Any]) -> str:
         for attempt, (own, _) in self.cancelled.items():
