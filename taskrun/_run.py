@@ -933,7 +933,7 @@ Attempt = BaseTaskRun.Attempt
 
 def succeeded_values(runs: Iterable[BaseTaskRun[R]]) -> list[R]:
     """The values of runs that have all succeeded, read directly (a group's ``results()`` hot path)."""
-    return [run._result for run in runs]
+    return [run._result for run in runs]  # pyright: ignore[reportPrivateUsage]  # (this module's own class)
 
 
 def run_coroutine(coro: Any, what: str) -> Any:

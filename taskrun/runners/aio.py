@@ -125,8 +125,9 @@ def hold_until_exit(objects: list[object]) -> None:
     global _held, _held_pid
     with _holder_lock:
         if _held is None or _held_pid != os.getpid():  # (a forked child has no such thread)
-            _held, _held_pid = queue.SimpleQueue(), os.getpid()
-            threading.Thread(target=_hold, args=(_held,), name="taskrun-abandoned-coroutines", daemon=True).start()
+            held: queue.SimpleQueue[object] = queue.SimpleQueue()
+            threading.Thread(target=_hold, args=(held,), name="taskrun-abandoned-coroutines", daemon=True).start()
+            _held, _held_pid = held, os.getpid()
         held = _held
     for obj in objects:
         held.put(obj)
@@ -504,10 +505,10 @@ class LoopPool:
     @staticmethod
     def _coroutine_of(task: asyncio.Task[Any]) -> types.CoroutineType[Any, Any, Any]:
         """The coroutine of a task's own code: for a run, the one its ``_drive`` awaits (the task function's)."""
-        coro = cast("types.CoroutineType[Any, Any, Any]", task.get_coro())
+        coro: Any = task.get_coro()  # a coroutine: every task on this loop is made from one
         if coro.cr_code is LoopPool._drive.__code__ and type(coro.cr_await) is _CoroutineType:
-            return cast("types.CoroutineType[Any, Any, Any]", coro.cr_await)
-        return coro
+            coro = coro.cr_await
+        return cast("types.CoroutineType[Any, Any, Any]", coro)
 
     def _name_of(self, task: asyncio.Task[Any]) -> str:
         for attempt, (own, _) in self.cancelled.items():
