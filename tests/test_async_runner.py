@@ -138,6 +138,76 @@ def test_max_concurrency_bounds_coroutines_in_flight_and_the_rest_wait_pending()
     assert peak == 3
 
 
+@pytest.fixture
+def deadlock_warnings(monkeypatch):
+    from taskrun.runners import aio
+
+    monkeypatch.setattr(aio, "STARVED_CHECK_SECONDS", 0.02)
+    handler = _Seen("none of them can go on")
+    logging.getLogger("taskrun").addHandler(handler)
+    yield handler
+    logging.getLogger("taskrun").removeHandler(handler)
+
+
+def test_slots_all_held_by_runs_awaiting_runs_of_the_same_runner_are_warned_of(deadlock_warnings):
+    runner = AsyncTaskRun.configure(max_concurrency=3)
+
+    @task(runner=runner, name="child")
+    async def child(x):
+        return x
+
+    @task(runner=runner, name="parent")
+    async def parent(x):
+        return await child(x)  # waits for a slot that its caller holds
+
+    group = parent.map(range(4))
+    assert deadlock_warnings.event.wait(WAIT)
+    message = deadlock_warnings.records[0].getMessage()
+    assert "all 3 of its slots" in message and ("parent#" in message or "child#" in message), message
+    assert "`await child.fn(x)`" in message
+    assert group.summary()["running"] == 3  # indeed stuck
+    group.stop()
+    assert len(deadlock_warnings.records) == 1
+
+
+def test_slots_all_held_by_runs_awaiting_something_else_are_not_warned_of(deadlock_warnings):
+    gate = AsyncGate()
+    checked = threading.Event()
+    runner = AsyncTaskRun.configure(max_concurrency=2)
+    other = AsyncTaskRun.configure(max_concurrency=2, slow_callback_seconds=None)
+
+    @task(runner=other)
+    async def elsewhere():
+        await gate.wait()
+
+    @task(runner=runner)
+    async def held():
+        return await elsewhere()  # a run of another runner: that one can go on
+
+    @task(runner=runner)
+    async def plain():
+        await gate.wait()
+
+    from taskrun.runners import aio
+
+    calls = [held(), plain(), plain(), plain()]
+    original = aio.LoopPool._check_starved
+
+    def counted(self):
+        original(self)
+        checked.set()
+
+    aio.LoopPool._check_starved = counted
+    try:
+        assert checked.wait(WAIT)  # it looked, with every slot taken and calls waiting
+        assert checked.clear() is None and checked.wait(WAIT)  # and again, as the slots stay full
+    finally:
+        aio.LoopPool._check_starved = original
+        gate.open()
+    assert [run.wait(WAIT) for run in calls] == [True] * 4
+    assert deadlock_warnings.records == []
+
+
 def test_a_run_stopped_while_waiting_for_a_slot_never_starts():
     gate = AsyncGate()
     started = []

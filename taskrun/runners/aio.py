@@ -55,6 +55,10 @@ LOOP_THREAD_WAIT = (
 )
 
 _CoroutineType: type[types.CoroutineType[Any, Any, Any]] = types.CoroutineType
+_RUN_AWAIT_CODE = BaseTaskRun.__await__.__code__  # the frames of `await run`
+#: Seconds between looks, while every slot is taken and calls wait, for slots all held by runs awaiting runs of
+#: the same runner (a deadlock, warned of once).
+STARVED_CHECK_SECONDS = 1.0
 _loop_numbers = itertools.count(1)
 
 
@@ -109,6 +113,20 @@ class AsyncTaskRun(BaseTaskRun[R]):
     def shutdown(cls, wait: bool = True) -> None:
         for pool in drop_pools(cls):
             pool.shutdown(wait=wait)
+
+
+def _awaited_run(task: asyncio.Task[Any]) -> BaseTaskRun[Any] | None:
+    """The run that ``task`` awaits (``await run`` somewhere down its chain of awaits), if it awaits one."""
+    obj: Any = task.get_coro()
+    for _ in range(1000):  # the chain of awaits: coroutines (cr_await), generators (gi_yieldfrom)
+        if getattr(obj, "gi_code", None) is _RUN_AWAIT_CODE:
+            frame = obj.gi_frame
+            run: BaseTaskRun[Any] | None = frame.f_locals.get("self") if frame is not None else None  # that frame's
+            return run
+        obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
+        if obj is None:
+            break
+    return None
 
 
 _held: queue.SimpleQueue[object] | None = None  # what hold_until_exit hands to its thread...
@@ -174,6 +192,8 @@ class LoopPool:
         self.delivering: int = 0  # runs whose outcome (and done callbacks) _flush is delivering
         self.delivered: list[tuple[Attempt, Any, None]] = []  # ...and which they are (for the watchdog's warning)
         self.flushes: int = 0  # deliveries so far (the watchdog tells one from the next)
+        self.starved_check_due: bool = False  # a _check_starved is scheduled
+        self.starved_warned: bool = False
         self.lock: threading.Lock = threading.Lock()
         self.shut: bool = False  # shutdown() was called
         self.closing: bool = False  # the loop finishes (or stops) what it has, then ends
@@ -282,6 +302,9 @@ class LoopPool:
                 continue
             if limit is not None and len(running) >= limit:
                 self.waiting.append(attempt)
+                if not self.starved_check_due:
+                    self.starved_check_due = True
+                    self.loop.call_later(STARVED_CHECK_SECONDS, self._check_starved)
             else:
                 self._start(attempt)
         if self.closing:
@@ -518,6 +541,28 @@ class LoopPool:
             if own is task:
                 return attempt.run.id
         return f"asyncio task {task.get_name()!r}"
+
+    def _check_starved(self) -> None:
+        """Every slot is taken and calls wait for one: warn (once) if each slot's run awaits a run of this same
+        runner that is not done, as then none can go on. While the slots stay full, look again later."""
+        self.starved_check_due = False
+        limit = self.limit
+        if self.ended or not self.waiting or limit is None or len(self.running) < limit:
+            return
+        awaited = [_awaited_run(task) for task in self.running.values()]
+        if all(run is not None and isinstance(run, self.runner) and not run.done() for run in awaited):
+            if not self.starved_warned:
+                self.starved_warned = True
+                waiting = [attempt.run.id for attempt in list(self.waiting)[:3]]
+                logger.warning(
+                    "%s: all %d of its slots (max_concurrency) are held by runs that await runs of the same runner, "
+                    "which wait for a slot (%s%s): none of them can go on. Give the awaited tasks a runner of their "
+                    "own (AsyncTaskRun.configure(...)), or await their coroutine directly (`await child.fn(x)`)",
+                    self.runner.__name__, limit, ", ".join(waiting), ", ..." if len(self.waiting) > 3 else "",
+                )
+            return
+        self.starved_check_due = True
+        self.loop.call_later(STARVED_CHECK_SECONDS, self._check_starved)
 
     # ---- the watchdog -------------------------------------------------------------------
 
