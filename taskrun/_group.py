@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, cast, overload
 
+from ._deps import find_upstream
 from ._lifecycle import register_feeder, unregister_feeder
-from ._run import BaseTaskRun, R, succeeded_values
+from ._run import BaseTaskRun, R, store_for, succeeded_values
 from ._status import Status
 from .errors import TaskStopped
 
@@ -461,7 +462,7 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                 runs.append(run)
                 if len(runs) > self._want:
                     self._wake_wanted()
-                if halt is None and stop_when is not None:
+                if halt is None and stop_when is not None and not self._in_ledger(run):
                     self._may_start(stop_when)
                 halt = self._halt  # after the append (see stop()); stop_when or another thread may have halted
                 if halt is not None:
@@ -484,6 +485,19 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
                 raise
         finally:
             self._end_feeding()
+
+    def _in_ledger(self, run: BaseTaskRun[R]) -> bool:
+        """True if the task's ledger holds ``run``'s result: it will not run, so ``stop_when`` is not asked for it
+        (a quota that counts its calls then counts calls that run, and a rerun goes on where the last one stopped)."""
+        task = self.task
+        if task.ledger is None or find_upstream(run.args, run.kwargs, BaseTaskRun) is not None:
+            return False
+        try:
+            store = store_for(task.ledger)
+            found, _ = store.lookup(task.name, store.key_for(task, run.args, run.kwargs))
+        except Exception:  # noqa: BLE001 - a call that cannot be keyed fails when it starts, saying why
+            return False
+        return bool(found)
 
     def _may_start(self, stop_when: Callable[[], object]) -> bool:
         """Ask ``stop_when`` (the group's) once, before a run starts; on True (or an error) halt the group. True: go on."""

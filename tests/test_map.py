@@ -479,6 +479,33 @@ def test_stop_when_is_asked_once_before_each_run_so_a_quota_can_count_calls(runn
     assert asked == 6
 
 
+@pytest.mark.parametrize("runner", [Threads, SequentialTaskRun], ids=["threads", "sequential"])
+def test_a_quota_with_a_ledger_goes_on_where_the_last_run_stopped(runner: type, tmp_path: Path) -> None:
+    """Regression: stop_when was asked for runs the ledger answers too, so a quota of N calls spent itself on
+    the N calls done last time, and a rerun never got past them."""
+    ran: list[int] = []
+
+    @task(runner=runner, ledger=str(tmp_path / "runs.db"))
+    def ident(x: int) -> int:
+        ran.append(x)
+        return x
+
+    for batch in range(3):
+        asked = 0
+
+        def quota() -> bool:
+            nonlocal asked
+            asked += 1
+            return asked > 4  # four calls per run of the script
+
+        group = ident.map(range(20), stop_when=quota)
+        assert group.wait(timeout=WAIT)
+        summary = group.summary()
+        assert summary["succeeded"] == 4 * (batch + 1) and summary["cached"] == 4 * batch, summary
+        assert sorted(ran) == list(range(4 * (batch + 1)))  # each call ran once, in order of the input
+        assert asked == 5  # asked for the runs that would run, not for those the ledger answered
+
+
 def test_stop_does_not_wait_for_an_input_that_blocks() -> None:
     gate = threading.Event()
     blocked = threading.Event()
