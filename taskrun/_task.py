@@ -88,8 +88,9 @@ class Task(Generic[P, R]):
         if key is not None and not callable(cast(object, key)):
             raise TypeError(f"task option key must be a callable(*args, **kwargs) -> str, got {key!r}")
 
-        #: The plain function.
-        self.fn: Callable[P, R] = fn
+        #: The function as written: for an ``async def``, its coroutine function (``await task.fn(x)``). Typed as
+        #: returning Any: a task's type holds the value a call gives, which is not what an async def returns.
+        self.fn: Callable[P, Any] = fn
         self.name: str = name
         self.retries: int = retries
         self.retry_sleep_time: float = retry_sleep_time

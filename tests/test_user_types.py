@@ -73,6 +73,9 @@ SCRIPT = textwrap.dedent(
     async def main() -> None:
         value = await inc(1)
         reveal_type(value)  # awaited
+        length: int = await size.fn("u")  # the coroutine function itself
+        total: int = inc.fn(1) + length  # the plain function
+        print(total)
         values = await inc.map(range(3))
         reveal_type(values)  # group awaited
     '''
