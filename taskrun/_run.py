@@ -59,6 +59,7 @@ _local = threading.local()
 #: The attempt of the asyncio task running here (each asyncio task runs in a context of its own).
 _context_attempt: contextvars.ContextVar[BaseTaskRun.Attempt | None] = contextvars.ContextVar("taskrun_attempt", default=None)
 _CoroutineType = types.CoroutineType
+_CO_COROUTINE = 0x80  # inspect.CO_COROUTINE: the code of an async def (inspect is not imported on the way in)
 _run_numbers = itertools.count(1)
 
 # Runs take their lock from a fixed set instead of making one each: a lock is one more object
@@ -561,7 +562,17 @@ class BaseTaskRun(Generic[R]):
         return self._conclude(Status.STOPPED, exc=TaskStopped(message))
 
     def add_done_callback(self, fn: Callable[[BaseTaskRun[R]], Any]) -> None:
-        """Call ``fn(run)`` once the run has finished; at once if it already has."""
+        """Call ``fn(run)`` once the run has finished; at once if it already has.
+
+        ``fn`` is a plain function, called on the thread that finished the run; an ``async def``
+        is refused with ``TypeError`` (nothing would await its coroutine): await the run instead.
+        """
+        if getattr(getattr(fn, "__code__", None), "co_flags", 0) & _CO_COROUTINE:
+            raise TypeError(
+                f"add_done_callback({getattr(fn, '__qualname__', fn)}) got an async def: a done callback is called, "
+                "not awaited, so its coroutine would never run. Pass a plain function, or in async code "
+                "`await run` and go on from there"
+            )
         with self._lock:
             if self._status not in FINISHED:
                 if self._callbacks is None:
@@ -923,9 +934,16 @@ class BaseTaskRun(Generic[R]):
 
     def _invoke_callback(self, fn: Callable[[BaseTaskRun[R]], Any]) -> None:
         try:
-            fn(self)
+            returned = fn(self)
         except Exception:
             logger.exception("done callback %r of %s raised", fn, self.id)
+            return
+        if type(returned) is _CoroutineType:  # an async callable add_done_callback could not tell (a partial...)
+            returned.close()  # never awaited: closed, so Python does not warn about it, pointing here
+            logger.error(
+                "done callback %r of %s returned a coroutine, which nothing awaits: it did not run (done callbacks "
+                "are called, not awaited; in async code `await run` instead)", fn, self.id,
+            )
 
 
 Attempt = BaseTaskRun.Attempt

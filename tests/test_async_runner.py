@@ -802,6 +802,28 @@ def test_cancelling_an_await_of_a_group_leaves_its_runs_going_and_forgets_the_wa
     assert group.results(timeout=WAIT) == [0, 1, 2]
 
 
+def test_an_async_def_done_callback_is_refused_and_one_that_returns_a_coroutine_is_reported(caplog):
+    import functools
+    import warnings
+
+    @task
+    async def one():
+        return 1
+
+    async def callback(run, tag):
+        raise AssertionError("never runs")
+
+    run = one()
+    with pytest.raises(TypeError, match=r"add_done_callback\(.*callback\) got an async def.*`await run`"):
+        run.add_done_callback(callback)
+    assert run.get_result(timeout=WAIT) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "coroutine was never awaited" RuntimeWarning
+        run.add_done_callback(functools.partial(callback, tag="x"))  # not seen as async: called, and reported
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "returned a coroutine, which nothing awaits" in errors[0] and run.id in errors[0]
+
+
 def test_a_done_callback_on_the_loop_thread_that_waits_gets_the_runtime_error():
     never, soon = AsyncGate(), AsyncGate()
     seen = []
