@@ -965,7 +965,10 @@ def run_coroutine(coro: Any, what: str) -> Any:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coro)
+        value = asyncio.run(coro)
+        while type(value) is _CoroutineType:  # the async def returned a coroutine (a forgotten await): run it too
+            value = asyncio.run(value)
+        return value
     coro.close()  # never awaited: closed, so Python does not warn about it
     raise RuntimeError(
         f"{what} is an async function called inside a running event loop, which running it here would block; "

@@ -916,6 +916,18 @@ def test_other_runners_run_an_async_def_to_completion_never_returning_a_coroutin
     assert "_async_fails" in str(failed.exception().__cause__)
 
 
+async def _forgets_to_await(x):
+    return _async_square(x)  # a coroutine, not its value
+
+
+@pytest.mark.parametrize("runner", [AsyncTaskRun, ThreadTaskRun, SequentialTaskRun,
+                                    MultiprocessTaskRun.configure(max_workers=1)],
+                         ids=["AsyncTaskRun", "ThreadTaskRun", "SequentialTaskRun", "MultiprocessTaskRun"])
+def test_an_async_def_that_returns_a_coroutine_gives_its_value_never_a_coroutine(runner, recwarn):
+    assert task(runner=runner)(_forgets_to_await)(4).get_result(timeout=WAIT) == 16
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
 def test_a_plain_function_returning_a_coroutine_is_run_too():
     run = task(runner=ThreadTaskRun)(lambda x: _async_square(x))(3)
     assert run.get_result(timeout=WAIT) == 9

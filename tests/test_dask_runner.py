@@ -161,6 +161,10 @@ async def async_add(x, y):
     return x + y
 
 
+async def forgets_to_await(x, y):
+    return async_add(x, y)  # a coroutine, not its value
+
+
 def by_value_failure():
     """A function defined in a test: cloudpickle sends it by value (its code), as it does those of a main script."""
 
@@ -278,6 +282,7 @@ def test_an_async_def_task_runs_to_completion_on_the_worker(dask_client, isolate
 
     runner = DaskTaskRun.configure(client=dask_client, isolate=isolate)
     assert task(runner=runner)(async_add)(2, 3).get_result(timeout=WAIT) == 5  # its value, never a coroutine
+    assert task(runner=runner)(forgets_to_await)(2, 3).get_result(timeout=WAIT) == 5  # ...even if it returns one
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
 
 

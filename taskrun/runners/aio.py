@@ -330,6 +330,8 @@ class LoopPool:
                 value = run.task.fn(*run.args, **run.kwargs)
                 if type(value) is _CoroutineType or inspect.isawaitable(value):
                     value = await value
+                    while type(value) is _CoroutineType:  # an async def returned a coroutine: a forgotten await
+                        value = await value
             except GeneratorExit:  # this coroutine is being closed (an abandoned run: see _abandon)
                 raise
             except BaseException as exc:  # noqa: B036 - the coroutine's failure (or its cancelling) is its outcome

@@ -64,7 +64,7 @@ def main() -> None:
     else:
         try:
             value = fn(*args, **kwargs)
-            if type(value) is _outcome.CoroutineType:  # an async def: run it to completion here
+            while type(value) is _outcome.CoroutineType:  # an async def (that may return a coroutine): run it here
                 import asyncio
 
                 value = asyncio.run(value)

@@ -333,7 +333,7 @@ def _run(worker: Any, key: str, fn_id: str, topic: str | None, isolate: str | No
     previous_flag = set_stop_flag(flag)
     try:
         value = fn(*args, **kwargs)
-        if type(value) is CoroutineType:  # an async def: run it to completion in this worker thread
+        while type(value) is CoroutineType:  # an async def (that may return a coroutine): run it to completion here
             import asyncio
 
             value = asyncio.run(value)

@@ -129,7 +129,7 @@ def _run_call(
         return UNPICKLABLE, ("the task's function could not be loaded in the worker process", "")
     try:
         value = function(*args, **kwargs)
-        if type(value) is _CoroutineType:  # an async def: run it to completion in this process
+        while type(value) is _CoroutineType:  # an async def (that may return a coroutine): run it to completion here
             import asyncio
 
             value = asyncio.run(value)
