@@ -153,7 +153,7 @@ def main() -> None:
         summary = group.summary()
         print(f"{len(sizes)} pages, {sum(sizes):,} bytes in {elapsed:.2f} s: {summary['succeeded'] - summary['cached']} "
               f"fetched, {summary['cached']} from the ledger")
-        if ledger is not None:
+        if ledger is not None and summary["cached"] < len(sizes):
             print(f"run it again to have them all from the ledger; --fresh starts over (ledger: {options.ledger})")
     finally:
         close_session().wait(10)
