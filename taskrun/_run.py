@@ -58,7 +58,7 @@ _PENDING, _RUNNING, _SUCCEEDED = Status.PENDING, Status.RUNNING, Status.SUCCEEDE
 _local = threading.local()
 #: The attempt of the asyncio task running here (each asyncio task runs in a context of its own).
 _context_attempt: contextvars.ContextVar[BaseTaskRun.Attempt | None] = contextvars.ContextVar("taskrun_attempt", default=None)
-_CoroutineType = types.CoroutineType
+_CoroutineType: type[types.CoroutineType[Any, Any, Any]] = types.CoroutineType
 _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE: the code of an async def (inspect is not imported on the way in)
 _run_numbers = itertools.count(1)
 
@@ -965,7 +965,7 @@ def run_coroutine(coro: Any, what: str) -> Any:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        value = asyncio.run(coro)
+        value: Any = asyncio.run(coro)
         while type(value) is _CoroutineType:  # the async def returned a coroutine (a forgotten await): run it too
             value = asyncio.run(value)
         return value

@@ -27,7 +27,7 @@ from _waiting import is_alive, wait_for
 from test_process_runner import WAIT, _no_child_processes, read_pid, runner, write_atomic  # noqa: F401
 
 import taskrun
-from taskrun import MultiprocessTaskRun, SerializationError, Status, ThreadTaskRun, WorkerDied, task
+from taskrun import MultiprocessTaskRun, SerializationError, Status, ThreadTaskRun, WorkerDied, _fingerprint, task
 from taskrun.runners.process import _functions, _protocol, _worker
 from taskrun.runners.process._protocol import CALLS, CANCEL, OK, SKIPPED, UNPICKLABLE, FrameReader, Sender, receive
 
@@ -752,20 +752,20 @@ def test_container_checks_see_changes_and_treat_a_dict_changing_size_as_changed(
             raise RuntimeError("dictionary changed size during iteration")
 
     key, value = "a", object()
-    assert _functions._same_dict({key: value}, ((key,), (value,))) is True
-    assert _functions._same_dict({key: object()}, ((key,), (value,))) is False  # compared by identity
-    assert _functions._same_dict(Resizing({key: value}), ((key,), (value,))) is False
-    assert _functions._still_empty([], None) is True and _functions._still_empty([0], None) is False
+    assert _fingerprint._same_dict({key: value}, ((key,), (value,))) is True
+    assert _fingerprint._same_dict({key: object()}, ((key,), (value,))) is False  # compared by identity
+    assert _fingerprint._same_dict(Resizing({key: value}), ((key,), (value,))) is False
+    assert _fingerprint._still_empty([], None) is True and _fingerprint._still_empty([0], None) is False
 
 
 def test_cloudpickle_rules_that_fail_fall_back_to_the_module_name(monkeypatch):
     def broken_rule(obj):
         raise TypeError("no rule for this")
 
-    monkeypatch.setattr(_functions, "_by_reference", broken_rule)
+    monkeypatch.setattr(_fingerprint, "_by_reference", broken_rule)
     main_class = type("InMain", (), {"__module__": "__main__"})
-    assert _functions._dynamic_class(main_class) is True and _functions._dynamic_class(int) is False
-    by_value = _functions.by_value_rule(None)
+    assert _fingerprint._dynamic_class(main_class) is True and _fingerprint._dynamic_class(int) is False
+    by_value = _fingerprint.by_value_rule(None)
     assert by_value(double) is False  # this test module: importable, so by reference
     main_function = types.FunctionType(double.__code__, {"__name__": "__main__"})
     main_function.__module__ = "__main__"
@@ -776,7 +776,7 @@ def test_without_cloudpickles_hooks_functions_pickle_as_cloudpickle_does(monkeyp
     from taskrun import _pickling
 
     monkeypatch.setattr(_pickling, "_CAN_CUSTOMISE", False)
-    data, sources = _functions.dumps_function(double, vars(sys.modules[__name__]))
+    data, sources = _pickling.dumps_function(double, vars(sys.modules[__name__]))
     assert sources == {} and cloudpickle.loads(data)(4) == 8
 
 

@@ -161,6 +161,56 @@ async def async_add(x, y):
     return x + y
 
 
+FACTOR = 3
+ITEMS = [1]
+
+
+def helper(v):
+    return v * FACTOR
+
+
+def scaled(v):
+    return helper(v), list(ITEMS)
+
+
+@pytest.mark.parametrize("isolate", ["thread", "process"])
+def test_a_call_sees_the_functions_globals_closure_and_helpers_as_they_are_when_made(dask_client, isolate,
+                                                                                      monkeypatch):
+    """Regression: the function was pickled at its first call and that pickle reused for good, so a rebound
+    global, a redefined helper or an appended item never reached the workers (API.md: under every runner)."""
+    from taskrun import DaskTaskRun
+
+    runner = DaskTaskRun.configure(client=dask_client, isolate=isolate)
+    t = task(runner=runner)(scaled)
+    module = sys.modules[__name__]
+    assert t(2).get_result(timeout=WAIT) == (6, [1])
+    monkeypatch.setattr(module, "FACTOR", 10)
+    assert t(2).get_result(timeout=WAIT) == (20, [1])
+    monkeypatch.setattr(module, "ITEMS", [1])  # restored at the end, as the module had it
+    module.ITEMS.append(2)
+    assert t(2).get_result(timeout=WAIT) == (20, [1, 2])
+    monkeypatch.setattr(module, "helper", lambda v: -v)
+    assert t(2).get_result(timeout=WAIT) == (-2, [1, 2])
+
+    def counter_task():
+        count = 0
+
+        def bump():
+            return count
+
+        def set_count(value):
+            nonlocal count
+            count = value
+
+        return bump, set_count
+
+    bump, set_count = counter_task()
+    counted = task(runner=runner)(bump)
+    assert counted().get_result(timeout=WAIT) == 0
+    set_count(5)
+    assert counted().get_result(timeout=WAIT) == 5  # the closure as it is now
+
+
 async def forgets_to_await(x, y):
     return async_add(x, y)  # a coroutine, not its value
 

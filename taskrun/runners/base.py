@@ -10,7 +10,7 @@ child forgets it. The built-in runners import nothing else of taskrun's (a test 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from .._config import positive_int_or_none
 from .._lifecycle import (
@@ -26,6 +26,9 @@ from .._lifecycle import (
 )
 from .._run import PLAIN_TYPES, Attempt, BaseTaskRun, R, set_stop_flag, stop_requested
 from .._status import Status
+
+if TYPE_CHECKING:
+    from .._fingerprint import PickledFunction
 
 PoolT = TypeVar("PoolT", bound=Pool)
 
@@ -49,6 +52,7 @@ __all__ = [
     "check_setting_int",
     "dumps_function",
     "register_sources",
+    "PickledFunction",
 ]
 
 #: The registered pools by key (read-only; look a pool up here on hot paths, make it with :func:`shared_pool`).
@@ -92,3 +96,12 @@ def register_sources(sources: dict[str, list[str]]) -> None:
     from .._pickling import register_sources as register
 
     register(sources)
+
+
+def __getattr__(name: str) -> Any:
+    # PickledFunction imports cloudpickle: only when a runner that sends functions to other processes asks for it.
+    if name == "PickledFunction":
+        from .._fingerprint import PickledFunction
+
+        return PickledFunction
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

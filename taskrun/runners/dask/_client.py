@@ -41,7 +41,7 @@ import dask.config
 from distributed import CancelledError, Client, Event, Future, KilledWorker, LocalCluster, as_completed
 
 from ...errors import SerializationError, TaskrunError, WorkerDied, attach_traceback, describe_exit
-from ..base import PLAIN_TYPES, Attempt, BaseTaskRun, dumps_function, forget_pool
+from ..base import PLAIN_TYPES, Attempt, BaseTaskRun, PickledFunction, forget_pool
 from . import _outcome, _remote
 from ._outcome import type_of
 
@@ -55,6 +55,8 @@ logger = logging.getLogger("taskrun")
 SESSION = secrets.token_hex(4)
 _pool_numbers = itertools.count(1)
 _fn_numbers = itertools.count(1)
+#: The key of a task's PickledFunction in ``task.runner_cache``.
+CACHE_KEY = "taskrun.dask.function"
 #: Times an attempt is sent again because the worker it was queued on (not yet begun) died.
 MAX_RESENDS = 3
 #: Seconds the pool waits for its own cluster to close, and for a user's client to confirm cleanups.
@@ -412,6 +414,7 @@ class DaskPool:
         self.closing: str | None = None  # "wait", "now", then "closed"
         self.configs: dict[tuple[int, bool], tuple[Any, ...]] = {}  # (mode, has a timeout) -> run_attempt's config
         self.plugins: dict[str, _remote.FunctionPlugin] = {}  # by fn_id: made in the caller, registered by the thread
+        self.versions: dict[int, str] = {}  # PickledFunction version -> fn_id on this cluster
         self.registered: set[str] = set()  # fn_ids registered on the cluster
         self.functions: list[str] = []  # plugin names registered on the cluster (one per task), in order
         self.in_flight: dict[Key, Attempt] = {}  # key -> attempt, from submit until its outcome is taken
@@ -497,25 +500,33 @@ class DaskPool:
             attempt.set_exception(error)
 
     def function_id(self, task: Any) -> str:
-        """The id of ``task``'s function on this pool's cluster; the thread sends it there (a worker plugin) before
-        the first call that needs it. Pickled here, so that a function that cannot be fails the call."""
+        """The id, on this pool's cluster, of ``task``'s function as it is now; the thread sends it there (a worker
+        plugin) before the first call that needs it.
+
+        As with the process runner, a call sees the function's globals, closure and helpers as they are
+        when it is made: the function is pickled again (a new version, a new id) when what its pickle
+        captured has changed (``PickledFunction``). Pickled here, so that a function that cannot be fails
+        the call.
+        """
         cache = task.runner_cache
-        fn_id: str | None = cache.get(("dask", self.number))
+        pickled: PickledFunction | None = cache.get(CACHE_KEY)
+        if pickled is None:
+            # Code keeps its real file name, and its source lines travel along: tracebacks and warnings on the
+            # workers show them (a worker on another machine cannot read this one's files).
+            pickled = cast("PickledFunction", cache.setdefault(CACHE_KEY, PickledFunction(task.fn, every_file=True)))
+        try:
+            version, (fn_bytes, sources) = pickled.payload()
+        except Exception as exc:
+            raise SerializationError(f"the function of task {task.name} could not be pickled: {exc}") from exc
+        fn_id = self.versions.get(version)
         if fn_id is not None:
             return fn_id
         with self.lock:
-            fn_id = cache.get(("dask", self.number))
-            if fn_id is not None:
-                return fn_id
-            try:
-                # Code keeps its real file name, and its source lines travel along: tracebacks and warnings on
-                # the workers show them (a worker on another machine cannot read this one's files).
-                fn_bytes, sources = dumps_function(task.fn, every_file=True)
-            except Exception as exc:
-                raise SerializationError(f"the function of task {task.name} could not be pickled: {exc}") from exc
-            fn_id = f"taskrun-fn-{SESSION}-{self.number}-{next(_fn_numbers)}"
-            self.plugins[fn_id] = _remote.FunctionPlugin(fn_id, fn_bytes, sources, log_levels())
-            cache[("dask", self.number)] = fn_id
+            fn_id = self.versions.get(version)
+            if fn_id is None:
+                fn_id = f"taskrun-fn-{SESSION}-{self.number}-{next(_fn_numbers)}"
+                self.plugins[fn_id] = _remote.FunctionPlugin(fn_id, fn_bytes, sources, log_levels())
+                self.versions[version] = fn_id
             return fn_id
 
     def _register(self, client: Client, fn_id: str) -> None:
