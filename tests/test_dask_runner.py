@@ -70,10 +70,16 @@ def fail_with(message):
 class NeedsTwo(Exception):
     def __init__(self, a, b):
         super().__init__(f"needs {a} and {b}")
+        self.a = a
 
 
 def raise_needs_two():
     raise NeedsTwo(1, 2)
+
+
+class NoSuchPath(OSError):
+    def __init__(self, path):
+        super().__init__(2, "no such path", path)
 
 
 def return_a_lock():
@@ -307,10 +313,24 @@ def test_a_failure_is_the_task_exception_with_the_workers_traceback(dask_runner)
     assert run.get_result(raise_exceptions=False) is run.exception()
 
 
-def test_an_exception_whose_pickle_does_not_load_keeps_type_and_message(dask_runner):
-    run = task(runner=dask_runner)(raise_needs_two)()
-    with pytest.raises(NeedsTwo, match="needs 1 and 2"):
+@pytest.mark.parametrize("isolate", ["thread", "process"])
+def test_an_exception_whose_pickle_does_not_load_keeps_type_message_and_attributes(dask_client, isolate):
+    """Regression (isolate="process"): the rebuilt exception named the child's bare `_outcome` module, which the
+    caller cannot import: a SerializationError came back instead of the task's exception."""
+    from taskrun import DaskTaskRun
+
+    runner = DaskTaskRun.configure(client=dask_client, isolate=isolate)
+    run = task(runner=runner)(raise_needs_two)()
+    with pytest.raises(NeedsTwo, match="needs 1 and 2") as info:
         run.get_result(timeout=WAIT)
+    assert info.value.a == 1
+
+    def missing():
+        raise NoSuchPath("/nowhere")
+
+    with pytest.raises(NoSuchPath) as info:
+        task(runner=runner)(missing)().get_result(timeout=WAIT)
+    assert (info.value.errno, info.value.filename, str(info.value)) == (2, "/nowhere", "[Errno 2] no such path: '/nowhere'")
 
 
 def test_arguments_that_cannot_be_pickled_fail_at_the_call(dask_runner):

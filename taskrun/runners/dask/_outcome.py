@@ -6,6 +6,7 @@ attempt (``_child``, run as a script) starts quickly.
 
 from __future__ import annotations
 
+import copyreg
 import logging
 import pickle
 import struct
@@ -121,16 +122,9 @@ def value_payload(value: Any) -> tuple[int, Any]:
         return UNPICKLABLE, (reason, "")
 
 
-def _rebuild_exception(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any] | None) -> BaseException:
-    """An exception of ``cls`` with these args and attributes, made without calling its ``__init__``."""
-    try:
-        exc = cls.__new__(cls, *args)
-    except TypeError:
-        exc = cls.__new__(cls)
-    exc.args = args
-    if state:
-        exc.__dict__.update(state)
-    return exc
+#: ``copyreg._reconstructor(cls, base, state)``: ``base.__new__(cls)`` then ``base.__init__`` (what pickle protocols
+#: 0 and 1 rebuild objects with; not in typeshed).
+_RECONSTRUCTOR: Any = getattr(copyreg, "_reconstructor")  # noqa: B009
 
 
 class _SameException:
@@ -141,8 +135,20 @@ class _SameException:
         self.exc = exc
 
     def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt by copyreg._reconstructor (the standard library's, so the caller needs no module of this
+        # process: in an isolated attempt's child, this module is a bare `_outcome`): the builtin exception
+        # class beneath the task's makes the object, without the task's __init__; the state sets its args and
+        # attributes.
         exc = self.exc
-        return (_rebuild_exception, (type(exc), exc.args, getattr(exc, "__dict__", None) or None))
+        cls = type(exc)
+        base = next(klass for klass in cls.__mro__ if klass.__module__ == "builtins")
+        attributes: dict[str, Any] = getattr(exc, "__dict__", None) or {}
+        state: dict[str, Any] = {**attributes, "args": exc.args}
+        if isinstance(exc, OSError):  # kept in the object, not in args or __dict__
+            for name in ("errno", "strerror", "filename", "filename2"):
+                if getattr(exc, name) is not None:
+                    state[name] = getattr(exc, name)
+        return (_RECONSTRUCTOR, (cls, base, None), state)
 
 
 def exception_payload(exc: BaseException) -> tuple[int, Any]:
