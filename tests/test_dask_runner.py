@@ -444,6 +444,23 @@ def test_stop_marks_the_run_stopped_at_once_and_the_task_sees_stop_requested(das
     assert run.stop() is False
 
 
+def test_a_stopped_attempt_that_runs_on_in_its_worker_is_said_to_once(dask_runner, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="taskrun")
+    said = []
+    for i in range(2):
+        started, seen = tmp_path / f"started{i}", tmp_path / f"seen{i}"
+        run = task(runner=dask_runner)(poll_stop_requested)(str(started), str(seen))
+        wait_for(started.exists, WAIT, "the call to start")
+        wait_for(lambda run=run: run.status is Status.RUNNING, WAIT, "the run to turn RUNNING")
+        run.stop()
+        wait_for(seen.exists, WAIT, "the task to see the stop and return")
+        said += [r for r in caplog.records if "runs on there until it returns" in r.getMessage() and run.id in r.getMessage()]
+    assert len(said) == 2, [r.getMessage() for r in said]
+    assert 'isolate="process"' in said[0].getMessage() and "tcp://" in said[0].getMessage()
+    assert [r.levelno for r in said].count(logging.WARNING) <= 1  # a WARNING once (per cluster), then DEBUG
+    assert said[1].levelno == logging.DEBUG
+
+
 def test_stop_sets_the_attempts_distributed_event(dask_runner, tmp_path):
     started, seen = tmp_path / "started", tmp_path / "seen"
     run = task(runner=dask_runner)(watch_own_stop_event)(str(started), str(seen))

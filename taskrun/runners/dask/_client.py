@@ -406,6 +406,7 @@ class DaskPool:
         # The user's client, or a connection shared by the runner classes with the same target.
         self.connection: Connection | None = None if self.user_client is not None else connection_for(runner)
         self.isolate: str | None = runner.isolate
+        self.said_runs_on = False  # _runs_on warned once already
         self.number = next(_pool_numbers)
         self.lock = threading.Lock()
         self.client: Client | None = None  # set by the thread once connected
@@ -676,7 +677,22 @@ class DaskPool:
             self.to_cancel.append(call.future)
         if call.worker is not None:
             self.events_set.add(_remote.stop_event_name(call.key))
+            if self.isolate != "process":
+                self._runs_on(attempt, call.worker)
         self._wake()
+
+    def _runs_on(self, attempt: Attempt, worker: str) -> None:
+        """Say (a WARNING the first time, then DEBUG) that a stopped attempt's function runs on in its worker."""
+        level = logging.DEBUG if self.said_runs_on else logging.WARNING
+        self.said_runs_on = True
+        logger.log(
+            level,
+            "%s: %s was stopped (or timed out) while running on the Dask worker %s, which cannot interrupt it: its "
+            "function runs on there until it returns, holding one of the worker's threads, and Dask may queue other "
+            "calls behind it on that worker (a later timeout counts from their start). The function can poll "
+            "taskrun.stop_requested() and return; DaskTaskRun.configure(isolate=\"process\") ends it instead",
+            self.runner_name, attempt.run.id, worker,
+        )
 
     # ---- what Dask tells us, on its threads ------------------------------------------------------
 
