@@ -833,7 +833,7 @@ def test_calls_to_an_unreachable_scheduler_return_at_once_fail_together_and_a_la
         port = sock.getsockname()[1]
     address = f"tcp://127.0.0.1:{port}"
     t = task(runner=DaskTaskRun.configure(address=address))(add)
-    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+    with dask.config.set({"distributed.comm.timeouts.connect": "30s"}):  # Dask's default; refused at once all the same
         before = time.monotonic()
         runs = [t(i) for i in range(5)]
         took = time.monotonic() - before
@@ -843,7 +843,7 @@ def test_calls_to_an_unreachable_scheduler_return_at_once_fail_together_and_a_la
             with pytest.raises(TaskrunError, match=rf"could not connect to the Dask scheduler at {address} .*"
                                                    r"is the scheduler running"):
                 run.get_result(timeout=WAIT)
-        assert time.monotonic() - before < 5 * 1.0  # one connection tried for all, not one per call
+        assert time.monotonic() - before < 5  # one connection tried for all, refused at once (not after 30 s)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, scheduler_port=port, host="127.0.0.1",
                       dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"}) as cluster:
         assert cluster.scheduler_address == address

@@ -30,6 +30,7 @@ import logging
 import os
 import pickle
 import secrets
+import socket
 import threading
 import time
 from collections import deque
@@ -55,6 +56,8 @@ logger = logging.getLogger("taskrun")
 SESSION = secrets.token_hex(4)
 _pool_numbers = itertools.count(1)
 _fn_numbers = itertools.count(1)
+#: Seconds the check that a scheduler's address takes connections may wait (see _refused).
+REFUSAL_CHECK_SECONDS = 2.0
 #: The key of a task's PickledFunction in ``task.runner_cache``.
 CACHE_KEY = "taskrun.dask.function"
 #: Times an attempt is sent again because the worker it was queued on (not yet begun) died.
@@ -203,6 +206,21 @@ def _quiet_dask_logs(on: bool) -> None:
             _quieted.clear()
 
 
+def _refused(address: str) -> OSError | None:
+    """The error of a TCP scheduler address that refuses a connection (nothing listens there), else None."""
+    scheme, sep, location = address.rpartition("://")
+    if sep and scheme != "tcp":
+        return None  # tls://, ucx://, inproc://: Dask's own connect says
+    host, _, port = location.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=REFUSAL_CHECK_SECONDS):
+            return None
+    except ConnectionRefusedError as exc:
+        return exc
+    except (OSError, ValueError):  # slow, unresolvable or malformed: Dask's connect tries, and says why
+        return None
+
+
 class Connection:
     """A client this process made: to a scheduler's address, or on a ``LocalCluster`` it started.
 
@@ -241,6 +259,9 @@ class Connection:
 
     def _open(self) -> Client:
         if self.address is not None:
+            refused = _refused(self.address)
+            if refused is not None:
+                raise refused  # at once: Dask's own connect would retry for its whole timeout (30 s) first
             return Client(self.address, set_as_default=False)
         options = dict(self.cluster_options)
         settings: dict[str, Any] = {
