@@ -9,7 +9,8 @@ import types
 import cloudpickle
 import pytest
 
-from taskrun.runners.process._functions import Fingerprint, PickledFunction, by_value_rule, dumps_function, home_namespace
+from taskrun._fingerprint import Fingerprint, PickledFunction, by_value_rule, home_namespace
+from taskrun.runners.base import dumps_function
 
 # ---- a small world of globals for the functions below --------------------------------------------
 
