@@ -902,6 +902,41 @@ def test_a_script_with_logging_configured_prints_each_task_record_once_and_exits
     assert not [line for line in lines if " - INFO - " in line or "Async instruction" in line], lines
 
 
+def test_ctrl_c_in_a_terminal_stops_the_runs_and_the_local_clusters_workers_stay_quiet(tmp_path):
+    """Regression: Ctrl-C signals the terminal's whole process group, the local cluster's worker processes
+    too, which printed screens of KeyboardInterrupt and Dask complaints as taskrun closed them."""
+    pytest.importorskip("distributed", reason='the dask extra is not installed: pip install "taskrun[dask]"')
+    started = tmp_path / "started"
+    script = tmp_path / "interrupted.py"
+    script.write_text(
+        "import os, time, taskrun\n"
+        "from taskrun import DaskTaskRun, task\n"
+        "def work(path, i):\n"
+        "    open(f'{path}{i}', 'w').close()\n"
+        "    while not taskrun.stop_requested():\n"
+        "        time.sleep(0.02)\n"
+        "if __name__ == '__main__':\n"
+        "    group = task(runner=DaskTaskRun.configure(n_workers=2, memory_limit='512MiB'))(work).starmap(\n"
+        f"        [({str(started)!r}, i) for i in range(4)], max_concurrency=2)\n"
+        "    print('waiting', flush=True)\n"
+        "    group.results()\n"
+    )
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # a process group of its own, as a terminal's job
+    try:
+        wait_for(lambda: os.path.exists(f"{started}0") and os.path.exists(f"{started}1"), 3 * WAIT, "both calls to start")
+        os.killpg(child.pid, signal.SIGINT)  # what Ctrl-C does
+        out, err = child.communicate(timeout=3 * WAIT)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    assert child.returncode in (-signal.SIGINT, 1, 130), err
+    assert err.rstrip().endswith("KeyboardInterrupt"), err
+    noise = [line for line in err.splitlines() if "distributed" in line or "Process Dask" in line or "Nanny" in line]
+    assert noise == [], err
+
+
 @pytest.fixture
 def cli_cluster(tmp_path):
     """A scheduler and two workers started with the ``dask`` command, as separate processes; killed at the end."""

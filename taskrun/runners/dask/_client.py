@@ -206,6 +206,10 @@ def _quiet_dask_logs(on: bool) -> None:
             _quieted.clear()
 
 
+#: Dask's loggers whose records while taskrun closes its own local cluster are not shown.
+_CLOSING_NOISE = ("distributed.nanny", "distributed.scheduler", "distributed.core", "distributed.worker")
+
+
 def _refused(address: str) -> OSError | None:
     """The error of a TCP scheduler address that refuses a connection (nothing listens there), else None."""
     scheme, sep, location = address.rpartition("://")
@@ -284,6 +288,7 @@ class Connection:
             raise
         try:
             client = Client(cluster, set_as_default=False)
+            client.register_plugin(_remote.IgnoreInterrupts(), name="taskrun-ignore-interrupts")
         except BaseException:
             self._close_cluster(cluster)
             raise
@@ -311,11 +316,19 @@ class Connection:
             self._close_cluster(cluster)
 
     def _close_cluster(self, cluster: LocalCluster) -> None:
+        # Closing it on purpose: Dask's warnings about workers it kills as they close (one still running a stopped
+        # attempt's function) and about the tasks on them say nothing the user needs.
+        loggers = [logging.getLogger(name) for name in _CLOSING_NOISE]
+        levels = [each.level for each in loggers]
+        for each in loggers:
+            each.setLevel(logging.CRITICAL)
         try:
             cluster.close(timeout=CLOSE_TIMEOUT)
         except Exception:
             logger.warning("%s: closing its local Dask cluster failed", self.runner_name, exc_info=True)
         finally:
+            for each, level in zip(loggers, levels, strict=True):
+                each.setLevel(level)
             _quiet_dask_logs(False)
 
 

@@ -145,6 +145,22 @@ class FunctionPlugin(WorkerPlugin):
         return fn
 
 
+class IgnoreInterrupts(WorkerPlugin):
+    """Makes the worker processes of taskrun's own local cluster ignore SIGINT.
+
+    Ctrl-C in a terminal signals the whole process group, the cluster's worker processes
+    included: each would print its KeyboardInterrupt and Dask's complaints about it, while
+    taskrun stops the runs and closes the cluster it started anyway (its process workers
+    ignore SIGINT too).
+    """
+
+    idempotent = True
+
+    def setup(self, worker: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def apply_levels(levels: dict[str, int]) -> None:
     for name, level in levels.items():
         logging.getLogger(name or None).setLevel(level)
