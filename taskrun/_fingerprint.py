@@ -254,9 +254,9 @@ class PickledFunction:
     __slots__ = ("fn", "home", "every_file", "_by_value", "current", "_lock")
 
     def __init__(self, fn: Any, every_file: bool = False) -> None:
-        self.fn = fn
-        self.every_file = every_file  # the sources of every file travel along (see dumps_function)
-        self.home = home_namespace(fn)
+        self.fn: Any = fn
+        self.every_file: bool = every_file  # the sources of every file travel along (see dumps_function)
+        self.home: dict[str, Any] | None = home_namespace(fn)
         self._by_value = by_value_rule(self.home)
         self.current: tuple[Callable[[], bool], tuple[int, tuple[bytes, dict[str, list[str]]]]] | None = None
         self._lock = threading.Lock()
