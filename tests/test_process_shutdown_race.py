@@ -39,7 +39,7 @@ def test_every_call_made_during_a_shutdown_ends(fast_thread_switches):
     rng = random.Random(7)
     began = time.monotonic()
     rounds = 0
-    while rounds < 150 and time.monotonic() - began < 8:  # the windows themselves are forced below
+    while rounds < 150 and time.monotonic() - began < 4:  # the windows themselves are forced below
         rounds += 1
         twice(0).get_result(WAIT)  # a pool, its one worker busy or not
         runs: list = []
