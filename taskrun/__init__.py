@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._group import RunGroup
+from ._lazy import load as _load
 from ._lifecycle import shutdown
 from ._run import Attempt, BaseTaskRun, stop_requested
 from ._status import Status
@@ -72,14 +73,7 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+    return _load(__name__, _LAZY, name, globals())
 
 
 def __dir__() -> list[str]:

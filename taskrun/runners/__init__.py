@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .._lazy import load as _load
 from .._run import BaseTaskRun
 from .sequential import SequentialTaskRun
 from .thread import ThreadTaskRun
@@ -23,14 +24,7 @@ _LAZY = {"MultiprocessTaskRun": ".process", "AsyncTaskRun": ".aio", "DaskTaskRun
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+    return _load(__name__, _LAZY, name, globals())
 
 
 def __dir__() -> list[str]:
