@@ -534,6 +534,28 @@ def test_logging_in_task_reaches_callers_handler(method):
     assert records[0].process == worker_pid != os.getpid()
 
 
+def log_to_an_unpropagated_logger(message):
+    logging.getLogger("tests.process.app.part").warning("from the worker: %s", message)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_logging_to_a_logger_that_does_not_propagate_reaches_its_handler_only(method, capsys):
+    """Regression: a worker inherits (fork) or sets up again (spawn's main module) an app logger with
+    propagate=False; its records never reached the forwarder on the root logger, and Python's last-resort
+    handler printed them to the worker's stderr instead of the caller's handler."""
+    handler = ListHandler()
+    app = logging.getLogger("tests.process.app")
+    app.addHandler(handler)
+    app.propagate = False  # before the pool starts: its workers are forked with it
+    try:
+        task(runner=runner(method))(log_to_an_unpropagated_logger)("hello").get_result(timeout=WAIT)
+    finally:
+        app.removeHandler(handler)
+        app.propagate = True
+    assert [r.getMessage() for r in handler.records] == ["from the worker: hello"]
+    assert "from the worker" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_warning_in_task_shows_up_in_caller(method):
     with pytest.warns(UserWarning, match="careful: watch out") as record:

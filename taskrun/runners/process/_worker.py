@@ -64,14 +64,13 @@ class _ForwardHandler(logging.Handler):
             self.handleError(record)
 
 
+_forwarder: logging.Handler | None = None  # this worker's _ForwardHandler
+
+
 def _forward_logging(sender: Sender, levels: dict[str, int]) -> None:
-    manager = logging.Logger.manager
-    for logger in [logging.getLogger(), *manager.loggerDict.values()]:
-        if isinstance(logger, logging.Logger):
-            for handler in list(logger.handlers):  # inherited through fork: the parent prints those
-                logger.removeHandler(handler)
-    root = logging.getLogger()
-    root.addHandler(_ForwardHandler(sender))
+    global _forwarder
+    _forwarder = _ForwardHandler(sender)
+    _route_logging()
     for name, level in levels.items():
         logging.getLogger(name or None).setLevel(level)
 
@@ -84,6 +83,26 @@ def _forward_logging(sender: Sender, levels: dict[str, int]) -> None:
         sender.send((WARN, None, (str(message), category, filename, lineno), 0.0))
 
     warnings.showwarning = show_warning
+
+
+def _route_logging() -> None:
+    """Every record reaches the forwarder, and only the forwarder: the parent's handlers print it.
+
+    On the root logger, and on each logger that does not propagate (``propagate = False``, an
+    app's own logger with its own handlers): their records never reach the root. Other handlers
+    (inherited through fork, or added by the main module's top level run again under spawn when a
+    function is loaded) are removed: the parent has them, and would print each record twice.
+    """
+    forwarder = _forwarder
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        if not isinstance(logger, logging.Logger):
+            continue  # a placeholder
+        routed = logger is logging.root or not logger.propagate
+        for handler in list(logger.handlers):
+            if handler is not forwarder or not routed:
+                logger.removeHandler(handler)
+        if routed and forwarder is not None and forwarder not in logger.handlers:
+            logger.addHandler(forwarder)
 
 
 def _watch_parent(alive_conn: Any) -> None:  # pragma: no cover - ends its process by SIGKILL: nothing can save its coverage
@@ -104,6 +123,8 @@ def _load_function(fns: dict[int, Any], fn_id: int, fn: tuple[bytes, dict[str, l
     if sources:
         register_sources(sources)
     fns[fn_id] = cloudpickle.loads(data)
+    if _forwarder is not None:
+        _route_logging()  # loading it may have run a module's top level that set up logging
 
 
 def _run_call(
