@@ -630,6 +630,12 @@ class RunGroup(Sequence[BaseTaskRun[R]], Generic[R]):
 
     # ---- taskrun.shutdown() -----------------------------------------------------------------
 
+    def finish(self) -> None:
+        """Lifecycle hook, at a normal exit: wait until the feeder has read the whole input (and started its runs)."""
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
     def shutdown(self, wait: bool = True) -> None:
         """Lifecycle hook: stop reading the input, and let the feeder thread end before pools shut down."""
         if self._feeding:

@@ -124,9 +124,27 @@ def _shutdown_order(pool: Pool) -> int:
     return order
 
 
+def _finish_feeders() -> None:
+    """At a normal exit the script waits for what it started: each ``map`` reads its input to the end first
+    (its runs then finish with the pools). Ctrl-C meanwhile ends the wait (see _at_exit)."""
+    finished: set[Pool] = set()
+    while True:
+        with _lock:
+            feeders = [feeder for feeder in _feeders if feeder not in finished]
+        if not feeders:
+            return
+        for feeder in feeders:
+            finish = getattr(feeder, "finish", None)
+            if finish is not None:
+                finish()
+            finished.add(feeder)
+
+
 def _at_exit() -> None:
     crashed = getattr(sys, "last_value", None) is not None or getattr(sys, "last_exc", None) is not None
     try:
+        if not crashed:
+            _finish_feeders()
         shutdown(wait=not crashed)
     except KeyboardInterrupt:
         shutdown(wait=False)

@@ -149,6 +149,15 @@ class BaseTaskRun(Generic[R]):
     #: wait there, upstream runs are waited for there, and ``map`` feeds in the caller.
     inline: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A runner's ``settings`` are its defaults: each becomes a class attribute unless the class sets one."""
+        super().__init_subclass__(**kwargs)
+        settings = cls.__dict__.get("settings")
+        if isinstance(settings, dict):
+            for name, default in cast("dict[str, Any]", settings).items():
+                if name not in cls.__dict__:
+                    setattr(cls, name, default)
+
     class Attempt:
         """One try at running a call, as its runner sees it (``taskrun.Attempt``).
 

@@ -452,3 +452,21 @@ def test_a_custom_runners_shutdown_hook_runs_at_exit():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=WAIT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:2] == ["value", "shutdown True"]
+
+
+def test_a_runners_settings_are_its_defaults_until_configured():
+    """Regression: the README calls ``settings`` "the settings and their defaults", but an unconfigured
+    runner had no attribute for a setting it did not also declare itself (AttributeError in start_attempt)."""
+
+    class Prefixed(BaseTaskRun):
+        settings = {"prefix": "p-", "suffix": ""}
+        suffix = "!"  # a class attribute of its own wins over the settings dict
+
+        def start_attempt(self, attempt):
+            attempt.set_result(f"{self.prefix}{attempt.args[0]}{self.suffix}")
+
+    assert (Prefixed.prefix, Prefixed.suffix) == ("p-", "!")
+    assert task(runner=Prefixed)(str)("x").get_result(timeout=WAIT) == "p-x!"
+    configured = Prefixed.configure(prefix="q-")
+    assert task(runner=configured)(str)("x").get_result(timeout=WAIT) == "q-x!"
+    assert Prefixed.prefix == "p-"  # configuring made a subclass; the runner itself is unchanged

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -572,3 +573,37 @@ def test_waiting_for_the_group_inside_its_stop_when_raises_instead_of_hanging() 
     assert group.wait(timeout=WAIT)
     with pytest.raises(RuntimeError, match="would block it for good"):
         group.results()
+
+
+MAP_AT_EXIT = """
+import os, sys, time
+from taskrun import MultiprocessTaskRun, ThreadTaskRun, task
+
+out = sys.argv[2]
+
+@task(runner={"threads": ThreadTaskRun, "processes": MultiprocessTaskRun.configure(max_workers=2)}[sys.argv[1]])
+def work(x):
+    time.sleep(0.005)
+    open(os.path.join(out, str(x)), "w").close()
+
+if __name__ == "__main__":
+    work.map(range(300), max_concurrency=4)  # left to finish: nobody waits on these groups
+    work.map(x for x in range(300, 400))
+"""
+
+
+@pytest.mark.parametrize("runner", ["threads", "processes"])
+def test_a_script_that_ends_with_maps_running_waits_for_all_their_items(runner: str, tmp_path: Path) -> None:
+    """Regression: at exit taskrun halted every map's feeder, so the items it had not read yet never ran
+    (1 of 20 with the process runner): fire-and-forget lost most of a map, silently."""
+    import subprocess
+
+    script = tmp_path / "maps.py"
+    script.write_text(MAP_AT_EXIT)
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run([sys.executable, str(script), runner, str(out)], capture_output=True, text=True,
+                          timeout=6 * WAIT)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert sorted(int(name) for name in os.listdir(out)) == list(range(400))
+
