@@ -373,13 +373,15 @@ async def stubborn():
             await asyncio.sleep(0.1)
             print("not reached", flush=True)
 
-run = stubborn()
-if sys.argv[1] == "none":
-    while run.status.value != "running":
-        time.sleep(0.01)
-    run.stop()
-else:
-    run.wait(10)
+runs = [stubborn() for _ in range(int(sys.argv[3]) if len(sys.argv) > 3 else 1)]
+run = runs[0]
+for each in runs:
+    if sys.argv[1] == "none":
+        while each.status.value != "running":
+            time.sleep(0.01)
+        each.stop()
+    else:
+        each.wait(10)
 print(run.status.value, flush=True)
 """
 
@@ -406,6 +408,17 @@ def test_a_script_whose_stopped_coroutine_never_ends_exits_quietly_after_the_gra
         assert len(lines) == 1, out.stderr
     else:  # it awaited again while being closed: said so, and held (never collected: a collection would close it again)
         assert len(lines) == 2 and "stubborn#1 awaited again while being closed" in lines[1], out.stderr
+
+
+def test_many_abandoned_coroutines_are_named_in_two_warnings_not_one_each(tmp_path):
+    script = tmp_path / "stubborn.py"
+    script.write_text(STUBBORN_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), "none", "bare-except", "30"], capture_output=True, text=True,
+                         timeout=WAIT * 2)
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2, out.stderr
+    assert "and 20 more still running" in lines[0] and "and 20 more awaited again while being closed" in lines[1]
 
 
 def test_a_timeout_cancels_the_attempt_and_fails_it_with_task_timeout_within_2_seconds():

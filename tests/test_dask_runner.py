@@ -461,6 +461,23 @@ def test_a_stopped_attempt_that_runs_on_in_its_worker_is_said_to_once(dask_runne
     assert said[1].levelno == logging.DEBUG
 
 
+def test_runs_stopped_by_a_shutdown_are_not_said_to_run_on(dask_client, tmp_path, caplog):
+    """A shutdown (taskrun.shutdown(wait=False), or the exit after an uncaught exception) stops every run: no
+    warning for each, as if the user had stopped it."""
+    from taskrun import DaskTaskRun
+
+    caplog.set_level(logging.DEBUG, logger="taskrun")
+    runner = DaskTaskRun.configure(client=dask_client, isolate="thread")
+    started, seen = tmp_path / "started", tmp_path / "seen"
+    run = task(runner=runner)(poll_stop_requested)(str(started), str(seen))
+    wait_for(started.exists, WAIT, "the call to start")
+    wait_for(lambda: run.status is Status.RUNNING, WAIT, "the run to turn RUNNING")
+    runner.shutdown(wait=False)
+    assert run.status is Status.STOPPED
+    assert not [r for r in caplog.records if "runs on there until it returns" in r.getMessage()]
+    wait_for(seen.exists, WAIT, "the task to see the stop and return")
+
+
 def test_stop_sets_the_attempts_distributed_event(dask_runner, tmp_path):
     started, seen = tmp_path / "started", tmp_path / "seen"
     run = task(runner=dask_runner)(watch_own_stop_event)(str(started), str(seen))

@@ -488,6 +488,7 @@ class LoopPool:
             "does it catch" if len(names) == 1 else "do they catch", "it waits" if len(names) == 1 else "they wait",
         )
         kept: list[object] = []  # coroutines that await again once closed: alive, and held until the process exits
+        awaited_again: list[str] = []
 
         async def close_each() -> None:
             # On the running loop: an await in a coroutine's cleanup suspends it (close() then says so) where,
@@ -501,16 +502,20 @@ class LoopPool:
                         logger.warning("%s: the cleanup of %s raised %s: %s", self.runner.__name__, name,
                                        type(exc).__name__, exc)
                 if coro.cr_frame is not None:  # still suspended: it caught the GeneratorExit and awaited again
-                    logger.warning(
-                        "%s: %s awaited again while being closed (an await in its finally block, or a bare except: "
-                        "around an await); the rest of it never runs", self.runner.__name__, name,
-                    )
+                    awaited_again.append(name)
                     kept.extend((task, task.get_coro(), coro))
                     task._log_destroy_pending = False  # type: ignore[attr-defined]  # noqa: SLF001 - asyncio's own switch
                 else:
                     task.cancel()  # its next step finds the coroutine closed, and the task ends
 
         self.loop.run_until_complete(close_each())
+        if awaited_again:
+            shown = ", ".join(awaited_again[:10]) + (f" and {len(awaited_again) - 10} more" if len(awaited_again) > 10 else "")
+            logger.warning(
+                "%s: %s awaited again while being closed (an await in a finally block, or a bare except: around an "
+                "await); the rest of %s never runs", self.runner.__name__, shown,
+                "it" if len(awaited_again) == 1 else "them",
+            )
         # And the tasks they started (an asyncio.wait_for's inner task...), which closing them left behind.
         left = [task for task in asyncio.all_tasks(self.loop) if not task.done() and task not in kept]
         for task in left:

@@ -31,6 +31,7 @@ import os
 import pickle
 import secrets
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -208,6 +209,18 @@ def _quiet_dask_logs(on: bool) -> None:
 
 #: Dask's loggers whose records while taskrun closes its own local cluster are not shown.
 _CLOSING_NOISE = ("distributed.nanny", "distributed.scheduler", "distributed.core", "distributed.worker")
+
+
+def _exiting(exc: BaseException) -> bool:
+    """True if ``exc`` (or what caused it) says the interpreter is shutting down."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            break
+        if "interpreter shutdown" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return sys.is_finalizing()
 
 
 def _refused(address: str) -> OSError | None:
@@ -528,6 +541,12 @@ class DaskPool:
             self.outbox.clear()
         if not isinstance(exc, TaskrunError):
             exc = TaskrunError(f"{self.runner_name} could not connect to its Dask cluster: {type(exc).__name__}: {exc}")
+        if attempts and _exiting(exc):
+            logger.warning(
+                "%s: %d call(s) did not run: the program was exiting before its Dask cluster was reached (Python then "
+                "refuses the work Dask needs threads for). Wait for calls made at the end of a script (run.wait(), "
+                "group.wait()) while it still runs", self.runner_name, len(attempts),
+            )
         for attempt in attempts:
             attempt.runner_state = None
             error = TaskrunError(str(exc))  # one each: a raised exception collects its traceback
@@ -711,7 +730,7 @@ class DaskPool:
             self.to_cancel.append(call.future)
         if call.worker is not None:
             self.events_set.add(_remote.stop_event_name(call.key))
-            if self.isolate != "process":
+            if self.isolate != "process" and self.closing is None:  # (a pool shutting down stops them all)
                 self._runs_on(attempt, call.worker)
         self._wake()
 
