@@ -23,6 +23,7 @@ import types
 import cloudpickle
 import multiprocess
 import pytest
+from _fifo_bodies import block_on_fifo, log_then_block, release
 from _waiting import is_alive, wait_for
 from test_process_runner import WAIT, _no_child_processes, read_pid, runner, write_atomic  # noqa: F401
 
@@ -448,27 +449,10 @@ def test_pools_a_task_started_in_a_worker_that_cannot_be_shut_down_are_logged(mo
 # ---- the pool's queues -------------------------------------------------------------------------------
 
 
-def block_on_fifo(started, fifo):
-    write_atomic(started, str(os.getpid()))
-    with open(fifo, "rb") as f:
-        f.read(1)
-    return os.getpid()
 
 
-def log_then_block(started, go, fifo):
-    """Say "started"; when told, log (which wakes the supervisor, so it sends the backlog ahead); block."""
-    write_atomic(started, str(os.getpid()))
-    with open(go, "rb") as f:
-        f.read(1)
-    logging.getLogger("tests.cov.wake").warning("send the calls behind me")
-    with open(fifo, "rb") as f:
-        f.read(1)
-    return os.getpid()
 
 
-def release(fifo):
-    with open(fifo, "wb") as f:
-        f.write(b"x")
 
 
 def record(path, value):

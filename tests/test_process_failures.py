@@ -10,6 +10,7 @@ import tempfile
 import threading
 
 import pytest
+from _fifo_bodies import block_on_fifo, release
 from _waiting import is_alive, wait_for
 from test_process_runner import WAIT, _no_child_processes, read_pid, runner, write_atomic  # noqa: F401
 
@@ -25,16 +26,8 @@ def getpid():
     return os.getpid()
 
 
-def block_on_fifo(started, fifo):
-    write_atomic(started, str(os.getpid()))
-    with open(fifo, "rb") as f:
-        f.read(1)
-    return os.getpid()
 
 
-def release(fifo):
-    with open(fifo, "wb") as f:
-        f.write(b"x")
 
 
 def record(path, value):

@@ -1,11 +1,11 @@
 """Bugs the soak (tests/test_soak.py, benchmarks/soak.py) found, each made to happen on purpose."""
 
-import logging
 import os
 import select
 import signal
 import threading
 
+from _fifo_bodies import log_then_block, release
 from _waiting import wait_for
 from test_process_runner import WAIT, _no_child_processes, read_pid, write_atomic  # noqa: F401
 
@@ -70,20 +70,8 @@ def test_a_worker_forked_while_another_pool_starts_one_does_not_hide_that_worker
 # ---- stopping a call sent ahead just as its worker begins it ------------------------------------
 
 
-def log_then_block(started, go, fifo):
-    """Say "started"; when told, log (which wakes the pool's supervisor, so it sends the backlog ahead); block."""
-    write_atomic(started, str(os.getpid()))
-    with open(go, "rb") as f:
-        f.read(1)
-    logging.getLogger("tests.soak_regressions").warning("send the calls behind me")
-    with open(fifo, "rb") as f:
-        f.read(1)
-    return os.getpid()
 
 
-def release(fifo):
-    with open(fifo, "wb") as f:
-        f.write(b"x")
 
 
 def say_then_exit(started):
